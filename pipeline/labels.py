@@ -1,0 +1,188 @@
+"""`dst labels`: one row per (video, conversation, decision point) from the DST JSON and the frames files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline.frames_files import FramesFileError, count_frames, find_frames_file
+from pipeline.records import InputFileError, RecordError, load_record_list, parse_record, record_name
+from pipeline.timeline import DEFAULT_FPS, VideoLabels, point_time, video_labels
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("video_uid", pa.string()),
+        ("conversation", pa.int64()),
+        ("user_type", pa.string()),
+        ("frame", pa.int64()),
+        ("time", pa.float64()),
+        ("user_text", pa.string()),
+        ("dst_update", pa.bool_()),
+        ("dst_delta", pa.string()),
+        ("dst_state", pa.string()),
+        ("speak", pa.bool_()),
+        ("response", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    dst_json: Path
+    frames_root: Path
+    out: Path
+    fps: float = DEFAULT_FPS
+    strict: bool = False
+
+
+@dataclass
+class LabelsReport:
+    """What a run did, for the summary and for callers (prepare writes it into its manifest)."""
+
+    records: int = 0
+    written_videos: int = 0
+    rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (video_uid or position, reason)
+    clamped_turns: int = 0
+    shifted_turns: int = 0
+    dropped_turns: int = 0
+    dropped_transitions: int = 0
+
+
+def state_json(state: dict[str, str]) -> str:
+    """The one serialisation of a DST state or delta used in every output (node order kept, compact)."""
+    return json.dumps(state, separators=(",", ":"))
+
+
+def label_columns(labels: VideoLabels) -> dict[str, list]:
+    """The rows of one video as columns, in LABEL_SCHEMA order: conversation-major, then decision point."""
+    rec, points = labels.record, labels.points
+    # The DST is shared by all conversations: serialise each point's state and delta once.
+    states, deltas = [], []
+    for k, state in labels.dst.states(labels.k0, labels.n_frames):
+        states.append(state_json(state))
+        delta = labels.dst.updates.get(k)
+        deltas.append(state_json(delta) if delta else "")
+    times = [point_time(k, labels.fps) for k in points]
+    n = len(points)
+    cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
+    for conv in labels.conversations:
+        cols["dataset"] += [rec.dataset] * n
+        cols["video_uid"] += [rec.video_uid] * n
+        cols["conversation"] += [conv.index] * n
+        cols["user_type"] += [conv.user_type] * n
+        cols["frame"] += list(points)
+        cols["time"] += times
+        cols["user_text"] += [conv.user_text.get(k, "") for k in points]
+        cols["dst_update"] += [d != "" for d in deltas]
+        cols["dst_delta"] += deltas
+        cols["dst_state"] += states
+        cols["speak"] += [k in conv.responses for k in points]
+        cols["response"] += [conv.responses.get(k, "") for k in points]
+    return cols
+
+
+def load_video_labels(raw: object, index: int, frames_root: Path, fps: float, frame_counts: dict[Path, int]):
+    """Parse one raw record, find and count its frames file, and build its labels; RecordError if unusable.
+    `frame_counts` caches counts per file (assembly and disassembly videos share one file)."""
+    record = parse_record(raw, index)
+    try:
+        path = find_frames_file(frames_root, record.dataset, record.video_uid)
+        if path not in frame_counts:
+            frame_counts[path] = count_frames(path)
+    except FramesFileError as exc:
+        raise RecordError(record.video_uid, str(exc)) from None
+    return video_labels(record, frame_counts[path], fps)
+
+
+def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
+    """Write `cfg.out`; print one line per skipped record and a summary. With `strict`, any skipped record makes
+    the run fail (raises `SystemExit(1)`) and nothing is written."""
+    console = console or Console()
+    raws = load_record_list(cfg.dst_json)
+    report = LabelsReport(records=len(raws))
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
+    try:
+        _write_labels(cfg, raws, tmp, report, console)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind an interrupted run
+        raise
+    if cfg.strict and report.skipped:
+        tmp.unlink()
+        console.print(f"[red]--strict: {len(report.skipped)} of {report.records} records unusable; "
+                      f"nothing written[/]")
+        raise SystemExit(1)
+    tmp.replace(cfg.out)
+    print_summary(cfg.out, report, console)
+    return report
+
+
+def _write_labels(cfg: LabelsConfig, raws: list, tmp: Path, report: LabelsReport, console: Console) -> None:
+    frame_counts: dict[Path, int] = {}
+    with pq.ParquetWriter(str(tmp), LABEL_SCHEMA) as writer, _progress(console) as progress:
+        task = progress.add_task("labels", total=len(raws))
+        for index, raw in enumerate(raws):
+            progress.advance(task)
+            try:
+                labels = load_video_labels(raw, index, cfg.frames_root, cfg.fps, frame_counts)
+            except RecordError as exc:
+                report.skipped.append((exc.video_uid, exc.reason))
+                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False)
+                continue
+            cols = label_columns(labels)
+            writer.write_table(pa.table(cols, schema=LABEL_SCHEMA))
+            report.written_videos += 1
+            report.rows += len(cols["frame"])
+            report.clamped_turns += labels.clamped_turns
+            report.shifted_turns += labels.shifted_turns
+            report.dropped_turns += labels.dropped_turns
+            report.dropped_transitions += labels.dst.dropped
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+def summary_frame(labels_path: Path) -> pl.DataFrame:
+    """Per-dataset counts from a labels file (lazy scan, so it scales to the full datasets)."""
+    return (
+        pl.scan_parquet(labels_path)
+        .group_by("dataset")
+        .agg(
+            pl.col("video_uid").n_unique().alias("videos"),
+            pl.struct("video_uid", "conversation").n_unique().alias("conversations"),
+            pl.len().alias("decision_points"),
+            pl.col("speak").mean().alias("speak_rate"),
+            pl.col("dst_update").mean().alias("update_rate"),
+        )
+        .sort("dataset")
+        .collect()
+    )
+
+
+def print_summary(labels_path: Path, report: LabelsReport, console: Console) -> None:
+    table = Table(title=f"labels: {labels_path}")
+    for name in ("dataset", "videos", "conversations", "decision points", "speak rate", "update rate"):
+        table.add_column(name, justify="left" if name == "dataset" else "right", min_width=min(len(name), 13))
+    for row in summary_frame(labels_path).iter_rows(named=True):
+        table.add_row(row["dataset"], str(row["videos"]), str(row["conversations"]), str(row["decision_points"]),
+                      f"{row['speak_rate']:.4f}", f"{row['update_rate']:.4f}")
+    console.print(table)
+    console.print(
+        f"records {report.records}, written {report.written_videos}, skipped {len(report.skipped)}; "
+        f"turns clamped to the last frame {report.clamped_turns}, moved later by the cursor rule "
+        f"{report.shifted_turns}, dropped past the end {report.dropped_turns}; "
+        f"DST transitions dropped past the end {report.dropped_transitions}",
+        highlight=False,
+    )

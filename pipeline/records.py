@@ -1,0 +1,205 @@
+"""The DST-augmented dialogue records (DESIGN section 2): reading, validating, typed access.
+
+A file is a JSON list of video records. Each record is a ProAssist `generated_dialogs` record plus a `dst` list of
+flat step nodes. `parse_record` turns one raw dict into a `VideoRecord` or raises `RecordError` naming the record
+and the reason, so a caller can skip that record and keep the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROLES = ("user", "assistant")
+NODE_STATES = ("not_started", "in_progress", "completed")
+# Ids appear inside the DST update grammar (`S2=completed; S3=in_progress`), so they must not contain its separators.
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; `video_uid` names it (or its position when it has none)."""
+
+    def __init__(self, video_uid: str, reason: str):
+        super().__init__(f"{video_uid}: {reason}")
+        self.video_uid = video_uid
+        self.reason = reason
+
+
+class InputFileError(ValueError):
+    """The input file as a whole cannot be read (missing, malformed JSON, wrong top-level type)."""
+
+
+@dataclass(frozen=True)
+class DSTNode:
+    id: str
+    name: str
+    start_ts: float
+    end_ts: float
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    time: float  # absolute seconds in the video
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    user_type: str
+    turns: tuple[Turn, ...]
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    video_uid: str
+    dataset: str
+    goal: str
+    knowledge: str
+    video_start_time: float
+    nodes: tuple[DSTNode, ...]
+    conversations: tuple[Conversation, ...]
+    duration: float | None = None
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(n.id for n in self.nodes)
+
+
+def load_record_list(path: str | Path) -> list[Any]:
+    """Read the JSON list of raw records; malformed input raises `InputFileError` with the position."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg}"
+        ) from None
+    if not isinstance(data, list):
+        raise InputFileError(f"{path}: expected a JSON list of video records, found a JSON {type(data).__name__}")
+    return data
+
+
+def record_name(raw: Any, index: int) -> str:
+    """The name used in messages: the record's video_uid when it has a usable one, else its position."""
+    if isinstance(raw, dict) and isinstance(raw.get("video_uid"), str) and raw["video_uid"]:
+        return raw["video_uid"]
+    return f"record #{index}"
+
+
+def _number(value: Any, what: str, name: str) -> float:
+    # bool is an int subclass in Python; `true` is not a time.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(name, f"{what} is {'missing' if value is None else f'not a number ({value!r})'}")
+    if not math.isfinite(value):
+        raise RecordError(name, f"{what} is not finite ({value!r})")
+    return float(value)
+
+
+def _string(value: Any, what: str, name: str, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise RecordError(name, f"{what} is {'missing' if value is None else f'not a string ({value!r})'}")
+    if not allow_empty and not value.strip():
+        raise RecordError(name, f"{what} is empty")
+    return value
+
+
+def _parse_nodes(raw_dst: Any, name: str) -> tuple[DSTNode, ...]:
+    if not isinstance(raw_dst, list):
+        raise RecordError(name, f"'dst' is not a list ({type(raw_dst).__name__})")
+    if not raw_dst:
+        raise RecordError(name, "'dst' is empty")
+    nodes, seen = [], set()
+    for i, raw in enumerate(raw_dst):
+        where = f"dst[{i}]"
+        if not isinstance(raw, dict):
+            raise RecordError(name, f"{where} is not an object")
+        node_id = _string(raw.get("id"), f"{where}.id", name, allow_empty=False)
+        if not NODE_ID_PATTERN.match(node_id):
+            raise RecordError(name, f"{where}.id {node_id!r} is not a plain identifier (letters, digits, '_')")
+        if node_id in seen:
+            raise RecordError(name, f"duplicate node id {node_id!r}")
+        seen.add(node_id)
+        node_type = raw.get("type", "step")
+        if node_type != "step":
+            raise RecordError(name, f"node {node_id} has type {node_type!r}; only flat 'step' nodes are supported")
+        nodes.append(
+            DSTNode(
+                id=node_id,
+                name=_string(raw.get("name"), f"node {node_id} name", name),
+                start_ts=_number(raw.get("start_ts"), f"node {node_id} start_ts", name),
+                end_ts=_number(raw.get("end_ts"), f"node {node_id} end_ts", name),
+            )
+        )
+    return tuple(nodes)
+
+
+def _parse_conversations(raw_convs: Any, name: str) -> tuple[Conversation, ...]:
+    if not isinstance(raw_convs, list):
+        raise RecordError(name, "'conversations' is missing or not a list")
+    if not raw_convs:
+        raise RecordError(name, "'conversations' is empty")
+    convs = []
+    for c, raw in enumerate(raw_convs):
+        where = f"conversations[{c}]"
+        if not isinstance(raw, dict):
+            raise RecordError(name, f"{where} is not an object")
+        user_type = _string(raw.get("user_type"), f"{where}.user_type", name)
+        raw_turns = raw.get("conversation")
+        if not isinstance(raw_turns, list):
+            raise RecordError(name, f"{where}.conversation is missing or not a list")
+        turns = []
+        for t, turn in enumerate(raw_turns):
+            at = f"{where} turn {t}"
+            if not isinstance(turn, dict):
+                raise RecordError(name, f"{at} is not an object")
+            role = turn.get("role")
+            if role not in ROLES:
+                raise RecordError(name, f"{at} has role {role!r}; expected 'user' or 'assistant'")
+            turns.append(
+                Turn(
+                    role=role,
+                    time=_number(turn.get("time"), f"{at} time", name),
+                    content=_string(turn.get("content"), f"{at} content", name),
+                )
+            )
+        convs.append(Conversation(user_type=user_type, turns=tuple(turns)))
+    return tuple(convs)
+
+
+def parse_record(raw: Any, index: int = 0) -> VideoRecord:
+    """Validate one raw record; raise `RecordError(name, reason)` for the first problem found."""
+    name = record_name(raw, index)
+    if not isinstance(raw, dict):
+        raise RecordError(name, f"not a JSON object ({type(raw).__name__})")
+    video_uid = _string(raw.get("video_uid"), "video_uid", name, allow_empty=False)
+    anns = raw.get("parsed_video_anns")
+    if not isinstance(anns, dict):
+        raise RecordError(name, "'parsed_video_anns' is missing or not an object")
+    dataset = _string(anns.get("dataset"), "parsed_video_anns.dataset", name, allow_empty=False)
+    start = anns.get("video_start_time")
+    video_start_time = 0.0 if start is None else _number(start, "parsed_video_anns.video_start_time", name)
+    duration = anns.get("duration")
+    if "dst" not in raw:
+        raise RecordError(name, "no 'dst' key")
+    nodes = _parse_nodes(raw["dst"], name)
+    return VideoRecord(
+        video_uid=video_uid,
+        dataset=dataset,
+        goal=_string(raw.get("inferred_goal", ""), "inferred_goal", name),
+        knowledge=_string(raw.get("inferred_knowledge", ""), "inferred_knowledge", name),
+        video_start_time=video_start_time,
+        nodes=nodes,
+        conversations=_parse_conversations(raw.get("conversations"), name),
+        duration=None if duration is None else _number(duration, "parsed_video_anns.duration", name),
+    )
