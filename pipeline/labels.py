@@ -137,7 +137,8 @@ def _write_labels(cfg: LabelsConfig, raws: list, tmp: Path, report: LabelsReport
                 labels = load_video_labels(raw, index, cfg.frames_root, cfg.fps, frame_counts)
             except RecordError as exc:
                 report.skipped.append((exc.video_uid, exc.reason))
-                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False)
+                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False,
+                                       soft_wrap=True)
                 continue
             cols = label_columns(labels)
             writer.write_table(pa.table(cols, schema=LABEL_SCHEMA))
@@ -154,27 +155,31 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=True)
 
 
+_SUMMARY = (
+    pl.col("video_uid").n_unique().alias("videos"),
+    pl.struct("video_uid", "conversation").n_unique().alias("conversations"),
+    pl.len().alias("decision_points"),
+    pl.col("speak").mean().alias("speak_rate"),
+    pl.col("dst_update").mean().alias("update_rate"),
+)
+
+
 def summary_frame(labels_path: Path) -> pl.DataFrame:
-    """Per-dataset counts from a labels file (lazy scan, so it scales to the full datasets)."""
-    return (
-        pl.scan_parquet(labels_path)
-        .group_by("dataset")
-        .agg(
-            pl.col("video_uid").n_unique().alias("videos"),
-            pl.struct("video_uid", "conversation").n_unique().alias("conversations"),
-            pl.len().alias("decision_points"),
-            pl.col("speak").mean().alias("speak_rate"),
-            pl.col("dst_update").mean().alias("update_rate"),
-        )
-        .sort("dataset")
-        .collect()
-    )
+    """Per-dataset counts from a labels file, plus an `all` row when there are several datasets (lazy scans, so
+    it scales to the full datasets)."""
+    rows = pl.scan_parquet(labels_path)
+    per_dataset = rows.group_by("dataset").agg(*_SUMMARY).sort("dataset").collect()
+    if per_dataset.height < 2:
+        return per_dataset
+    total = rows.select(pl.lit("all").alias("dataset"), *_SUMMARY).collect()
+    return pl.concat([per_dataset, total])
 
 
 def print_summary(labels_path: Path, report: LabelsReport, console: Console) -> None:
     table = Table(title=f"labels: {labels_path}")
-    for name in ("dataset", "videos", "conversations", "decision points", "speak rate", "update rate"):
-        table.add_column(name, justify="left" if name == "dataset" else "right", min_width=min(len(name), 13))
+    # Two-line headers keep the table inside an 80-column terminal.
+    for name in ("dataset", "videos", "conversations", "decision\npoints", "speak\nrate", "update\nrate"):
+        table.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=True)
     for row in summary_frame(labels_path).iter_rows(named=True):
         table.add_row(row["dataset"], str(row["videos"]), str(row["conversations"]), str(row["decision_points"]),
                       f"{row['speak_rate']:.4f}", f"{row['update_rate']:.4f}")
@@ -185,4 +190,5 @@ def print_summary(labels_path: Path, report: LabelsReport, console: Console) -> 
         f"{report.shifted_turns}, dropped past the end {report.dropped_turns}; "
         f"DST transitions dropped past the end {report.dropped_transitions}",
         highlight=False,
+        soft_wrap=True,
     )

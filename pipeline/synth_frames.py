@@ -33,7 +33,7 @@ def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
         try:
             record = parse_record(raw, index)
         except RecordError as exc:
-            console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False)
+            console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False, soft_wrap=True)
             continue
         duration = record.duration if record.duration is not None else cfg.default_duration
         n_frames = frame_at(record.video_start_time + duration, cfg.fps)
@@ -42,5 +42,5 @@ def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
             continue
         write_frames_file(path, synthetic_jpegs(n_frames, size=cfg.size, seed=index))
         written.append(path)
-        console.print(f"wrote {path} ({n_frames} frames)", highlight=False)
+        console.print(f"wrote {path} ({n_frames} frames)", highlight=False, soft_wrap=True)
     return written

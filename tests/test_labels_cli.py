@@ -149,3 +149,21 @@ def test_unusable_input_file(tmp_path, content, message):
                                  str(tmp_path / "l.parquet")])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_summary_per_dataset_and_all(tmp_path):
+    records = [good("a1"), good("a2"), good("b1", dataset="wtag")]
+    records[1]["conversations"].append({"user_type": "no_talk", "conversation": []})
+    for r in records:
+        write_dummy_frames(tmp_path / "f", r["parsed_video_anns"]["dataset"], r["video_uid"], 20)
+    dst_json = write_records(tmp_path / "v.json", records)
+    result = invoke("--dst-json", dst_json, "--frames-root", tmp_path / "f", "--out", tmp_path / "l.parquet")
+    assert result.exit_code == 0
+    from pipeline.labels import summary_frame
+    # 18 points per conversation; one speak per talking conversation; S1 and S2 give 3 update points, not 4:
+    # S2 starts where S1 ends (4.0 s -> point 7), and that point is one update listing both nodes.
+    assert summary_frame(tmp_path / "l.parquet").rows() == [
+        ("epickitchens", 2, 3, 54, 2 / 54, 9 / 54),
+        ("wtag", 1, 1, 18, 1 / 18, 3 / 18),
+        ("all", 3, 4, 72, 3 / 72, 12 / 72),
+    ]
