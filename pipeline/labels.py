@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.frames_files import FramesFileError, count_frames, find_frames_file
-from pipeline.records import InputFileError, RecordError, load_record_list, parse_record, record_name
+from pipeline.records import RecordError, VideoRecord, load_record_list, parse_record
 from pipeline.timeline import DEFAULT_FPS, VideoLabels, point_time, video_labels
 
 LABEL_SCHEMA = pa.schema(
@@ -91,17 +92,75 @@ def label_columns(labels: VideoLabels) -> dict[str, list]:
     return cols
 
 
-def load_video_labels(raw: object, index: int, frames_root: Path, fps: float, frame_counts: dict[Path, int]):
-    """Parse one raw record, find and count its frames file, and build its labels; RecordError if unusable.
-    `frame_counts` caches counts per file (assembly and disassembly videos share one file)."""
-    record = parse_record(raw, index)
-    try:
+FrameCounter = Callable[[VideoRecord], int]  # frames available for a record; raises FramesFileError
+
+
+def arrow_frame_counter(frames_root: Path) -> FrameCounter:
+    """Counts rows of each record's frames file, once per file (assembly and disassembly videos share one)."""
+    counts: dict[Path, int] = {}
+
+    def count(record: VideoRecord) -> int:
         path = find_frames_file(frames_root, record.dataset, record.video_uid)
-        if path not in frame_counts:
-            frame_counts[path] = count_frames(path)
-    except FramesFileError as exc:
-        raise RecordError(record.video_uid, str(exc)) from None
-    return video_labels(record, frame_counts[path], fps)
+        if path not in counts:
+            counts[path] = count_frames(path)
+        return counts[path]
+
+    return count
+
+
+def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, report: LabelsReport,
+                      console: Console) -> Iterator[VideoLabels]:
+    """Labels of every usable record, in input order, with a progress bar; each unusable record is reported on one
+    line (video_uid and reason) and recorded in `report`, never raised."""
+    with _progress(console) as progress:
+        task = progress.add_task("labels", total=len(raws))
+        for index, raw in enumerate(raws):
+            progress.advance(task)
+            try:
+                record = parse_record(raw, index)
+                try:
+                    n_frames = count_frames_of(record)
+                except FramesFileError as exc:
+                    raise RecordError(record.video_uid, str(exc)) from None
+                labels = video_labels(record, n_frames, fps)
+            except RecordError as exc:
+                report.skipped.append((exc.video_uid, exc.reason))
+                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False,
+                                       soft_wrap=True)
+                continue
+            report.written_videos += 1
+            report.clamped_turns += labels.clamped_turns
+            report.shifted_turns += labels.shifted_turns
+            report.dropped_turns += labels.dropped_turns
+            report.dropped_transitions += labels.dst.dropped
+            yield labels
+
+
+def write_labels(videos: Iterable[VideoLabels], out: Path, report: LabelsReport) -> Path:
+    """Write the rows of `videos` to `out.tmp` and return that path; the caller renames it when the run is good.
+    Nothing half-written is left behind if the run is interrupted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with pq.ParquetWriter(str(tmp), LABEL_SCHEMA) as writer:
+            for labels in videos:
+                cols = label_columns(labels)
+                writer.write_table(pa.table(cols, schema=LABEL_SCHEMA))
+                report.rows += len(cols["frame"])
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def fail_if_strict(strict: bool, report: LabelsReport, console: Console, *leftovers: Path) -> None:
+    """With --strict, any unusable record fails the run (exit 1) and removes what it wrote."""
+    if strict and report.skipped:
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        console.print(f"[red]--strict: {len(report.skipped)} of {report.records} records unusable; "
+                      f"nothing written[/]", soft_wrap=True)
+        raise SystemExit(1)
 
 
 def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
@@ -110,44 +169,12 @@ def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
     console = console or Console()
     raws = load_record_list(cfg.dst_json)
     report = LabelsReport(records=len(raws))
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    try:
-        _write_labels(cfg, raws, tmp, report, console)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file behind an interrupted run
-        raise
-    if cfg.strict and report.skipped:
-        tmp.unlink()
-        console.print(f"[red]--strict: {len(report.skipped)} of {report.records} records unusable; "
-                      f"nothing written[/]")
-        raise SystemExit(1)
+    videos = iter_video_labels(raws, arrow_frame_counter(cfg.frames_root), cfg.fps, report, console)
+    tmp = write_labels(videos, cfg.out, report)
+    fail_if_strict(cfg.strict, report, console, tmp)
     tmp.replace(cfg.out)
     print_summary(cfg.out, report, console)
     return report
-
-
-def _write_labels(cfg: LabelsConfig, raws: list, tmp: Path, report: LabelsReport, console: Console) -> None:
-    frame_counts: dict[Path, int] = {}
-    with pq.ParquetWriter(str(tmp), LABEL_SCHEMA) as writer, _progress(console) as progress:
-        task = progress.add_task("labels", total=len(raws))
-        for index, raw in enumerate(raws):
-            progress.advance(task)
-            try:
-                labels = load_video_labels(raw, index, cfg.frames_root, cfg.fps, frame_counts)
-            except RecordError as exc:
-                report.skipped.append((exc.video_uid, exc.reason))
-                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False,
-                                       soft_wrap=True)
-                continue
-            cols = label_columns(labels)
-            writer.write_table(pa.table(cols, schema=LABEL_SCHEMA))
-            report.written_videos += 1
-            report.rows += len(cols["frame"])
-            report.clamped_turns += labels.clamped_turns
-            report.shifted_turns += labels.shifted_turns
-            report.dropped_turns += labels.dropped_turns
-            report.dropped_transitions += labels.dst.dropped
 
 
 def _progress(console: Console) -> Progress:
