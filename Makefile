@@ -25,6 +25,7 @@ test: install
 demo: install
 	$(BIN)/dst synth-frames --dst-json tests/fixtures/dst_record_example.json --out $(DEMO)/frames
 	$(BIN)/dst labels --dst-json tests/fixtures/dst_record_example.json --frames-root $(DEMO)/frames --out $(DEMO)/labels.parquet
+	$(BIN)/dst prepare --split demo
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

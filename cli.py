@@ -37,6 +37,36 @@ def labels(
         _fail(str(exc))
 
 
+@app.command()
+def prepare(
+    split: str = typer.Option(..., help="Split name; picks [splits.<split>] in the config file."),
+    config: Path = typer.Option(None, help="Data config file (TOML). Default: configs/data.toml if it exists."),
+    dst_json: list[Path] = typer.Option(None, help="DST-augmented dialogues (repeatable). Default: config file."),
+    frames_root: Path = typer.Option(None, help="ProAssist processed_data folder ({dataset}/frames/{name}.arrow)."),
+    videos_root: Path = typer.Option(None, help="Raw videos folder ({dataset}/{video_uid}.mp4), instead of frames."),
+    model: str = typer.Option(None, help="SmolVLM2 hub id, local folder, or tiny-random."),
+    out: Path = typer.Option(None, help="Output folder. Default: shards/<split>."),
+    tokens_per_frame: str = typer.Option(None, help="1, 5 (default: mean + 2x2), 17 (mean + 4x4) or all."),
+    fps: float = typer.Option(None, help="Frame rate of the stream (default 2)."),
+    batch_size: int = typer.Option(None, help="Frames per encoder batch (default 32)."),
+    device: str = typer.Option(None, help="auto (default), cpu, cuda, cuda:1 ..."),
+    shard_size_mb: float = typer.Option(None, help="Target shard size in MiB (default 1024)."),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help="Fail if any record is unusable."),
+    max_videos: int = typer.Option(None, help="Only the first N usable videos (for trials)."),
+) -> None:
+    """Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json."""
+    from pipeline import prepare as prepare_cmd
+    from pipeline.prepare_config import ConfigError, resolve
+
+    options = dict(dst_json=tuple(dst_json or ()), frames_root=frames_root, videos_root=videos_root, model=model,
+                   out=out, tokens_per_frame=tokens_per_frame, fps=fps, batch_size=batch_size, device=device,
+                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos)
+    try:
+        prepare_cmd.run(resolve(split, options, config), console)
+    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch) as exc:
+        _fail(str(exc))
+
+
 @app.command("synth-frames")
 def synth_frames(
     dst_json: Path = typer.Option(..., help="DST-augmented dialogues: a JSON list of video records."),

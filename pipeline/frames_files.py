@@ -50,7 +50,7 @@ def find_frames_file(frames_root: str | Path, dataset: str, video_uid: str) -> P
     raise FramesFileError("no frames file (looked for " + ", ".join(str(p) for p in candidates) + ")")
 
 
-def _open_stream(path: Path) -> ipc.RecordBatchStreamReader:
+def open_frames_stream(path: Path) -> ipc.RecordBatchStreamReader:
     try:
         reader = ipc.open_stream(pa.memory_map(str(path), "r"))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -69,19 +69,9 @@ def count_frames(path: str | Path) -> int:
     """Number of rows (frames) in a frames file, without decoding any image. The file is memory-mapped, so
     counting touches only batch headers."""
     path = Path(path)
-    reader = _open_stream(path)
+    reader = open_frames_stream(path)
     try:
         return sum(batch.num_rows for batch in reader)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FramesFileError(f"{path}: truncated or corrupt Arrow stream ({exc})") from None
-
-
-def read_frame_strings(path: str | Path) -> list[str]:
-    """All base64 JPEG strings of a frames file, in row order."""
-    path = Path(path)
-    reader = _open_stream(path)
-    try:
-        return reader.read_all().column(FRAME_COLUMN).to_pylist()
     except (pa.ArrowInvalid, OSError) as exc:
         raise FramesFileError(f"{path}: truncated or corrupt Arrow stream ({exc})") from None
 
@@ -118,3 +108,20 @@ def synthetic_jpegs(n_frames: int, size: int = 64, seed: int = 0) -> list[bytes]
         image.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
+
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+
+
+def find_video_file(videos_root: str | Path, dataset: str, video_uid: str) -> Path:
+    """A raw video for the record: `{root}/{dataset}/{name}{ext}` or `{root}/{name}{ext}`, where `name` is the
+    video_uid or its frames-file name (so assembly_X and disassembly_X may share `X.mp4`)."""
+    root = Path(videos_root)
+    names = dict.fromkeys([video_uid, frames_file_name(dataset, video_uid)])
+    candidates = [folder / (name + ext) for folder in (root / dataset, root) for name in names
+                  for ext in VIDEO_SUFFIXES]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FramesFileError(f"no video file (looked for {root / dataset / video_uid}.* and {root / video_uid}.*, "
+                          f"extensions {', '.join(VIDEO_SUFFIXES)})")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_dummy_frames
 from pipeline.frames_files import (FramesFileError, count_frames, find_frames_file, frames_file_name,
-                                   read_frame_strings, write_frames_file)
+                                   open_frames_stream, write_frames_file)
 
 
 @pytest.mark.parametrize("dataset, uid, name", [
@@ -39,7 +39,7 @@ def test_count_and_read_back(tmp_path):
     frames = [bytes([k % 256]) * (k % 7 + 1) for k in range(600)]
     write_frames_file(path, frames, batch_rows=256)  # three record batches
     assert count_frames(path) == 600
-    strings = read_frame_strings(path)
+    strings = open_frames_stream(path).read_all().column("frame").to_pylist()
     assert len(strings) == 600 and strings[3] == "AwMDAw=="  # base64 of b"\x03" * 4
 
 

@@ -1,0 +1,224 @@
+"""`dst prepare`: frames -> SmolVLM2 vision embeddings -> WebDataset shards, resumable and multi-process.
+
+Steps: labels for every usable record (the same code as `dst labels`, written to `labels.parquet`); a deterministic
+shard plan; then, per shard owned by this rank, encode each video (cached per video under `.prepare/cache/`), write
+the shard under a temporary name and rename it, and record its per-video status in `.prepare/`. A rerun skips
+finished shards and cached videos, so it re-encodes nothing; at the end rank 0 merges the statuses into
+`manifest.json`. Under `torchrun`, shard `i` belongs to rank `i % world_size`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.embeddings import encode_frames, tokens_per_frame_count
+from pipeline.frame_sources import FrameSourceError, open_frames
+from pipeline.frames_files import FramesFileError, find_frames_file, find_video_file
+from pipeline.labels import LabelsReport, arrow_frame_counter, fail_if_strict, iter_video_labels, write_labels
+from pipeline.prepare_config import PrepareConfig
+from pipeline.prepare_report import print_summary, write_manifest
+from pipeline.preprocess import preprocess_frames
+from pipeline.records import VideoRecord, load_record_list
+from pipeline.shards import SHARD_PATTERN, encode_sample, npy_bytes, plan_shards, sample_key, sample_meta, write_shard
+from pipeline.smolvlm import load_model, vision_spec
+from pipeline.timeline import VideoLabels
+
+from pipeline.prepare_report import STATE_DIR
+
+
+class PlanMismatch(RuntimeError):
+    """The output folder holds a run with other settings or other videos."""
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank), from torchrun's environment; one process otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(cfg: PrepareConfig, local_rank: int) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _source_path(cfg: PrepareConfig, record: VideoRecord) -> Path:
+    if cfg.frames_root is not None:
+        return find_frames_file(cfg.frames_root, record.dataset, record.video_uid)
+    return find_video_file(cfg.videos_root, record.dataset, record.video_uid)
+
+
+def _frame_counter(cfg: PrepareConfig):
+    if cfg.frames_root is not None:
+        return arrow_frame_counter(cfg.frames_root)
+
+    def count(record: VideoRecord) -> int:
+        try:
+            with open_frames(_source_path(cfg, record), cfg.fps) as src:
+                return src.num_frames
+        except FrameSourceError as exc:
+            raise FramesFileError(str(exc)) from None
+
+    return count
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def encode_video(model, labels: VideoLabels, path: Path, cfg: PrepareConfig, image_size: int,
+                 device: torch.device, on_frames=lambda n: None) -> tuple[np.ndarray, list[int]]:
+    """float16 [n_stream_frames, tokens, hidden] for frames k0..n-1 (row 0 = frame k0), and the absolute indices
+    of frames that could not be decoded (replaced by the nearest earlier good frame)."""
+    rows, bad = [], []
+    with open_frames(path, cfg.fps) as src:
+        for start in range(labels.k0, labels.n_frames, cfg.batch_size):
+            indices = range(start, min(start + cfg.batch_size, labels.n_frames))
+            frames, bad_here = src.read(indices)
+            pixels = preprocess_frames(frames, image_size)
+            rows.append(encode_frames(model, pixels, cfg.tokens_per_frame, cfg.batch_size, device).numpy())
+            bad += bad_here
+            on_frames(len(indices))
+    return np.concatenate(rows), bad
+
+
+def _plan(cfg: PrepareConfig, videos: list[VideoLabels], tokens: int, hidden: int) -> dict:
+    sizes = [(sample_key(v.record.dataset, v.record.video_uid), len(v.points) * tokens * hidden * 2)
+             for v in videos]
+    return {
+        "model": cfg.model, "tokens_per_frame": cfg.tokens_per_frame, "tokens": tokens, "hidden_size": hidden,
+        "fps": cfg.fps, "source": "arrow" if cfg.frames_root is not None else "video",
+        "shards": plan_shards(sizes, int(cfg.shard_size_mb * 2**20)),
+    }
+
+
+def _check_plan(state: Path, plan: dict, rank: int) -> None:
+    """The first run writes the plan; a rerun must find the same one, or it would mix two runs in one folder."""
+    path = state / "plan.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != plan:
+            changed = [k for k in plan if old.get(k) != plan[k]]
+            raise PlanMismatch(f"{path.parent.parent} holds a prepare run with different {', '.join(changed)}; "
+                               "use another --out or remove that folder")
+    elif rank == 0:
+        _atomic_write(path, json.dumps(plan, indent=1).encode())
+
+
+def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, device, progress, tasks) -> None:
+    """Encode (or take from the cache) every video of one shard; write its per-video status, then the shard."""
+    cache = shard.parent / STATE_DIR / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    samples, status = [], {}
+    for key in keys:
+        labels = by_key[key]
+        emb_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
+        if emb_path.exists() and info_path.exists():
+            emb = np.load(emb_path, allow_pickle=False)
+            info = json.loads(info_path.read_text())
+            progress.advance(tasks["frames"], len(labels.points))
+        else:
+            path = _source_path(cfg, labels.record)
+            try:
+                emb, bad = encode_video(model, labels, path, cfg, spec.image_size, device,
+                                        lambda n: progress.advance(tasks["frames"], n))
+            except FrameSourceError as exc:  # became undecodable after it was counted: report, keep the rest
+                status[labels.record.video_uid] = {"status": "skipped", "reason": str(exc), "key": key}
+                progress.advance(tasks["videos"])
+                continue
+            info = {"source": str(path), "bad_frames": bad}
+            _atomic_write(emb_path, npy_bytes(emb))
+            _atomic_write(info_path, json.dumps(info).encode())
+        samples.append(encode_sample(key, emb, sample_meta(labels, cfg.model, cfg.tokens_per_frame)))
+        status[labels.record.video_uid] = {
+            "status": "written", "key": key, "shard": shard.name, "dataset": labels.record.dataset,
+            "first_frame": labels.k0, "num_frames": labels.n_frames, "frames": len(labels.points),
+            "bad_frames": info["bad_frames"], "source": info["source"],
+            "clamped_turns": labels.clamped_turns, "dropped_turns": labels.dropped_turns,
+            "dropped_transitions": labels.dst.dropped,
+        }
+        progress.advance(tasks["videos"])
+    # Status first, shard second: a shard on disk always has its status beside it.
+    _atomic_write(shard.parent / STATE_DIR / f"{shard.stem}.json", json.dumps(status).encode())
+    write_shard(shard, samples)
+    for key in keys:
+        for suffix in (".npy", ".json"):
+            (cache / f"{key}{suffix}").unlink(missing_ok=True)
+
+
+def run(cfg: PrepareConfig, console: Console | None = None) -> dict | None:
+    """Prepare `cfg.out`; returns the manifest on rank 0 (None on other ranks)."""
+    rank, world, local_rank = _dist()
+    console = console or Console()
+    device = _device(cfg, local_rank)
+    own_group = world > 1 and not torch.distributed.is_initialized()
+    if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # Ranks only meet once, at the end, and may finish hours apart: a CPU (gloo) barrier with a long timeout
+        # rather than NCCL's watchdog. torchrun stops every rank if one fails.
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=3))
+    try:
+        return _run(cfg, rank, world, device, console if rank == 0 else Console(quiet=True))
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: Console) -> dict | None:
+    started = time.time()
+    raws = [raw for path in cfg.dst_json for raw in load_record_list(path)]
+    report = LabelsReport(records=len(raws))
+    videos = list(iter_video_labels(raws, _frame_counter(cfg), cfg.fps, report, say))
+    fail_if_strict(cfg.strict, report, say)
+    if cfg.max_videos is not None:
+        videos = videos[: cfg.max_videos]
+    out = cfg.out
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_labels(videos, out / "labels.parquet", LabelsReport()).replace(out / "labels.parquet")
+
+    model, _ = load_model(cfg.model, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device)
+    spec = vision_spec(model)
+    tokens = tokens_per_frame_count(cfg.tokens_per_frame, spec.grid)
+    plan = _plan(cfg, videos, tokens, spec.text_hidden_size)
+    _check_plan(state, plan, rank)
+    by_key = {sample_key(v.record.dataset, v.record.video_uid): v for v in videos}
+    mine = [(i, keys) for i, keys in enumerate(plan["shards"]) if i % world == rank]
+    todo = [(i, keys) for i, keys in mine if not (out / SHARD_PATTERN.format(i)).exists()]
+    with _progress(say) as progress:
+        tasks = {"videos": progress.add_task("videos", total=sum(len(k) for _, k in todo)),
+                 "frames": progress.add_task("frames", total=sum(len(by_key[k].points) for _, ks in todo
+                                                                   for k in ks))}
+        for i, keys in todo:
+            shard = out / SHARD_PATTERN.format(i)
+            _encode_shard(shard, keys, by_key, model, cfg, spec, device, progress, tasks)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    manifest = write_manifest(out, config_dict(cfg), plan, report, videos)
+    print_summary(manifest, say, elapsed=time.time() - started)
+    return manifest
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+def config_dict(cfg: PrepareConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, tuple) else v)
+            for k, v in asdict(cfg).items()}

@@ -1,0 +1,57 @@
+"""SmolVLM frame preprocessing without torchvision (DESIGN 4, 7): resize, rescale 1/255, normalize mean 0.5 std 0.5.
+
+Matches transformers 5.24 `SmolVLMImageProcessor` with `do_image_splitting=False` (without torchvision it *is*
+`SmolVLMImageProcessorPil`), step for step:
+  1. resize so the longest edge is `size["longest_edge"]` (aspect kept; the other side `int(...)`, bumped to even),
+  2. resize to a `max_image_size["longest_edge"]` square (aspect NOT kept: non-square frames are stretched),
+  both with PIL LANCZOS on uint8 pictures (rounded to uint8 after each step),
+  3. `x.astype(float64) * (1/255)` cast to float32, then `(x - 0.5) / 0.5` in float32.
+Step 1 is the `longest_edge` argument. Left out (None), frames go straight to the square in one LANCZOS resize, which
+is SmolVLM2's video path (its `video_size` longest edge equals `max_image_size`, so step 1 is the same square
+resize); with `longest_edge=size["longest_edge"]` (2048 in SmolVLM2 checkpoints) the result equals the image
+processor exactly, at the cost of upsampling every frame to 2048 px first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = STD = 0.5  # SmolVLM's image_mean / image_std, same for the 3 channels
+_MAX_IMAGE_SIZE = 4096  # the processor's absolute cap; we refuse larger longest_edge rather than copy its rule
+
+
+def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """(height, width) after the processor's longest-edge resize (its `_resize_output_size_rescale_to_max_len`)."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest_edge, int(longest_edge / aspect)
+        height += height % 2
+    else:
+        height, width = longest_edge, int(longest_edge * aspect)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
+def preprocess_frames(frames: np.ndarray, image_size: int, longest_edge: int | None = None) -> torch.Tensor:
+    """uint8 RGB frames [N, H, W, 3] -> float32 pixel values [N, 3, image_size, image_size] in [-1, 1].
+
+    `image_size` is the processor's `max_image_size["longest_edge"]` (the vision encoder's input, 512 for
+    SmolVLM2-256M/500M); `longest_edge` is its `size["longest_edge"]` step (see module doc)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+    if longest_edge is not None and not 0 < longest_edge <= _MAX_IMAGE_SIZE:
+        raise ValueError(f"longest_edge must be in 1..{_MAX_IMAGE_SIZE}, got {longest_edge}")
+    out = np.empty((len(frames), image_size, image_size, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        image = Image.fromarray(frame, "RGB")
+        if longest_edge is not None:
+            h, w = longest_edge_size(frame.shape[0], frame.shape[1], longest_edge)
+            image = image.resize((w, h), Image.LANCZOS)  # PIL returns a copy when the size is unchanged
+        out[i] = np.asarray(image.resize((image_size, image_size), Image.LANCZOS))
+    # Same arithmetic and dtypes as transformers' rescale (float64, then float32) and normalize (float32).
+    pixels = (out.astype(np.float64) * (1 / 255)).astype(np.float32)
+    pixels = (pixels - np.float32(MEAN)) / np.float32(STD)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
