@@ -67,6 +67,46 @@ def prepare(
         _fail(str(exc))
 
 
+@app.command()
+def train(
+    shards: Path = typer.Option(None, help="Training shards (dst prepare output)."),
+    val_shards: Path = typer.Option(None, help="Validation shards: losses and decision P/R/F1 every eval_every."),
+    model: str = typer.Option(None, help="SmolVLM2 hub id, local folder, or tiny-random (as in prepare)."),
+    out: Path = typer.Option(None, help="Run folder."),
+    config: Path = typer.Option(None, help="TOML file with a [train] table (every option below, and more)."),
+    max_steps: int = typer.Option(None, help="Optimizer steps (default 1000)."),
+    seed: int = typer.Option(None, help="Seed for data order, sampling and head initialisation."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last."),
+    lora: bool = typer.Option(None, "--lora/--full", help="LoRA on the text model (default) or full fine-tuning."),
+    load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="4-bit base weights (bitsandbytes, CUDA only)."),
+    precision: str = typer.Option(None, help="auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), fp16, bf16, "
+                                             "fp32."),
+    batch_size: str = typer.Option(None, help="Tokens per micro-batch, or auto: the largest under "
+                                              "--memory-fraction of the GPU."),
+    memory_fraction: float = typer.Option(None, help="GPU memory share for --batch-size auto (default 0.9)."),
+    max_seq_len: int = typer.Option(None, help="Longest window in tokens (default 4096)."),
+    lr: float = typer.Option(None, help="Peak learning rate."),
+    accumulation: int = typer.Option(None, help="Micro-batches per optimizer step."),
+    decision_loss: str = typer.Option(None, help="focal (default), balanced_bce (ProAssist) or bce."),
+    rho: float = typer.Option(None, help="Keep each negative decision with this probability (re-drawn per epoch)."),
+    num_workers: int = typer.Option(None, help="Data loader worker processes."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+) -> None:
+    """Train the decision heads, DST text and responses on prepared shards; checkpoints resume exactly."""
+    from train import run as train_cmd
+    from train.config import TrainConfigError, resolve
+
+    options = dict(shards=shards, val_shards=val_shards, model=model, out=out, max_steps=max_steps, seed=seed,
+                   resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
+                   batch_size=batch_size, memory_fraction=memory_fraction, max_seq_len=max_seq_len, lr=lr,
+                   accumulation=accumulation, decision_loss=decision_loss, rho=rho, num_workers=num_workers,
+                   device=device)
+    try:
+        train_cmd.run(resolve(options, config), console)
+    except (TrainConfigError, FileNotFoundError, FileExistsError) as exc:
+        _fail(str(exc))
+
+
 @app.command("synth-frames")
 def synth_frames(
     dst_json: Path = typer.Option(..., help="DST-augmented dialogues: a JSON list of video records."),

@@ -101,8 +101,8 @@ def write_shard(path: Path, samples: Iterable[dict]) -> None:
 
 
 def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(key, embeddings, meta) for every sample of a shard, in order; for tests and tools (training reads the
-    shards through WebDataset pipelines)."""
+    """(key, embeddings, meta) for every sample of a shard, in order, reading the whole shard (tests and tools;
+    training reads rows by offset through train/shard_index.py)."""
     with tarfile.open(path) as tar:
         members: dict[str, dict[str, bytes]] = {}
         order: list[str] = []

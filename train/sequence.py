@@ -1,0 +1,211 @@
+"""The prompt and sequence format: the one builder that training and streaming inference both use.
+
+A sequence is a window of one video for one conversation, built from token-id segments that are tokenized
+separately and concatenated (never re-tokenized as a whole), so a streaming replay appends exactly the same ids:
+
+    system:   <|im_start|>System: {instructions}\\nGoal: ...\\nSteps:\\nS1: ...\\nState: S1=...; ...
+              [\\nRecent dialogue:\\nUser: ...\\nAssistant: ...]<end_of_utterance>
+    per frame k:
+      user      \\nUser: {text}<end_of_utterance>                   (if a user turn sits before frame k)
+      frame     <fake_token_around_image><global-img><image>*T<fake_token_around_image>
+                                      -> decision A (DST update?) reads the hidden state of the last token here
+      dst       \\nDST: + [ S2=completed; S3=in_progress]<end_of_utterance>   (if updated; [...] is the target)
+                                      -> decision B (speak?) reads the last token before the response slot
+      response  \\nAssistant: + [ {text}]<end_of_utterance>                 (if speaking; [...] is the target)
+
+The `<image>` positions carry the stored frame embeddings (through `inputs_embeds`), T per frame. Prefixes
+(`\\nDST:`, `\\nAssistant:`) are forced once the decision fires, so only the text after them and its EOS are LM
+targets: EOS is always learned, and pad (`<|im_end|>`) is never EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipeline.timeline import STATE_RANK
+
+INSTRUCTIONS = ("You are a proactive assistant watching the user's task video. After each frame, track the state "
+                "of every step and speak only when it helps.")
+RECENT_TURNS = 3
+
+
+# ----------------------------------------------------------------------------------------------- DST update grammar
+
+
+def format_state(state: dict[str, str]) -> str:
+    """The one writer of the DST grammar: `S1=completed; S2=in_progress` (used for states and updates)."""
+    return "; ".join(f"{node}={value}" for node, value in state.items())
+
+
+def parse_update(text: str, current: dict[str, str]) -> dict[str, str] | None:
+    """The one parser: the update `text` against the `current` state, or None when it is not a valid update
+    (unknown node, unknown state, a node twice, a state going backwards or not changing, empty)."""
+    delta: dict[str, str] = {}
+    for clause in text.split(";"):
+        node, sep, value = clause.strip().partition("=")
+        if not sep or node not in current or value not in STATE_RANK or node in delta:
+            return None
+        if STATE_RANK[value] <= STATE_RANK[current[node]]:
+            return None
+        delta[node] = value
+    return delta or None
+
+
+# ----------------------------------------------------------------------------------------------- token segments
+
+
+class SequenceFormat:
+    """Token-id segments for one tokenizer and one number of tokens per frame."""
+
+    def __init__(self, tokenizer, tokens_per_frame: int):
+        self.tokenizer = tokenizer
+        self.tokens_per_frame = tokens_per_frame
+        ids = tokenizer.convert_tokens_to_ids
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None or self.pad_id == self.eos_id:
+            raise ValueError("the tokenizer's pad token must exist and differ from EOS (EOS must be learnable)")
+        self.image_id = ids("<image>")
+        fake, global_img = ids("<fake_token_around_image>"), ids("<global-img>")
+        self.bos = [ids("<|im_start|>")]
+        self.frame = [fake, global_img] + [self.image_id] * tokens_per_frame + [fake]
+        self.dst_prefix = self.text("\nDST:")
+        self.response_prefix = self.text("\nAssistant:")
+        self.clause_separator = self.text(";")
+
+    def text(self, s: str) -> list[int]:
+        # split_special_tokens: a literal "<image>" or "<end_of_utterance>" typed in a dialogue stays text, so
+        # special ids only ever come from this builder.
+        return self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def system(self, goal: str, nodes: list[tuple[str, str]], state: dict[str, str],
+               recent: list[tuple[str, str]] = ()) -> list[int]:
+        """System segment: instructions, goal, steps with ids, the DST state, and recent turns (role, text)."""
+        lines = [f"System: {INSTRUCTIONS}", f"Goal: {goal}", "Steps:"]
+        lines += [f"{node_id}: {name}" for node_id, name in nodes]
+        lines.append(f"State: {format_state(state)}")
+        if recent:
+            lines.append("Recent dialogue:")
+            lines += [f"{role}: {text}" for role, text in recent]
+        return self.bos + self.text("\n".join(lines)) + [self.eos_id]
+
+    def user(self, text: str) -> list[int]:
+        return self.text(f"\nUser: {text}") + [self.eos_id]
+
+    def clause(self, node: str, state: str) -> list[int]:
+        return self.text(f" {node}={state}")
+
+    def dst_body(self, delta: dict[str, str]) -> list[int]:
+        """The update's target ids: clauses joined by `;`, then EOS (clause by clause, as constrained decoding
+        produces them)."""
+        body: list[int] = []
+        for i, (node, state) in enumerate(delta.items()):
+            body += (self.clause_separator if i else []) + self.clause(node, state)
+        return body + [self.eos_id]
+
+    def response_body(self, text: str) -> list[int]:
+        return self.text(f" {text}") + [self.eos_id]
+
+
+# ----------------------------------------------------------------------------------------------- windows
+
+
+@dataclass
+class Sequence:
+    """A built window. Positions index `input_ids`. `frame_rows[i]` is the stored-embedding row (relative to the
+    video's first frame) of the i-th frame block; its T `<image>` positions are in `image_positions`."""
+
+    input_ids: list[int] = field(default_factory=list)
+    image_positions: list[int] = field(default_factory=list)
+    frame_rows: list[int] = field(default_factory=list)
+    update_positions: list[int] = field(default_factory=list)  # decision A read positions, one per frame
+    update_labels: list[int] = field(default_factory=list)
+    speak_positions: list[int] = field(default_factory=list)  # decision B read positions, one per frame
+    speak_labels: list[int] = field(default_factory=list)
+    dst_targets: list[int] = field(default_factory=list)  # positions of DST text target tokens
+    response_targets: list[int] = field(default_factory=list)  # positions of response target tokens
+
+    def extend(self, ids: list[int]) -> int:
+        """Append ids; return the position of the last one."""
+        self.input_ids += ids
+        return len(self.input_ids) - 1
+
+    def extend_target(self, ids: list[int], targets: list[int]) -> int:
+        start = len(self.input_ids)
+        targets += range(start, start + len(ids))
+        return self.extend(ids)
+
+
+def state_before(meta: dict, row: int) -> dict[str, str]:
+    """The model's input state at frame row `row` (relative): the state after the previous point."""
+    return meta["initial_state"] if row == 0 else json.loads(meta["labels"]["dst_state"][row - 1])
+
+
+def recent_turns(meta: dict, conversation: int, row: int, limit: int = RECENT_TURNS) -> list[tuple[str, str]]:
+    """The last `limit` dialogue turns placed before frame row `row` of this conversation, oldest first."""
+    conv = meta["labels"]["conversations"][conversation]
+    turns = []
+    for i in range(row):
+        if conv["user_text"][i]:
+            turns.append(("User", conv["user_text"][i]))
+        if conv["response"][i]:
+            turns.append(("Assistant", conv["response"][i]))
+    return turns[-limit:] if limit else []
+
+
+def system_for(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> list[int]:
+    nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
+    return fmt.system(meta["goal"], nodes, state_before(meta, row), recent_turns(meta, conversation, row))
+
+
+def frame_segments(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> dict[str, list[int]]:
+    """The segments of frame row `row`, by name, for costing and building (absent ones are empty)."""
+    labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
+    user = conv["user_text"][row]
+    delta = labels["dst_delta"][row]
+    response = conv["response"][row]
+    return {
+        "user": fmt.user(user) if user else [],
+        "dst": fmt.dst_body(json.loads(delta)) if delta else [],
+        "response": fmt.response_body(response) if response else [],
+    }
+
+
+def frame_cost(fmt: SequenceFormat, segments: dict[str, list[int]]) -> int:
+    """Tokens one frame adds to a sequence."""
+    return (len(segments["user"]) + len(fmt.frame)
+            + (len(fmt.dst_prefix) + len(segments["dst"]) if segments["dst"] else 0)
+            + (len(fmt.response_prefix) + len(segments["response"]) if segments["response"] else 0))
+
+
+def append_frame(fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[str, list[int]],
+                 update: bool, speak: bool) -> None:
+    """Append one frame with its decisions; `update`/`speak` are the labels (ground truth in training)."""
+    if segments["user"]:
+        seq.extend(segments["user"])
+    start = len(seq.input_ids)
+    read = seq.extend(fmt.frame)
+    seq.image_positions += range(start + 2, start + 2 + fmt.tokens_per_frame)
+    seq.frame_rows.append(row)
+    seq.update_positions.append(read)
+    seq.update_labels.append(int(update))
+    if update:
+        seq.extend(fmt.dst_prefix)
+        read = seq.extend_target(segments["dst"], seq.dst_targets)
+    seq.speak_positions.append(read)
+    seq.speak_labels.append(int(speak))
+    if speak:
+        seq.extend(fmt.response_prefix)
+        seq.extend_target(segments["response"], seq.response_targets)
+
+
+def build_window(fmt: SequenceFormat, meta: dict, conversation: int, start: int, end: int) -> Sequence:
+    """The training sequence of frame rows [start, end) of one conversation."""
+    seq = Sequence()
+    seq.extend(system_for(fmt, meta, conversation, start))
+    labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
+    for row in range(start, end):
+        append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row),
+                     labels["dst_update"][row], conv["speak"][row])
+    return seq

@@ -1,0 +1,191 @@
+"""Random access to `dst prepare` shards: any rows of any video, read by byte offset.
+
+The shards stay plain WebDataset tars, but training reads them by offset instead of streaming them through a
+WebDataset pipeline, so that windows can be sampled with weights and a run can resume exactly at a batch.
+`ShardIndex.build` walks every tar once (tar headers only; the embedding data is skipped by seeking): it parses and
+validates each sample's `json`, and records where its `emb.npy` array data and its `json` sit in the tar. Later reads
+go through one read-only memory map per shard, opened lazily in the process that reads (DataLoader workers open their
+own). Metadata is parsed again on demand (a small per-process cache) rather than kept, so the index stays small with
+thousands of long videos and is cheap to send to workers.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from pipeline.shards import EMB, META
+
+META_CACHE = 64  # parsed metas kept per process; a batch touches at most a few videos
+OPEN_SHARDS = 64  # memory maps kept open per process (each holds a file descriptor)
+
+
+class ShardFormatError(ValueError):
+    """A shard that does not hold what `dst prepare` writes; the message names the shard and the sample key."""
+
+
+@dataclass(frozen=True)
+class _Sample:
+    shard: int  # index into ShardIndex.shards
+    dataset: str
+    emb_offset: int  # byte offset of the array data (after the .npy header) in the tar
+    shape: tuple[int, int, int]
+    meta_offset: int
+    meta_size: int
+
+
+def _npy_header(f, offset: int, where: str) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of the .npy member whose bytes start at `offset`; reads only the header."""
+    f.seek(offset)
+    try:
+        version = npy_format.read_magic(f)
+        read = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f".npy format version {version} (np.save writes 1.0 or 2.0)")
+        shape, fortran, dtype = read(f)
+    except ValueError as exc:
+        raise ShardFormatError(f"{where}: unreadable {EMB} header: {exc}") from None
+    if fortran:
+        raise ShardFormatError(f"{where}: {EMB} is Fortran-ordered; expected C order")
+    return f.tell(), shape, dtype
+
+
+class ShardIndex:
+    """Where every video's embeddings and metadata sit in the shards; `build` it, then `meta` and `rows`."""
+
+    def __init__(self, shards: list[Path], samples: dict[str, _Sample], tokens_per_frame: int, hidden_size: int):
+        self.shards = shards
+        self._samples = samples
+        self.tokens_per_frame = tokens_per_frame
+        self.hidden_size = hidden_size
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._metas: OrderedDict[str, dict] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, shard_dir: str | Path) -> "ShardIndex":
+        shards = sorted(Path(shard_dir).glob("shard-*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"no shard-*.tar in {shard_dir}")
+        samples: dict[str, _Sample] = {}
+        shapes: dict[tuple[int, int], str] = {}
+        for i, path in enumerate(shards):
+            for key, sample, meta in _scan(path, i):
+                where = f"{path.name}: sample {key}"
+                if key in samples:
+                    raise ShardFormatError(f"{where}: key also in {shards[samples[key].shard].name}")
+                try:
+                    n_points = len(meta["labels"]["frame"])
+                except (KeyError, TypeError):
+                    raise ShardFormatError(f"{where}: {META} has no labels.frame list") from None
+                if sample.shape[0] != n_points:
+                    raise ShardFormatError(f"{where}: {sample.shape[0]} embedding rows for {n_points} label points")
+                shapes.setdefault(sample.shape[1:], where)
+                samples[key] = sample
+        if len(shapes) > 1:
+            raise ShardFormatError("samples disagree on [tokens_per_frame, hidden]: "
+                                   + "; ".join(f"{list(s)} in {w}" for s, w in shapes.items()))
+        (tokens, hidden), = shapes
+        return cls(shards, samples, tokens, hidden)
+
+    # ------------------------------------------------------------------------------------------------ access
+
+    @property
+    def video_ids(self) -> list[str]:
+        """Sample keys (`{dataset}__{video_uid}`, unique across datasets) in shard order."""
+        return list(self._samples)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def num_rows(self, video_id: str) -> int:
+        return self._sample(video_id).shape[0]
+
+    def dataset(self, video_id: str) -> str:
+        return self._sample(video_id).dataset
+
+    def meta(self, video_id: str) -> dict:
+        """The sample's parsed `json` (shared and cached: do not modify it)."""
+        if video_id in self._metas:
+            self._metas.move_to_end(video_id)
+            return self._metas[video_id]
+        s = self._sample(video_id)
+        meta = json.loads(self._map(s.shard)[s.meta_offset:s.meta_offset + s.meta_size].tobytes())
+        self._metas[video_id] = meta
+        if len(self._metas) > META_CACHE:
+            self._metas.popitem(last=False)
+        return meta
+
+    def rows(self, video_id: str, start: int, end: int) -> np.ndarray:
+        """float16 [end - start, T, H]: embedding rows start..end-1 (row 0 = the stream's first frame), a copy."""
+        s = self._sample(video_id)
+        if not 0 <= start <= end <= s.shape[0]:
+            raise IndexError(f"{video_id}: rows [{start}, {end}) outside [0, {s.shape[0]})")
+        row_bytes = s.shape[1] * s.shape[2] * 2
+        lo = s.emb_offset + start * row_bytes
+        data = self._map(s.shard)[lo:lo + (end - start) * row_bytes]
+        return np.array(data.view("<f2").reshape(end - start, *s.shape[1:]), dtype=np.float16)  # plain ndarray
+
+    def _sample(self, video_id: str) -> _Sample:
+        try:
+            return self._samples[video_id]
+        except KeyError:
+            raise KeyError(f"video {video_id!r} is not in the shards") from None
+
+    def _map(self, shard: int) -> np.memmap:
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+        else:
+            self._maps[shard] = np.memmap(self.shards[shard], dtype=np.uint8, mode="r")
+            if len(self._maps) > OPEN_SHARDS:  # callers only keep copies, so dropping a map closes it
+                self._maps.popitem(last=False)
+        return self._maps[shard]
+
+    # Memory maps and the meta cache belong to one process: never pickled, reopened lazily after unpickling.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": OrderedDict(), "_metas": OrderedDict()}
+
+
+def _scan(path: Path, shard: int):
+    """(key, _Sample, meta) per sample of one tar, in order, checking its members."""
+    pending: dict[str, dict] = {}
+    order: list[str] = []
+    with open(path, "rb") as raw, tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            key, _, suffix = member.name.partition(".")
+            where = f"{path.name}: sample {key}"
+            if not member.isfile() or suffix not in (EMB, META):
+                raise ShardFormatError(f"{where}: unexpected member {member.name!r}")
+            parts = pending.setdefault(key, {})
+            if not parts:
+                order.append(key)
+            if suffix in parts:
+                raise ShardFormatError(f"{where}: member {suffix} twice")
+            if suffix == META:
+                try:
+                    parts["meta"] = json.loads(tar.extractfile(member).read())
+                except ValueError as exc:
+                    raise ShardFormatError(f"{where}: unreadable {META}: {exc}") from None
+                parts[META] = (member.offset_data, member.size)
+            else:
+                data, shape, dtype = _npy_header(raw, member.offset_data, where)
+                if dtype != np.dtype("<f2") or len(shape) != 3:
+                    raise ShardFormatError(f"{where}: {EMB} must be float16 [frames, tokens, hidden], "
+                                           f"got {dtype} {list(shape)}")
+                if data - member.offset_data + int(np.prod(shape)) * 2 != member.size:
+                    raise ShardFormatError(f"{where}: {EMB} size does not match its header")
+                parts[EMB] = (data, tuple(int(x) for x in shape))
+    for key in order:
+        parts = pending[key]
+        if EMB not in parts or META not in parts:
+            raise ShardFormatError(f"{path.name}: sample {key} has members {sorted(set(parts) - {'meta'})}, "
+                                   f"expected {[EMB, META]}")
+        meta = parts["meta"]
+        yield key, _Sample(shard, meta.get("dataset", ""), parts[EMB][0], parts[EMB][1], *parts[META]), meta
