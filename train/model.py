@@ -123,10 +123,14 @@ class DSTModel(nn.Module):
 
 def wrap_lora(vlm: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.0) -> nn.Module:
     """peft LoRA on the text model's attention and MLP projections only."""
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    return get_peft_model(vlm, config)
+    with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5.24 renamed; harmless, and not ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(vlm, config)
 
 
 def freeze_vision(vlm: nn.Module) -> None:
