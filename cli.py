@@ -107,6 +107,60 @@ def train(
         _fail(str(exc))
 
 
+@app.command("eval")
+def evaluate(
+    shards: Path = typer.Option(..., help="Shards to evaluate on (dst prepare output)."),
+    out: Path = typer.Option(..., help="Output folder: predictions.jsonl, metrics.json, report.html."),
+    ckpt: Path = typer.Option(None, help="A checkpoint folder, e.g. RUN/checkpoints/last (not needed for "
+                                         "oracle, never, periodic)."),
+    mode: str = typer.Option("model", help="model | teacher-forced | oracle | never | periodic."),
+    theta_speak: float = typer.Option(0.5, help="Speak when p_speak exceeds this."),
+    theta_update: float = typer.Option(0.5, help="Update the DST when p_update exceeds this."),
+    sweep: bool = typer.Option(False, help="Pick per-dataset thresholds maximising F1 (writes thresholds.json)."),
+    thresholds_from: Path = typer.Option(None, help="Apply a thresholds.json written by --sweep (val -> test)."),
+    sts_model: str = typer.Option(None, help="Sentence-embedding model for matching (name or local folder). "
+                                             "Default: sentence-transformers/all-mpnet-base-v2."),
+    context_strategy: str = typer.Option("dst-reseed", help="dst-reseed | drop-all | drop-middle."),
+    max_context: int = typer.Option(4096, help="Tokens the KV cache may hold before the context strategy runs."),
+    max_new_tokens: int = typer.Option(48, help="Longest generated response."),
+    every: float = typer.Option(10.0, help="periodic mode: speak every this many seconds."),
+    max_videos: int = typer.Option(None, help="Only the first N videos."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+) -> None:
+    """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics."""
+    from eval import run as eval_cmd
+    from eval.scoring import DEFAULT_STS_MODEL
+    from eval.stream import CONTEXT_STRATEGIES, MODES, StreamConfig
+
+    if mode not in MODES or context_strategy not in CONTEXT_STRATEGIES:
+        _fail(f"--mode must be one of {MODES} and --context-strategy one of {CONTEXT_STRATEGIES}")
+    stream = StreamConfig(mode=mode, theta_update=theta_update, theta_speak=theta_speak, max_context=max_context,
+                          max_new_tokens=max_new_tokens, context_strategy=context_strategy, every_s=every)
+    cfg = eval_cmd.EvalConfig(shards=shards, out=out, ckpt=ckpt, stream=stream, sweep=sweep,
+                              thresholds_from=thresholds_from, sts_model=sts_model or DEFAULT_STS_MODEL,
+                              max_videos=max_videos, device=device)
+    try:
+        eval_cmd.run(cfg, console)
+    except (FileNotFoundError, eval_cmd.EvalError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def score(
+    predictions: Path = typer.Option(..., help="predictions.jsonl written by dst eval."),
+    out: Path = typer.Option(..., help="metrics.json to write."),
+    sts_model: str = typer.Option(None, help="Sentence-embedding model (name or local folder)."),
+) -> None:
+    """Re-score saved predictions without a model."""
+    from eval import run as eval_cmd
+    from eval.scoring import DEFAULT_STS_MODEL
+
+    try:
+        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
 @app.command("synth-frames")
 def synth_frames(
     dst_json: Path = typer.Option(..., help="DST-augmented dialogues: a JSON list of video records."),

@@ -65,3 +65,15 @@ def tiny_shards(tmp_path_factory) -> Path:
     prepare.run(PrepareConfig(split="train", dst_json=(dst_json,), model="tiny-random", out=tmp / "out",
                               frames_root=tmp / "frames", tokens_per_frame=5, shard_size_mb=0.02))
     return tmp / "out"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory) -> Path:
+    """A short LoRA run of the tiny model on tiny_shards; its checkpoint folder."""
+    from train import run as train_run
+    from train.config import resolve
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    train_run.run(resolve({"shards": tiny_shards, "model": "tiny-random", "out": out, "max_steps": 8,
+                           "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "lr": 3e-3}))
+    return out / "checkpoints" / "last"

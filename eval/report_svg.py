@@ -1,0 +1,316 @@
+"""Inline SVG for the eval report: the per-dialogue timeline and the threshold curves.
+
+Everything is plain SVG with `<title>` hover text (no JS, no external resources). State strips are drawn as one rect
+per constant run and probability sparklines are bucketed to the pixel width, so a video of thousands of frames
+still gives a small page.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from html import escape
+
+STATE_COLOURS = {"not_started": "#cfd4da", "in_progress": "#f2a900", "completed": "#2f9e44"}
+# Match classes of the speaking matcher; shapes differ as well as colours so the lanes read in greyscale too.
+MATCH_STYLES = {"matched": ("#2f9e44", "circle"), "mismatched": ("#e8590c", "diamond"),
+                "redundant": ("#7048e8", "triangle"), "missed": ("#e03131", "ring"), None: ("#495057", "circle")}
+UPDATE_COLOURS = {"ref": "#1864ab", "pred": "#0c8599"}
+LABEL_W = 84
+PAD = 6
+
+
+def esc(value) -> str:
+    return escape(str(value), quote=True)
+
+
+def node_key(node: str):
+    """Natural order: S2 before S10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", node) if p]
+
+
+def delta_text(delta: dict | None) -> str:
+    return "; ".join(f"{k}={v}" for k, v in sorted((delta or {}).items(), key=lambda kv: node_key(kv[0])))
+
+
+def runs(values: list) -> list[tuple[int, int, object]]:
+    """(start, end exclusive, value) for each stretch of equal values."""
+    out, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append((start, i, values[start]))
+            start = i
+    return out
+
+
+def _mark(x: float, y: float, kind, title: str, href: str | None = None) -> str:
+    colour, shape = MATCH_STYLES.get(kind, MATCH_STYLES[None])
+    cls = f'class="mk k-{kind}" ' if kind else 'class="mk" '
+    if shape == "circle":
+        el = f'<circle {cls}cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"><title>{esc(title)}</title></circle>'
+    elif shape == "ring":
+        el = (f'<circle {cls}cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#fff" stroke="{colour}" stroke-width="2">'
+              f'<title>{esc(title)}</title></circle>')
+    else:
+        d = (f"M{x:.1f} {y - 5:.1f}L{x + 5:.1f} {y:.1f}L{x:.1f} {y + 5:.1f}L{x - 5:.1f} {y:.1f}Z" if shape == "diamond"
+             else f"M{x:.1f} {y - 5:.1f}L{x + 5:.1f} {y + 4:.1f}L{x - 5:.1f} {y + 4:.1f}Z")
+        el = f'<path {cls}d="{d}" fill="{colour}"><title>{esc(title)}</title></path>'
+    return f'<a href="#{href}">{el}</a>' if href else el
+
+
+def legend_html() -> str:
+    """Colour/shape key for the timelines, as small inline SVGs."""
+    items = [f'<svg width="14" height="12">{_mark(7, 6, k, k)}</svg>{k}' for k in MATCH_STYLES if k]
+    items.append(f'<svg width="14" height="12">{_mark(7, 6, None, "no match class")}</svg>speech (no match info)')
+    items += [f'<svg width="14" height="12"><rect x="1" y="2" width="12" height="8" fill="{c}"/></svg>{esc(s)}'
+              for s, c in STATE_COLOURS.items()]
+    items += [f'<svg width="14" height="12"><rect x="5" y="0" width="3" height="12" fill="{c}"/></svg>{w} update'
+              for w, c in (("reference", UPDATE_COLOURS["ref"]), ("predicted", UPDATE_COLOURS["pred"]))]
+    items.append('<svg width="14" height="12"><rect x="1" y="3" width="12" height="6" fill="#e03131"/></svg>'
+                 'predicted state differs from reference')
+    return '<div class="legend">' + "".join(f"<span>{i}</span>" for i in items) + "</div>"
+
+
+def _nice_step(span: float, max_ticks: float) -> float:
+    for step in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600):
+        if span / step <= max_ticks:
+            return step
+    return 7200.0
+
+
+def _clock(t: float, minutes: bool) -> str:
+    if not minutes:
+        return f"{t:g}"
+    m, s = divmod(int(round(t)), 60)
+    return f"{m}:{s:02d}"
+
+
+def _layout(nodes: list[str], has_pu: bool, has_ps: bool, has_err: bool) -> tuple[list, int]:
+    rows, y = [], PAD
+
+    def add(key, label, h, gap=3):
+        nonlocal y
+        rows.append((key, label, y, h))
+        y += h + gap
+
+    add("user", "user", 12)
+    add("ref_say", "ref speech", 14, 8)  # the gap holds the match connectors
+    add("pred_say", "pred speech", 14)
+    if has_ps:
+        add("p_speak", "p_speak", 22)
+    y += 6
+    add("ref_upd", "ref update", 12)
+    add("pred_upd", "pred update", 12)
+    if has_pu:
+        add("p_update", "p_update", 22)
+    y += 6
+    for n in nodes:
+        add(("ref", n), f"{n} ref", 8, 1)
+        add(("pred", n), f"{n} pred", 8, 5)
+    if has_err:
+        add("err", "state error", 6)
+    return rows, y + 24
+
+
+def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple[str, str]:
+    """(labels SVG, timeline SVG) for one dialogue; the labels stay put while the timeline scrolls sideways.
+
+    `matches` hold absolute frame indices, like the dialogue's `frame` fields."""
+    frames = d.get("frames") or []
+    n, fps = len(frames), float(d.get("fps") or 2.0)
+    if not n:
+        return "", '<svg class="timeline" width="300" height="24"><text x="4" y="16">no frames</text></svg>'
+    f0 = frames[0]["frame"]
+    t0 = frames[0].get("time")
+    t0 = f0 / fps if t0 is None else float(t0)
+    dur = n / fps
+    width = int(min(4000, max(760, n * 4)))
+    scale = width / dur
+
+    def x(i: float) -> float:
+        return PAD + i / fps * scale
+
+    def t(i: int) -> float:
+        return t0 + i / fps
+
+    ref_states = [f.get("ref_state") or {} for f in frames]
+    pred_states = [f.get("pred_state") for f in frames]
+    has_pred_state = any(s is not None for s in pred_states)
+    pred_states = [s or {} for s in pred_states]
+    nodes = sorted({k for s in ref_states + pred_states for k in s}, key=node_key)
+    pu = [f.get("p_update") for f in frames]
+    ps = [f.get("p_speak") for f in frames]
+    has_pu, has_ps = any(p is not None for p in pu), any(p is not None for p in ps)
+    rows, height = _layout(nodes, has_pu, has_ps, has_pred_state)
+    at = {key: (y, h) for key, _, y, h in rows}
+    total_w = width + 2 * PAD
+    out = [f'<svg class="timeline" width="{total_w}" height="{height}" viewBox="0 0 {total_w} {height}">']
+
+    # Time axis and faint grid lines over every lane.
+    minutes = t(n) >= 60
+    step = _nice_step(dur, width / 70)
+    axis_y = height - 20
+    tick = math.ceil(t0 / step) * step
+    while tick <= t(n) + 1e-9:
+        xt = x((tick - t0) * fps)
+        out.append(f'<line x1="{xt:.1f}" y1="{PAD}" x2="{xt:.1f}" y2="{axis_y + 4}" class="grid"/>'
+                   f'<text x="{xt:.1f}" y="{axis_y + 15}" class="tick">{_clock(tick, minutes)}</text>')
+        tick += step
+    out.append(f'<line x1="{PAD}" y1="{axis_y}" x2="{PAD + width}" y2="{axis_y}" class="axis"/>')
+
+    by_pred, by_ref = match_index(matches)
+    frame_idx = {f["frame"]: i for i, f in enumerate(frames)}
+
+    def anchor(i: int) -> str:  # the table rows carry the same ids
+        return f"d{idx}-f{frames[i]['frame']}"
+
+    # Match connectors first, so the marks draw over them.
+    (ry, rh), (py, ph) = at["ref_say"], at["pred_say"]
+    for m in matches or []:
+        i, j = frame_idx.get(m.get("pred_frame")), frame_idx.get(m.get("ref_frame"))
+        if m.get("kind") in ("matched", "mismatched") and i is not None and j is not None:
+            out.append(f'<line x1="{x(j + 0.5):.1f}" y1="{ry + rh / 2}" x2="{x(i + 0.5):.1f}" y2="{py + ph / 2}" '
+                       f'stroke="{MATCH_STYLES[m["kind"]][0]}" class="conn"/>')
+
+    for i, f in enumerate(frames):
+        xc = x(i + 0.5)
+        if f.get("user_text"):
+            y, h = at["user"]
+            out.append(f'<a href="#{anchor(i)}"><rect x="{xc - 3:.1f}" y="{y + 2}" width="6" height="{h - 4}" '
+                       f'fill="#868e96"><title>{esc(f"{t(i):.1f} s user: " + f["user_text"])}</title></rect></a>')
+        if f.get("ref_text"):
+            m = by_ref.get(f["frame"])
+            kind = m.get("kind") if m else None
+            y, h = at["ref_say"]
+            out.append(_mark(xc, y + h / 2, kind, f"{t(i):.1f} s reference{_kind_note(m, fps)}: {f['ref_text']}",
+                             anchor(i)))
+        if f.get("pred_text"):
+            m = by_pred.get(f["frame"])
+            kind = m.get("kind") if m else None
+            y, h = at["pred_say"]
+            out.append(_mark(xc, y + h / 2, kind, f"{t(i):.1f} s predicted{_kind_note(m, fps)}: {f['pred_text']}",
+                             anchor(i)))
+        for who in ("ref", "pred"):
+            delta = f.get(f"{who}_dst_delta")
+            if delta:
+                y, h = at[f"{who}_upd"]
+                text = (f.get("pred_dst_text") if who == "pred" else None) or delta_text(delta)
+                out.append(f'<a href="#{anchor(i)}"><rect class="upd" x="{x(i):.1f}" y="{y}" '
+                           f'width="{max(2.0, scale / fps):.1f}" height="{h}" fill="{UPDATE_COLOURS[who]}">'
+                           f'<title>{esc(f"{t(i):.1f} s {who} update: {text}")}</title></rect></a>')
+
+    for key, probs in (("p_speak", ps), ("p_update", pu)):
+        if key in at:
+            out.append(_sparkline(probs, at[key], x, width, thetas.get(key.removeprefix("p_"))))
+
+    for node in nodes:
+        for who, states in (("ref", ref_states), ("pred", pred_states)):
+            if who == "pred" and not has_pred_state:
+                continue
+            y, h = at[(who, node)]
+            for a, b, v in runs([s.get(node) for s in states]):
+                if v is not None:
+                    out.append(f'<rect class="st" x="{x(a):.1f}" y="{y}" width="{x(b) - x(a):.2f}" height="{h}" '
+                               f'fill="{STATE_COLOURS.get(v, "#fff")}"><title>{esc(node)} {who}: {esc(v)}, '
+                               f'{t(a):.1f}-{t(b):.1f} s</title></rect>')
+    if "err" in at:
+        y, h = at["err"]
+        diff = [tuple(sorted((k for k in set(r) | set(p) if r.get(k) != p.get(k)), key=node_key))
+                for r, p in zip(ref_states, pred_states)]
+        for a, b, v in runs(diff):
+            if v:
+                out.append(f'<rect class="err" x="{x(a):.1f}" y="{y}" width="{x(b) - x(a):.2f}" height="{h}" '
+                           f'fill="#e03131"><title>{t(a):.1f}-{t(b):.1f} s predicted state differs on '
+                           f'{esc(", ".join(v))}</title></rect>')
+    out.append("</svg>")
+
+    labels = [f'<svg class="labels" width="{LABEL_W}" height="{height}">']
+    labels += [f'<text x="{LABEL_W - 4}" y="{y + h / 2 + 3.5}" text-anchor="end">{esc(label)}</text>'
+               for _, label, y, h in rows]
+    labels.append(f'<text x="{LABEL_W - 4}" y="{axis_y + 15}" text-anchor="end">'
+                  f'{"time (m:ss)" if minutes else "time (s)"}</text></svg>')
+    return "".join(labels), "".join(out)
+
+
+def match_index(matches: list | None) -> tuple[dict, dict]:
+    """Matcher entries by predicted frame and by reference frame (a redundant entry names a silent reference)."""
+    by_pred = {m["pred_frame"]: m for m in matches or [] if m.get("pred_frame") is not None}
+    by_ref = {m["ref_frame"]: m for m in matches or [] if m.get("kind") != "redundant" and "ref_frame" in m}
+    return by_pred, by_ref
+
+
+def _kind_note(m: dict | None, fps: float) -> str:
+    if not m:
+        return ""
+    parts = [m.get("kind", "")]
+    if m.get("cos") is not None:
+        parts.append(f"cos {m['cos']:.2f}")
+    if m.get("kind") in ("matched", "mismatched"):
+        parts.append(f"offset {(m['ref_frame'] - m['pred_frame']) / fps:+.1f} s")
+    return " [" + ", ".join(parts) + "]"
+
+
+def _segments(points: list) -> list[list[str]]:
+    """Split a point list at its None entries (missing values break the line)."""
+    segs, cur = [], []
+    for p in points + [None]:
+        if p is None:
+            if cur:
+                segs.append(cur)
+            cur = []
+        else:
+            cur.append(p)
+    return segs
+
+
+def _sparkline(probs: list, slot: tuple[int, int], x, width: int, theta) -> str:
+    """Max per bucket of ~3 px: peaks (threshold crossings) survive; null frames break the line."""
+    y0, h = slot
+    n = len(probs)
+    nb = max(1, min(n, width // 3))
+    points = []
+    for b in range(nb):
+        vals = [p for p in probs[b * n // nb:(b + 1) * n // nb] if p is not None]
+        points.append(f"{x((b + 0.5) * n / nb):.1f},{y0 + h - max(vals) * h:.1f}" if vals else None)
+    segs = _segments(points)
+    out = [f'<g class="spark"><rect x="{x(0):.1f}" y="{y0}" width="{width}" height="{h}" fill="#f1f3f5"/>']
+    if theta is not None:
+        yt = y0 + h - float(theta) * h
+        out.append(f'<line x1="{x(0):.1f}" y1="{yt:.1f}" x2="{x(0) + width:.1f}" y2="{yt:.1f}" class="theta">'
+                   f'<title>threshold {float(theta):.2f}</title></line>')
+    out += [f'<polyline points="{" ".join(s)}" class="sparkline"/>' for s in segs]
+    return "".join(out) + "</g>"
+
+
+def curve_svg(thresholds: list, f1: list, best, title: str, w: int = 280, h: int = 170) -> str:
+    """F1 against threshold, with the chosen threshold marked."""
+    ml, mr, mt, mb = 36, 10, 20, 28
+    pw, ph = w - ml - mr, h - mt - mb
+    pts = [(float(a), b) for a, b in zip(thresholds, f1)]
+    lo, hi = (min(p[0] for p in pts), max(p[0] for p in pts)) if pts else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    sx = lambda v: ml + (v - lo) / (hi - lo) * pw  # noqa: E731
+    sy = lambda v: mt + ph - max(0.0, min(1.0, v)) * ph  # noqa: E731
+    out = [f'<svg class="curve" width="{w}" height="{h}" viewBox="0 0 {w} {h}">',
+           f'<text x="{ml}" y="13" class="ctitle">{esc(title)}</text>',
+           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#f8f9fa" stroke="#ced4da"/>']
+    for v in (0.0, 0.5, 1.0):
+        out.append(f'<text x="{ml - 4}" y="{sy(v) + 3:.1f}" text-anchor="end" class="tick">{v:g}</text>')
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        out.append(f'<text x="{sx(v):.1f}" y="{mt + ph + 12}" text-anchor="middle" class="tick">{v:.2g}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{h - 3}" text-anchor="middle" class="tick">threshold (F1 on y)</text>')
+    segs = _segments([None if b is None else f"{sx(a):.1f},{sy(float(b)):.1f}" for a, b in pts])
+    out += [f'<polyline points="{" ".join(s)}" class="cline"/>' for s in segs]
+    if len(pts) <= 101:  # hover values, while that stays cheap
+        out += [f'<circle cx="{sx(a):.1f}" cy="{sy(float(b)):.1f}" r="2" class="cpt"><title>threshold {a:.3g}: '
+                f'F1 {float(b):.3f}</title></circle>' for a, b in pts if b is not None]
+    if best is not None and pts:
+        near = min(pts, key=lambda p: abs(p[0] - float(best)))
+        xb = sx(float(best))
+        label = f"best {float(best):.3g}" + (f", F1 {float(near[1]):.3f}" if near[1] is not None else "")
+        out.append(f'<g class="best"><line x1="{xb:.1f}" y1="{mt}" x2="{xb:.1f}" y2="{mt + ph}"/>'
+                   f'<text x="{min(xb + 3, ml + pw - 90):.1f}" y="{mt + 11}">{esc(label)}</text></g>')
+    out.append("</svg>")
+    return "".join(out)
