@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.records import InputFileError
 
@@ -16,7 +17,7 @@ err_console = Console(stderr=True)  # fatal errors
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

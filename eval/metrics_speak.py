@@ -109,8 +109,8 @@ class Counts:
 
 
 class EmbeddingCache:
-    """Unit-normalised embeddings, each distinct text computed once (reusable across calls, e.g. a threshold
-    sweep). Wraps `embed(list[str]) -> [n, d]`."""
+    """Unit-normalised embeddings, each distinct text computed once, kept for the cache's lifetime (a threshold
+    sweep re-scores the same texts). Wraps `embed(list[str]) -> [n, d]` and is itself such a callable."""
 
     def __init__(self, embed: Embed):
         self.embed = embed
@@ -123,10 +123,14 @@ class EmbeddingCache:
         vectors = np.asarray(self.embed(new), dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms > 0, norms, 1.0)  # a zero vector stays zero: cos 0
-        self.vectors.update(zip(new, vectors))
+        self.vectors.update(zip(new, vectors.astype(np.float32)))  # float32 like ProAssist's; half the memory
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.add(texts)
+        return np.stack([self.vectors[t] for t in texts])
 
     def abs_cos(self, a: str, b: str) -> float:
-        return abs(float(self.vectors[a] @ self.vectors[b]))
+        return abs(float(self.vectors[a].astype(np.float64) @ self.vectors[b].astype(np.float64)))
 
 
 @dataclass

@@ -69,9 +69,10 @@ class MeteorScorer:
     def close(self) -> None:
         if self._meteor is not None:
             process, self._meteor = self._meteor.meteor_p, None
-            process.stdin.close()
             process.kill()
             process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                pipe.close()
 
     def __enter__(self) -> "MeteorScorer":
         return self
@@ -92,8 +93,10 @@ def tokenize(texts: list[str]) -> tuple[list[str], str]:
     if reason is None:
         try:
             out = PTBTokenizer().tokenize({k: [{"caption": t}] for k, t in enumerate(texts)})
-            # PTB drops trailing empty lines: a missing key is an empty text.
-            return [out.get(k, [""])[0] for k in range(len(texts))], PTB_TOKENIZER
+            lost = sum(1 for k, t in enumerate(texts) if t and k not in out)
+            if not lost:  # PTB drops trailing empty lines: a missing key of an empty text is fine
+                return [out.get(k, [""])[0] for k in range(len(texts))], PTB_TOKENIZER
+            reason = f"PTB tokenizer returned no line for {lost} of {len(texts)} texts"
         except OSError as e:  # e.g. the package folder (PTB writes its temp file there) is read-only
             reason = f"PTB tokenizer failed: {e}"
     log.warning("PTB tokenizer unavailable (%s): using the simple fallback tokenizer", reason)

@@ -38,7 +38,7 @@ dl.run dt{color:#6c757d}dl.run dd{margin:0;font-family:ui-monospace,monospace;wo
 svg text{font-size:10px;fill:#495057}.ctitle{font-size:12px!important;font-weight:600}
 details.dlg{border:1px solid #dee2e6;border-radius:6px;margin:8px 0;padding:4px 10px}
 details.dlg>summary{cursor:pointer;font-weight:600}.meta{color:#6c757d;font-weight:400}
-.tl{display:flex;margin:8px 0}.tl .scroll{overflow-x:auto}.labels text{font-size:10px}
+.tl{display:flex;margin:8px 0}.tl .labels{flex:none}.tl .scroll{overflow-x:auto;min-width:0}.labels text{font-size:10px}
 .grid{stroke:#e9ecef}.axis{stroke:#868e96}.tick{text-anchor:middle}.conn{stroke-width:1;opacity:.55}
 .sparkline{fill:none;stroke:#343a40;stroke-width:1}.theta{stroke:#e03131;stroke-dasharray:3 2}
 .legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;margin:6px 0}
@@ -121,11 +121,16 @@ def _curves(sweep: dict | None) -> str:
 
 
 def _thetas(run_info: dict, dataset: str) -> dict:
-    """Thresholds for the probability strips: run_info["thresholds"] is {speak, update} or per dataset."""
+    """Thresholds for the probability strips. run_info["thresholds"] is {speak, update}, or per dataset (or "all")
+    either that or an (update, speak) pair, the form `eval/run.py` writes."""
     th = (run_info or {}).get("thresholds")
     if not isinstance(th, dict):
         return {}
-    th = th.get(dataset, th) if isinstance(th.get(dataset), dict) else th
+    th = th.get(dataset, th.get("all", th))
+    if isinstance(th, (list, tuple)) and len(th) == 2:
+        th = {"update": th[0], "speak": th[1]}
+    if not isinstance(th, dict):
+        return {}
     return {k: th[k] for k in ("speak", "update") if isinstance(th.get(k), (int, float))}
 
 

@@ -1,9 +1,10 @@
 """`dst score`: every metric of DESIGN section 6 for a list of dialogues, per dataset and as the unweighted mean
 over datasets.
 
-Composable for threshold sweeps: `speak_counts(dialogues_of_one_dataset, embed)` and `update_counts(...)` return
-pooled counts (`.prf()` / `speak_metrics`) for dialogues whose texts/deltas the caller re-thresholded; pass one
-`EmbeddingCache` to `speak_counts` to embed each distinct text once across the sweep.
+Composable for threshold sweeps: `sweep_counts`, or `speak_counts(dialogues_of_one_dataset, embed)` and
+`update_counts(...)`, which return pooled counts (`speak_metrics` / `.prf()`) for dialogues whose texts/deltas the
+caller re-thresholded. `load_embedder` returns an `EmbeddingCache`, so each distinct text is embedded once across
+all calls.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from eval.metrics_dst import dst_metrics, update_counts  # noqa: F401  (re-exported for sweeps)
+from eval.metrics_dst import dst_metrics, update_counts
 from eval.metrics_speak import EmbeddingCache, Embed, speak_counts, speak_metrics
 from eval.metrics_text import MeteorScorer, text_metrics
 
-__all__ = ["score", "mean_over_datasets", "by_dataset", "load_embedder", "read_predictions", "write_metrics",
-           "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache"]
+__all__ = ["DEFAULT_STS_MODEL", "score", "sweep_counts", "mean_over_datasets", "by_dataset", "load_embedder",
+           "read_predictions", "write_metrics", "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache"]
+
+DEFAULT_STS_MODEL = "sentence-transformers/all-mpnet-base-v2"  # ProAssist's
 
 
 def by_dataset(dialogues: list[dict]) -> dict[str, list[dict]]:
@@ -60,8 +63,17 @@ def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: 
             "datasets": datasets, "mean": mean_over_datasets(datasets)}
 
 
-def load_embedder(name_or_path: str | Path, batch_size: int = 128, device: str | None = None) -> Embed:
-    """A SentenceTransformer (hub name or local folder) as `embed(list[str]) -> [n, d]`, unit-normalised."""
+def sweep_counts(dialogues: list[dict], embed: Embed | EmbeddingCache) -> dict:
+    """Speaking and update-decision P/R/F1 of one dataset's dialogues, re-thresholded by the caller."""
+    speak = speak_metrics(speak_counts(dialogues, embed))
+    up, ur, uf = update_counts(dialogues).prf()
+    return {"speak_precision": speak["precision"], "speak_recall": speak["recall"], "speak_f1": speak["f1"],
+            "update_precision": up, "update_recall": ur, "update_f1": uf}
+
+
+def load_embedder(name_or_path: str | Path, batch_size: int = 128, device: str | None = None) -> EmbeddingCache:
+    """A SentenceTransformer (hub name or local folder) as a caching `embed(list[str]) -> [n, d]`, unit-normalised
+    (ProAssist uses batch size 128)."""
     from sentence_transformers import SentenceTransformer  # heavy: only when an embedder is needed
 
     model = SentenceTransformer(str(name_or_path), device=device)
@@ -70,7 +82,7 @@ def load_embedder(name_or_path: str | Path, batch_size: int = 128, device: str |
         return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                             convert_to_numpy=True, show_progress_bar=False)
 
-    return embed
+    return EmbeddingCache(embed)
 
 
 def read_predictions(path: str | Path) -> list[dict]:

@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -125,7 +126,7 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
                 labels = video_labels(record, n_frames, fps)
             except RecordError as exc:
                 report.skipped.append((exc.video_uid, exc.reason))
-                progress.console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False,
+                progress.console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False,
                                        soft_wrap=True)
                 continue
             report.written_videos += 1

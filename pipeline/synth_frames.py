@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.records import RecordError, load_record_list, parse_record
@@ -33,7 +34,7 @@ def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
         try:
             record = parse_record(raw, index)
         except RecordError as exc:
-            console.print(f"[yellow]skip[/] {exc.video_uid}: {exc.reason}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False, soft_wrap=True)
             continue
         duration = record.duration if record.duration is not None else cfg.default_duration
         n_frames = frame_at(record.video_start_time + duration, cfg.fps)

