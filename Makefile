@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO := shards/demo
 
 .PHONY: install test demo clean
 
@@ -23,9 +22,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/dst synth-frames --dst-json tests/fixtures/dst_record_example.json --out $(DEMO)/frames
-	$(BIN)/dst labels --dst-json tests/fixtures/dst_record_example.json --frames-root $(DEMO)/frames --out $(DEMO)/labels.parquet
-	$(BIN)/dst prepare --split demo
+	$(BIN)/dst demo --out demo
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache

@@ -27,7 +27,7 @@ from train import run as train_run
 from train.config import TrainConfig
 
 # (train, val, test videos, optimizer steps); chosen on val only.
-SIZES = {"full": (80, 20, 20, 1500), "fast": (24, 6, 6, 200)}
+SIZES = {"full": (120, 20, 20, 2500), "fast": (24, 6, 6, 300)}
 SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_precision": ("speak", "precision"),
                 "speak_recall": ("speak", "recall"), "update_f1": ("dst", "update_f1"),
                 "joint_accuracy": ("dst", "joint_accuracy"), "node_accuracy": ("dst", "node_accuracy"),
@@ -71,14 +71,15 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
                                   batch_size=64), console)
     console.rule(f"3/4 train: {steps} steps, full fine-tuning of the tiny model")
     train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model="tiny-random", out=out / "run",
-                            max_steps=steps, seed=cfg.seed, lora=False, batch_size="4096", max_seq_len=1024,
+                            max_steps=steps, seed=cfg.seed, lora=False, batch_size="4096", max_seq_len=2048,
                             lr=2e-3, warmup_steps=50, focal_alpha=0.5, num_workers=2, log_every=50,
                             eval_every=max(steps // 3, 1), save_every=steps)
     train_run.run(train_cfg, console)
     console.rule("4/4 eval: thresholds swept on val, applied to test; baselines on test")
     ckpt = out / "run" / "checkpoints" / "last"
     sts = cfg.sts_model or offline_sts_model()
-    stream = StreamConfig(max_context=1024)
+    # Whole synthetic videos fit in 2048 tokens: training windows and the streamed context are the same shape.
+    stream = StreamConfig(max_context=2048)
     base = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / "val", ckpt=ckpt, stream=stream, sweep=True,
                                sts_model=sts)
     eval_run.run(base, console)

@@ -126,8 +126,8 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
                 labels = video_labels(record, n_frames, fps)
             except RecordError as exc:
                 report.skipped.append((exc.video_uid, exc.reason))
-                progress.console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False,
-                                       soft_wrap=True)
+                progress.console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}",
+                                       highlight=False, soft_wrap=True)
                 continue
             report.written_videos += 1
             report.clamped_turns += labels.clamped_turns

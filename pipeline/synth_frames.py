@@ -34,7 +34,8 @@ def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
         try:
             record = parse_record(raw, index)
         except RecordError as exc:
-            console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False,
+                          soft_wrap=True)
             continue
         duration = record.duration if record.duration is not None else cfg.default_duration
         n_frames = frame_at(record.video_start_time + duration, cfg.fps)

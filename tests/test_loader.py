@@ -13,10 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_VIDEOS as VIDEOS, write_records
-from pipeline import prepare
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
-from pipeline.prepare_config import resolve
 from pipeline.shards import encode_sample, npy_bytes, read_shard, write_shard
 from pipeline.smolvlm import build_tiny_tokenizer
 from train import shard_index

@@ -3,7 +3,6 @@ bad input, both frame sources, the config file, and two processes under torchrun
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 import webdataset as wds
 
 from conftest import write_records

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 
 import pytest
-import torch
 
 from eval.stream import StreamConfig, Streamer, apply_thresholds
 from pipeline.timeline import STATE_RANK
