@@ -27,7 +27,7 @@ from train import run as train_run
 from train.config import TrainConfig
 
 # (train, val, test videos, optimizer steps); chosen on val only.
-SIZES = {"full": (120, 20, 20, 2500), "fast": (24, 6, 6, 300)}
+SIZES = {"full": (120, 20, 20, 2500), "fast": (24, 6, 6, 600)}
 SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_precision": ("speak", "precision"),
                 "speak_recall": ("speak", "recall"), "update_f1": ("dst", "update_f1"),
                 "joint_accuracy": ("dst", "joint_accuracy"), "node_accuracy": ("dst", "node_accuracy"),
