@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from eval.report import write_report
-from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts
+from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts, write_metrics
 from eval.stream import MODES, StreamConfig, Streamer, apply_thresholds
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat
@@ -126,7 +126,7 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
         for d in dialogues:
             f.write(json.dumps(d) + "\n")
     metrics = score(dialogues, embed, cfg.sts_model)
-    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_metrics(cfg.out / "metrics.json", metrics)
     run_info = {"checkpoint": str(cfg.ckpt), "mode": cfg.stream.mode, "shards": str(cfg.shards),
                 "thresholds": thresholds or {"all": [cfg.stream.theta_update, cfg.stream.theta_speak]},
                 "context_strategy": cfg.stream.context_strategy,
@@ -155,10 +155,6 @@ def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL,
     """`dst score`: metrics from saved predictions, no model."""
     dialogues = read_predictions(predictions)
     metrics = score(dialogues, load_embedder(sts_model), sts_model)
-    out.write_text(json.dumps(metrics, indent=1))
+    write_metrics(out, metrics)
     print_metrics(metrics, console or Console(), title=str(out))
     return metrics
-
-
-def config_json(cfg: EvalConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))

@@ -19,6 +19,7 @@ import binascii
 import io
 import logging
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
@@ -43,7 +44,7 @@ class FrameIndexError(IndexError):
     """A frame index outside [0, num_frames); callers clamp first."""
 
 
-class FrameSource:
+class FrameSource(ABC):
     """Base class. Attributes: `path`, `fps`, `num_frames`, `backend`. Subclasses implement `_decode`."""
 
     backend = ""
@@ -86,9 +87,9 @@ class FrameSource:
         h, w = good[0].shape[:2] if good else self._fallback_size()
         return np.zeros((h, w, 3), np.uint8)
 
+    @abstractmethod
     def _decode(self, indices: list[int]) -> list[np.ndarray | None]:
         """RGB uint8 [H, W, 3] per index, None where the picture cannot be decoded."""
-        raise NotImplementedError
 
     def _fallback_size(self) -> tuple[int, int]:
         return DEFAULT_SIZE
@@ -155,8 +156,9 @@ class _VideoFrames(FrameSource):
         got = self._decode_src(sorted({int(self._src[k]) for k in indices}))
         return [got.get(int(self._src[k])) for k in indices]
 
+    @abstractmethod
     def _decode_src(self, srcs: list[int]) -> dict[int, np.ndarray]:
-        raise NotImplementedError
+        """Pictures of the source frames `srcs` (indices into the video), by index; missing where undecodable."""
 
 
 class _DecordFailed(Exception):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.smolvlm import load_model
-from train.model import DSTModel
+from train.model import DSTModel, quiet_peft
 
 OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE, DST_META = ("optimizer.safetensors", "optimizer.json",
                                                                "trainer.json", "dst.json")
@@ -142,7 +142,8 @@ def load_dst_model(folder: str | Path, device: str | torch.device = "cpu", dtype
         from peft import PeftModel
 
         base, tokenizer = load_model(meta["base_model"], dtype=dtype)
-        vlm = PeftModel.from_pretrained(base, str(folder / "model"))
+        with quiet_peft():
+            vlm = PeftModel.from_pretrained(base, str(folder / "model"))
     else:
         vlm, tokenizer = load_model(str(folder / "model"), dtype=dtype)
     model = DSTModel(vlm, frame_adapter=meta["frame_adapter"])

@@ -8,6 +8,8 @@ builder marks. The full SmolVLM model object is kept so checkpoints are ordinary
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -123,14 +125,19 @@ class DSTModel(nn.Module):
 
 def wrap_lora(vlm: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.0) -> nn.Module:
     """peft LoRA on the text model's attention and MLP projections only."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5.24 renamed; harmless, and not ours
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         return get_peft_model(vlm, config)
+
+
+@contextmanager
+def quiet_peft():
+    """peft 0.21 calls an API transformers 5.24 renamed: a harmless FutureWarning that is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def freeze_vision(vlm: nn.Module) -> None:
