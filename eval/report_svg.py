@@ -178,18 +178,12 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
             y, h = at["user"]
             out.append(f'<a href="#{anchor(i)}"><rect x="{xc - 3:.1f}" y="{y + 2}" width="6" height="{h - 4}" '
                        f'fill="#868e96"><title>{esc(f"{t(i):.1f} s user: " + f["user_text"])}</title></rect></a>')
-        if f.get("ref_text"):
-            m = by_ref.get(f["frame"])
-            kind = m.get("kind") if m else None
-            y, h = at["ref_say"]
-            out.append(_mark(xc, y + h / 2, kind, f"{t(i):.1f} s reference{_kind_note(m, fps)}: {f['ref_text']}",
-                             anchor(i)))
-        if f.get("pred_text"):
-            m = by_pred.get(f["frame"])
-            kind = m.get("kind") if m else None
-            y, h = at["pred_say"]
-            out.append(_mark(xc, y + h / 2, kind, f"{t(i):.1f} s predicted{_kind_note(m, fps)}: {f['pred_text']}",
-                             anchor(i)))
+        for who, label, matched in (("ref", "reference", by_ref), ("pred", "predicted", by_pred)):
+            if f.get(f"{who}_text"):
+                m = matched.get(f["frame"])
+                y, h = at[f"{who}_say"]
+                out.append(_mark(xc, y + h / 2, m.get("kind") if m else None,
+                                 f"{t(i):.1f} s {label}{_kind_note(m, fps)}: {f[f'{who}_text']}", anchor(i)))
         for who in ("ref", "pred"):
             delta = f.get(f"{who}_dst_delta")
             if delta:

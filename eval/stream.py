@@ -137,7 +137,8 @@ class Streamer:
     def _make_room(self, meta, nodes, state, history, system_chunk) -> None:
         fmt, cfg, s = self.fmt, self.cfg, self.session
         if cfg.context_strategy == "dst-reseed":
-            s.refeed([(fmt.system(meta["goal"], nodes, state, history[-cfg.recent_turns:]), None)])
+            recent = history[-cfg.recent_turns:] if cfg.recent_turns else []  # [-0:] would be everything
+            s.refeed([(fmt.system(meta["goal"], nodes, state, recent), None)])
         elif cfg.context_strategy == "drop-all":
             s.refeed([(fmt.system(meta["goal"], nodes, meta["initial_state"]), None)])
         else:  # drop-middle: the system prompt and the most recent chunks filling half the budget

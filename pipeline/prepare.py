@@ -26,14 +26,13 @@ from pipeline.frame_sources import FrameSourceError, open_frames
 from pipeline.frames_files import FramesFileError, find_frames_file, find_video_file
 from pipeline.labels import LabelsReport, arrow_frame_counter, fail_if_strict, iter_video_labels, write_labels
 from pipeline.prepare_config import PrepareConfig
-from pipeline.prepare_report import print_summary, write_manifest
+from pipeline.prepare_report import STATE_DIR, print_summary, write_manifest
 from pipeline.preprocess import preprocess_frames
 from pipeline.records import VideoRecord, load_record_list
 from pipeline.shards import SHARD_PATTERN, encode_sample, npy_bytes, plan_shards, sample_key, sample_meta, write_shard
 from pipeline.smolvlm import load_model, vision_spec
 from pipeline.timeline import VideoLabels
 
-from pipeline.prepare_report import STATE_DIR
 
 
 class PlanMismatch(RuntimeError):
