@@ -34,7 +34,6 @@ from pipeline.smolvlm import load_model, vision_spec
 from pipeline.timeline import VideoLabels
 
 
-
 class PlanMismatch(RuntimeError):
     """The output folder holds a run with other settings or other videos."""
 
