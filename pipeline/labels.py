@@ -33,6 +33,7 @@ LABEL_SCHEMA = pa.schema(
         ("dst_state", pa.string()),
         ("speak", pa.bool_()),
         ("response", pa.string()),
+        ("progress", pa.string()),
     ]
 )
 
@@ -57,6 +58,7 @@ class LabelsReport:
     clamped_turns: int = 0
     shifted_turns: int = 0
     dropped_turns: int = 0
+    empty_turns: int = 0
     dropped_transitions: int = 0
 
 
@@ -90,6 +92,7 @@ def label_columns(labels: VideoLabels) -> dict[str, list]:
         cols["dst_state"] += states
         cols["speak"] += [k in conv.responses for k in points]
         cols["response"] += [conv.responses.get(k, "") for k in points]
+        cols["progress"] += [conv.progress.get(k, "") for k in points]
     return cols
 
 
@@ -133,6 +136,7 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
             report.clamped_turns += labels.clamped_turns
             report.shifted_turns += labels.shifted_turns
             report.dropped_turns += labels.dropped_turns
+            report.empty_turns += labels.empty_turns
             report.dropped_transitions += labels.dst.dropped
             yield labels
 
@@ -215,7 +219,8 @@ def print_summary(labels_path: Path, report: LabelsReport, console: Console) -> 
     console.print(
         f"records {report.records}, written {report.written_videos}, skipped {len(report.skipped)}; "
         f"turns clamped to the last frame {report.clamped_turns}, moved later by the cursor rule "
-        f"{report.shifted_turns}, dropped past the end {report.dropped_turns}; "
+        f"{report.shifted_turns}, dropped past the end {report.dropped_turns}, assistant turns without text (not "
+        f"speaking labels) {report.empty_turns}; "
         f"DST transitions dropped past the end {report.dropped_transitions}",
         highlight=False,
         soft_wrap=True,

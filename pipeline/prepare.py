@@ -144,6 +144,7 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
             "first_frame": labels.k0, "num_frames": labels.n_frames, "frames": len(labels.points),
             "bad_frames": info["bad_frames"], "source": info["source"],
             "clamped_turns": labels.clamped_turns, "dropped_turns": labels.dropped_turns,
+            "empty_turns": labels.empty_turns,
             "dropped_transitions": labels.dst.dropped,
         }
         progress.advance(tasks["videos"])

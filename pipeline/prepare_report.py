@@ -47,6 +47,7 @@ def write_manifest(out: Path, config: dict, plan: dict, report: LabelsReport, vi
             "shards": len(plan["shards"]),
             "clamped_turns": sum(s["clamped_turns"] for s in written),
             "dropped_turns": sum(s["dropped_turns"] for s in written),
+            "empty_turns": sum(s.get("empty_turns", 0) for s in written),
             "dropped_transitions": sum(s["dropped_transitions"] for s in written),
         },
         "shards": [SHARD_PATTERN.format(i) for i in range(len(plan["shards"]))],

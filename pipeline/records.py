@@ -46,6 +46,8 @@ class Turn:
     role: str  # "user" or "assistant"
     time: float  # absolute seconds in the video
     content: str
+    labels: str = ""  # the turn's intent labels, e.g. "initiative|instruction" ("" when absent)
+    progress: str = ""  # ProAssist's progress summary at this assistant turn ("" when absent)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ def _string(value: Any, what: str, name: str, allow_empty: bool = True) -> str:
     return value
 
 
+def _optional_string(value: Any, what: str, name: str) -> str:
+    return "" if value is None else _string(value, what, name)
+
+
 def _parse_nodes(raw_dst: Any, name: str) -> tuple[DSTNode, ...]:
     if not isinstance(raw_dst, list):
         raise RecordError(name, f"'dst' is not a list ({type(raw_dst).__name__})")
@@ -171,6 +177,8 @@ def _parse_conversations(raw_convs: Any, name: str) -> tuple[Conversation, ...]:
                     role=role,
                     time=_number(turn.get("time"), f"{at} time", name),
                     content=_string(turn.get("content"), f"{at} content", name),
+                    labels=_optional_string(turn.get("labels"), f"{at} labels", name),
+                    progress=_optional_string(turn.get("progress"), f"{at} progress", name),
                 )
             )
         convs.append(Conversation(user_type=user_type, turns=tuple(turns)))

@@ -63,7 +63,9 @@ def sample_meta(labels: VideoLabels, model: str, tokens_per_frame: int | str) ->
                 {"conversation": c.index, "user_type": c.user_type,
                  "user_text": cols["user_text"][i * n:(i + 1) * n],
                  "speak": cols["speak"][i * n:(i + 1) * n],
-                 "response": cols["response"][i * n:(i + 1) * n]}
+                 "response": cols["response"][i * n:(i + 1) * n],
+                 "progress": cols["progress"][i * n:(i + 1) * n],
+                 "response_labels": [c.response_labels.get(k, "") for k in labels.points]}
                 for i, c in enumerate(labels.conversations)
             ],
         },

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.records import Conversation, DSTNode, RecordError, Turn, VideoRecord
@@ -52,6 +52,8 @@ class PlacedTurn:
     frame: int  # f: the turn sits just before frame f
     clamped: bool  # its time was past the last frame
     shifted: bool  # the cursor rule moved it later (it was at or before the previous turn's frame)
+    labels: str = ""
+    progress: str = ""
 
     @property
     def point(self) -> int:
@@ -87,7 +89,8 @@ def place_turns(turns: Iterable[Turn], k0: int, n_frames: int, fps: float) -> Tu
             return TurnPlacement(tuple(placed), clamped, shifted, dropped=len(turns) - i)
         clamped += was_clamped
         shifted += was_shifted
-        placed.append(PlacedTurn(turn.role, turn.content, turn.time, f, was_clamped, was_shifted))
+        placed.append(PlacedTurn(turn.role, turn.content, turn.time, f, was_clamped, was_shifted, turn.labels,
+                                 turn.progress))
         cursor = f
     return TurnPlacement(tuple(placed), clamped, shifted, dropped=0)
 
@@ -171,6 +174,9 @@ class ConversationLabels:
     user_text: dict[int, str]  # decision point -> user text placed just before that frame
     responses: dict[int, str]  # decision point -> assistant response (speak = 1 there)
     placement: TurnPlacement
+    progress: dict[int, str] = field(default_factory=dict)  # decision point -> progress summary of that response
+    response_labels: dict[int, str] = field(default_factory=dict)  # decision point -> that response's labels
+    empty_turns: int = 0  # assistant turns with no text: placed (they move the cursor) but not speaking labels
 
 
 @dataclass(frozen=True)
@@ -198,14 +204,26 @@ class VideoLabels:
     def shifted_turns(self) -> int:
         return sum(c.placement.shifted for c in self.conversations)
 
+    @property
+    def empty_turns(self) -> int:
+        return sum(c.empty_turns for c in self.conversations)
+
 
 def conversation_labels(index: int, conv: Conversation, k0: int, n_frames: int, fps: float) -> ConversationLabels:
     placement = place_turns(conv.turns, k0, n_frames, fps)
-    user_text, responses = {}, {}
+    user_text, responses, progress, response_labels, empty = {}, {}, {}, {}, 0
     for turn in placement.turns:
         # The cursor strictly increases, so no two turns share an anchor frame and no point gets two texts.
-        (responses if turn.role == "assistant" else user_text)[turn.point] = turn.content
-    return ConversationLabels(index, conv.user_type, user_text, responses, placement)
+        if turn.role == "user":
+            user_text[turn.point] = turn.content
+        elif not turn.content.strip():
+            empty += 1  # nothing to say is not a speaking label; the turn still moved the cursor, as in ProAssist
+        else:
+            responses[turn.point] = turn.content
+            progress[turn.point] = turn.progress
+            response_labels[turn.point] = turn.labels
+    return ConversationLabels(index, conv.user_type, user_text, responses, placement, progress, response_labels,
+                              empty)
 
 
 def video_labels(record: VideoRecord, n_frames: int, fps: float = DEFAULT_FPS) -> VideoLabels:

@@ -113,3 +113,23 @@ def test_clamp_against_short_frames_file():
     assert [(t.content, t.frame) for t in placement.turns] == [("u-before-start", 5), ("a-3.0", 6),
                                                                ("a-out-of-order", 7)]
     assert placement.dropped == 5 and placement.clamped == 0
+
+
+def test_empty_assistant_turn_moves_the_cursor_but_is_not_a_speaking_label():
+    """A turn with no text (or only spaces) keeps ProAssist's cursor (later turns land where ProAssist puts them)
+    but is no response: nothing to learn to say, and no reference to match."""
+    record = json.loads(json.dumps(RECORD))
+    record["conversations"] = [{"user_type": "talk_some", "conversation": [
+        {"role": "assistant", "time": 3.0, "content": "  ", "progress": "p-empty", "labels": "initiative|feedback"},
+        {"role": "assistant", "time": 2.0, "content": "a-after-empty", "progress": "p-1",
+         "labels": "initiative|instruction"},
+    ]}]
+    labels = video_labels(parse_record(record), n_frames=20, fps=2.0)
+    conv = labels.conversations[0]
+    # f 6 -> point 5 (empty); the next turn is shifted past it exactly as if it had text: f 7 -> point 6
+    assert conv.responses == {6: "a-after-empty"}
+    assert conv.progress == {6: "p-1"} and conv.response_labels == {6: "initiative|instruction"}
+    assert conv.empty_turns == 1 and labels.empty_turns == 1
+    cols = label_columns(labels)
+    assert [k for k, s in zip(cols["frame"], cols["speak"]) if s] == [6]
+    assert [p for p in cols["progress"] if p] == ["p-1"]

@@ -46,7 +46,7 @@ def expected_state(k: int) -> dict:
 
 def test_shape_and_columns(rows):
     assert rows.columns == ["dataset", "video_uid", "conversation", "user_type", "frame", "time", "user_text",
-                            "dst_update", "dst_delta", "dst_state", "speak", "response"]
+                            "dst_update", "dst_delta", "dst_state", "speak", "response", "progress"]
     assert rows.height == 256
     assert rows["frame"].to_list() == list(range(190, 446))
     assert rows["time"][0] == 95.5 and rows["time"][-1] == 223.0  # (k + 1) / fps
@@ -84,6 +84,10 @@ def test_speak_and_texts(rows, example_record):
     assert spoken["frame"].to_list() == SPEAK_POINTS
     assert spoken["response"].to_list() == assistant
     assert set(rows.filter(~pl.col("speak"))["response"]) == {""}
+    # Each response carries its own turn's progress summary; silent points carry none.
+    assert spoken["progress"].to_list() == [t.get("progress", "") for t in turns if t["role"] == "assistant"]
+    assert spoken["progress"][0].startswith("The time elapsed since the start of the task is 97.2 seconds.")
+    assert set(rows.filter(~pl.col("speak"))["progress"]) == {""}
     users = rows.filter(pl.col("user_text") != "")
     assert users["frame"].to_list() == [194]
     assert users["user_text"][0] == turns[0]["content"]
