@@ -1,9 +1,10 @@
 """`dst demo`: the whole pipeline on synthetic procedural tasks, offline on a CPU, in minutes.
 
 generate (train/val/test videos in the real formats) -> `dst prepare` with `tiny-random` -> `dst train` (full
-fine-tuning of the tiny model) -> `dst eval` on val with a threshold sweep -> `dst eval` on test with those
-thresholds, and the `never`, `periodic` and `oracle` baselines on test -> a comparison table, `summary.json` and
-the test report. The test split is used for nothing but the final numbers.
+fine-tuning of the tiny model) of each requested variant (`dst`, `summary`, `none`; DESIGN 6c) -> `dst eval` on val
+with a threshold sweep -> `dst eval` on test with those thresholds, and the `never`, `periodic` and `oracle`
+baselines on test -> a comparison table, `summary.json` and the test report. The test split is used for nothing but
+the final numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class DemoConfig:
     out: Path = Path("demo")
     fast: bool = False
     seed: int = 0
+    variants: tuple[str, ...] = ("dst",)
     sts_model: str | None = None  # default: the offline MiniLM package when installed
 
 
@@ -69,30 +71,34 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
         prepare.run(PrepareConfig(split=split, dst_json=(Path(data["splits"][split]["json"]),), model="tiny-random",
                                   out=shards[split], frames_root=Path(data["frames_root"]), tokens_per_frame=5,
                                   batch_size=64), console)
-    console.rule(f"3/4 train: {steps} steps, full fine-tuning of the tiny model")
-    train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model="tiny-random", out=out / "run",
-                            max_steps=steps, seed=cfg.seed, lora=False, batch_size="4096", max_seq_len=2048,
-                            lr=2e-3, warmup_steps=50, focal_alpha=0.5, num_workers=2, log_every=50,
-                            eval_every=max(steps // 3, 1), save_every=steps)
-    train_run.run(train_cfg, console)
-    console.rule("4/4 eval: thresholds swept on val, applied to test; baselines on test")
-    ckpt = out / "run" / "checkpoints" / "last"
     sts = cfg.sts_model or offline_sts_model()
     # Whole synthetic videos fit in 2048 tokens: training windows and the streamed context are the same shape.
     stream = StreamConfig(max_context=2048)
-    base = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / "val", ckpt=ckpt, stream=stream, sweep=True,
-                               sts_model=sts)
-    eval_run.run(base, console)
-    results = {"model": eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / "test-model",
-                                             sweep=False, thresholds_from=out / "eval" / "val" / "thresholds.json"),
-                                     console)}
+    results = {}
+    for variant in cfg.variants:
+        console.rule(f"3/4 train {variant}: {steps} steps, full fine-tuning of the tiny model")
+        run_dir = out / "runs" / variant
+        train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model="tiny-random", out=run_dir,
+                                variant=variant, max_steps=steps, seed=cfg.seed, lora=False, batch_size="4096",
+                                max_seq_len=2048, lr=2e-3, warmup_steps=50, focal_alpha=0.5, num_workers=2,
+                                log_every=50, eval_every=max(steps // 3, 1), save_every=steps)
+        train_run.run(train_cfg, console)
+        console.rule(f"4/4 eval {variant}: thresholds swept on val, applied to test")
+        val = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / variant / "val",
+                                  ckpt=run_dir / "checkpoints" / "last", stream=stream, sweep=True, sts_model=sts)
+        eval_run.run(val, console)
+        results[f"model-{variant}"] = eval_run.run(
+            replace(val, shards=shards["test"], out=out / "eval" / variant / "test", sweep=False,
+                    thresholds_from=val.out / "thresholds.json"), console)
+    console.rule("baselines on test")
+    base = eval_run.EvalConfig(shards=shards["test"], out=out / "eval", stream=stream, sts_model=sts)
     for mode in ("never", "periodic", "oracle"):
-        results[mode] = eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / f"test-{mode}",
-                                             sweep=False, ckpt=None, stream=replace(stream, mode=mode)), console)
+        results[mode] = eval_run.run(replace(base, out=out / "eval" / f"test-{mode}",
+                                             stream=replace(stream, mode=mode)), console)
     summary = {name: {key: m["mean"][group][field] for key, (group, field) in SUMMARY_KEYS.items()}
                for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.copy(out / "eval" / "test-model" / "report.html", out / "report.html")
+    shutil.copy(out / "eval" / cfg.variants[0] / "test" / "report.html", out / "report.html")
     print_comparison(summary, console)
     console.print(f"demo done in {time.time() - started:.0f} s: {out / 'summary.json'}, {out / 'report.html'}",
                   highlight=False)

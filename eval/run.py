@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,12 +26,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from eval.report import write_report
+from eval.report import render_report
 from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts, write_metrics
-from eval.stream import MODES, StreamConfig, Streamer, apply_thresholds
-from train.checkpoint import load_dst_model
-from train.sequence import SequenceFormat
+from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Streamer, apply_thresholds
+from train.checkpoint import DST_META, load_dst_model
+from train.sequence import VARIANTS, SequenceFormat
 from train.shard_index import ShardIndex
+
 
 class EvalError(ValueError):
     """A user-facing problem with the eval inputs (missing checkpoint, mismatched shards)."""
@@ -44,6 +47,9 @@ class EvalConfig:
     out: Path
     ckpt: Path | None = None
     stream: StreamConfig = StreamConfig()
+    variant: str | None = None  # None: the checkpoint's; given: must agree with it
+    max_context: int | None = None  # None: the checkpoint's training max_seq_len (4096 without a checkpoint)
+    dst_window_s: float = 2.0
     sweep: bool = False
     thresholds_from: Path | None = None
     sts_model: str = DEFAULT_STS_MODEL
@@ -53,6 +59,7 @@ class EvalConfig:
 
 def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str) -> list[dict]:
     total = sum(len(index.meta(v)["conversations"]) for v in video_ids)
+    cfg = streamer.cfg
     out = []
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True) as progress:
@@ -62,14 +69,16 @@ def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console
             emb = index.rows(vid, 0, index.num_rows(vid))
             theta = thresholds.get(meta["dataset"])
             for c, conv in enumerate(meta["labels"]["conversations"]):
-                frames = streamer.run(meta, emb, c, theta)
+                streamed = streamer.run(meta, emb, c, theta)
                 out.append({"dataset": meta["dataset"], "video_uid": meta["video_uid"], "conversation": c,
-                            "user_type": conv["user_type"], "fps": meta["fps"], "frames": frames})
+                            "user_type": conv["user_type"], "fps": meta["fps"], "variant": cfg.variant,
+                            "protocol": cfg.protocol, "initial_state": meta["initial_state"],
+                            "reseeds": streamed["reseeds"], "frames": streamed["frames"]})
                 progress.advance(task)
     return out
 
 
-def sweep_thresholds(dialogues: list[dict], embed) -> dict:
+def sweep_thresholds(dialogues: list[dict], embed, dst_window_s=2.0, console=None) -> dict:
     """F1 against each threshold, per dataset and decision, from teacher-forced records."""
     result = {"datasets": {}}
     for dataset in sorted({d["dataset"] for d in dialogues}):
@@ -88,52 +97,127 @@ def sweep_thresholds(dialogues: list[dict], embed) -> dict:
     return result
 
 
-def _load_thresholds(path: Path) -> dict[str, tuple[float, float]]:
-    data = json.loads(Path(path).read_text())
-    return {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in data["datasets"].items()}
+def thresholds_of(sweep: dict) -> dict[str, tuple[float, float]]:
+    return {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in sweep["datasets"].items()}
+
+
+def load_thresholds(path: Path, datasets) -> dict[str, tuple[float, float]]:  # TODO(merge): eval/sweep.py
+    return thresholds_of(json.loads(Path(path).read_text()))
+
+
+def dumps_line(d: dict) -> str:  # TODO(merge): the strict JSON writer
+    return json.dumps(d) + "\n"
+
+
+def metrics_text(m: dict) -> str:  # TODO(merge): the strict JSON writer
+    return json.dumps(m, indent=2) + "\n"
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Nonsense numbers and names fail here, with the option named, before anything is loaded or written."""
+    st = cfg.stream
+    if st.mode not in MODES:
+        raise EvalError(f"--mode must be one of {MODES}, got {st.mode!r}")
+    if st.context_strategy not in CONTEXT_STRATEGIES:
+        raise EvalError(f"--context-strategy must be one of {CONTEXT_STRATEGIES}, got {st.context_strategy!r}")
+    if st.protocol not in PROTOCOLS:
+        raise EvalError(f"--protocol must be one of {PROTOCOLS}, got {st.protocol!r}")
+    if cfg.variant is not None and cfg.variant not in VARIANTS:
+        raise EvalError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    for name, value in (("--theta-speak", st.theta_speak), ("--theta-update", st.theta_update)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise EvalError(f"{name} must be a probability in [0, 1], got {value}")
+    for name, value in (("--every", st.every_s), ("--dst-window", cfg.dst_window_s)):
+        if not (math.isfinite(value) and value > (0 if name == "--every" else -1e-12)):
+            raise EvalError(f"{name} must be a finite number {'> 0' if name == '--every' else '>= 0'} (seconds), "
+                            f"got {value}")
+    for name, value in (("--max-new-tokens", st.max_new_tokens), ("--max-summary-tokens", st.max_summary_tokens),
+                        ("--max-context", cfg.max_context), ("--max-videos", cfg.max_videos)):
+        if value is not None and value < 1:
+            raise EvalError(f"{name} must be >= 1, got {value}")
+
+
+def load_checkpoint(cfg: EvalConfig, index: ShardIndex, device: torch.device):
+    """(model, sequence format, the checkpoint's dst.json), after checking that it fits the shards and options."""
+    ckpt = Path(cfg.ckpt)
+    if not (ckpt / DST_META).is_file():
+        if (ckpt / "checkpoints" / "last").exists():
+            raise EvalError(f"--ckpt {ckpt} is a run folder; pass one of its checkpoints, e.g. "
+                            f"{ckpt / 'checkpoints' / 'last'}")
+        raise EvalError(f"--ckpt {ckpt}: not a checkpoint folder (no {DST_META}; expected RUN/checkpoints/last or "
+                        "RUN/checkpoints/step-NNNNNN)")
+    model, tokenizer, meta = load_dst_model(ckpt, device, torch.float16 if device.type == "cuda" else torch.float32)
+    if meta["tokens_per_frame"] != index.tokens_per_frame:
+        raise EvalError(f"the checkpoint was trained on {meta['tokens_per_frame']} tokens per frame, the shards "
+                        f"at {cfg.shards} hold {index.tokens_per_frame}")
+    if meta.get("hidden_size") not in (None, index.hidden_size):
+        raise EvalError(f"the checkpoint was trained on embeddings of width {meta['hidden_size']}, the shards at "
+                        f"{cfg.shards} hold width {index.hidden_size} (prepared with another --model?)")
+    variant = meta.get("variant", "dst")  # checkpoints from before the variants were all dst
+    if cfg.variant is not None and cfg.variant != variant:
+        raise EvalError(f"--variant {cfg.variant} disagrees with the checkpoint, which was trained as {variant}")
+    return model, SequenceFormat(tokenizer, index.tokens_per_frame, variant), meta
+
+
+def resolve_stream(cfg: EvalConfig, meta: dict | None) -> StreamConfig:
+    """The stream settings with the checkpoint's variant and a context no longer than it was trained on."""
+    trained = meta.get("max_seq_len") if meta else None
+    if cfg.max_context is not None and trained is not None and cfg.max_context > trained:
+        raise EvalError(f"--max-context {cfg.max_context} exceeds the checkpoint's training max_seq_len {trained}: "
+                        "positions past it were never trained; pass at most that (the default)")
+    max_context = cfg.max_context or trained or cfg.stream.max_context
+    variant = (meta.get("variant", "dst") if meta else None) or cfg.variant or cfg.stream.variant
+    return replace(cfg.stream, variant=variant, max_context=max_context)
 
 
 def run(cfg: EvalConfig, console: Console | None = None) -> dict:
     console = console or Console()
-    if cfg.stream.mode not in MODES:
-        raise EvalError(f"--mode must be one of {MODES}")
+    check_config(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     index = ShardIndex.build(cfg.shards)
     video_ids = index.video_ids[: cfg.max_videos] if cfg.max_videos else index.video_ids
-    model = fmt = None
+    model = fmt = meta = None
     if cfg.stream.mode in ("model", "teacher-forced") or cfg.sweep:
         if cfg.ckpt is None:
             raise EvalError(f"--ckpt is required for mode {cfg.stream.mode}" + (" and --sweep" if cfg.sweep else ""))
-        model, tokenizer, meta = load_dst_model(cfg.ckpt, device, torch.float16 if device.type == "cuda"
-                                                else torch.float32)
-        if meta["tokens_per_frame"] != index.tokens_per_frame:
-            raise EvalError(f"the checkpoint was trained on {meta['tokens_per_frame']} tokens per frame, the shards "
-                             f"hold {index.tokens_per_frame}")
-        fmt = SequenceFormat(tokenizer, index.tokens_per_frame)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+        model, fmt, meta = load_checkpoint(cfg, index, device)
+    stream = resolve_stream(cfg, meta)
+    datasets = sorted({index.dataset(v) for v in video_ids})
+    thresholds = load_thresholds(cfg.thresholds_from, datasets) if cfg.thresholds_from else {}
     embed = load_embedder(cfg.sts_model)
-    thresholds = _load_thresholds(cfg.thresholds_from) if cfg.thresholds_from else {}
+    outputs: dict[str, str] = {}  # file name -> text; renamed into place together at the end
     sweep = None
     if cfg.sweep:
-        tf = Streamer(model, fmt, replace(cfg.stream, mode="teacher-forced"), device)
-        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed)
-        (cfg.out / "thresholds.json").write_text(json.dumps(sweep, indent=1))
-        thresholds = {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in sweep["datasets"].items()}
-    streamer = Streamer(model, fmt, cfg.stream, device)
-    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, cfg.stream.mode)
-    with open(cfg.out / "predictions.jsonl", "w") as f:
-        for d in dialogues:
-            f.write(json.dumps(d) + "\n")
-    metrics = score(dialogues, embed, cfg.sts_model)
-    write_metrics(cfg.out / "metrics.json", metrics)
-    run_info = {"checkpoint": str(cfg.ckpt), "mode": cfg.stream.mode, "shards": str(cfg.shards),
-                "thresholds": thresholds or {"all": [cfg.stream.theta_update, cfg.stream.theta_speak]},
-                "context_strategy": cfg.stream.context_strategy,
+        tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device)
+        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed,
+                                 dst_window_s=cfg.dst_window_s, console=console)
+        outputs["thresholds.json"] = json.dumps(sweep, indent=1)
+        thresholds = thresholds_of(sweep)
+    streamer = Streamer(model, fmt, stream, device)
+    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode)
+    metrics = score(dialogues, embed, cfg.sts_model)  # TODO(merge): protocol=stream.protocol, dst_window_s=
+    outputs["predictions.jsonl"] = "".join(dumps_line(d) for d in dialogues)
+    outputs["metrics.json"] = metrics_text(metrics)
+    run_info = {"checkpoint": str(cfg.ckpt), "mode": stream.mode, "variant": stream.variant,
+                "protocol": stream.protocol, "shards": str(cfg.shards),
+                "thresholds": thresholds or {"all": [stream.theta_update, stream.theta_speak]},
+                "context_strategy": stream.context_strategy, "max_context": stream.max_context,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    write_report(cfg.out / "report.html", dialogues, metrics, run_info, sweep=sweep)
-    print_metrics(metrics, console, title=f"{cfg.stream.mode}: {cfg.out}")
+    outputs["report.html"] = render_report(dialogues, metrics, run_info, sweep=sweep)
+    write_outputs(cfg.out, outputs)
+    print_metrics(metrics, console, title=f"{stream.mode} ({stream.variant}, {stream.protocol}): {cfg.out}")
     return metrics
+
+
+def write_outputs(folder: Path, outputs: dict[str, str]) -> None:
+    """Every file under a temporary name first, then the renames: an interrupted eval leaves the previous outputs
+    as they were, never new predictions beside old metrics."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in outputs.items():
+        (folder / f"{name}.tmp").write_text(text, encoding="utf-8")
+    for name in outputs:
+        os.replace(folder / f"{name}.tmp", folder / name)
 
 
 def print_metrics(metrics: dict, console: Console, title: str) -> None:

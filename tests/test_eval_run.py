@@ -31,7 +31,7 @@ def test_oracle_scores_exactly_one(tiny_shards, tmp_path):
 def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     out = tmp_path / "val"
     invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", out, "--sweep", "--sts-model", STS,
-           "--max-new-tokens", "6", "--max-context", "400")
+           "--max-new-tokens", "6", "--max-context", "300")
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 8  # 4 videos x 2 conversations
     frame = lines[0]["frames"][0]
@@ -52,7 +52,7 @@ def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     assert json.loads((tmp_path / "again.json").read_text()) == metrics
     # the swept thresholds carry over to another split
     invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", tmp_path / "test", "--thresholds-from",
-           out / "thresholds.json", "--sts-model", STS, "--max-new-tokens", "6", "--max-context", "400")
+           out / "thresholds.json", "--sts-model", STS, "--max-new-tokens", "6", "--max-context", "300")
     assert (tmp_path / "test" / "metrics.json").exists()
 
 
