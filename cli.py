@@ -189,6 +189,26 @@ def demo(
     demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, variants=chosen), console)
 
 
+@app.command()
+def experiment(
+    config: Path = typer.Option(..., help="Experiment file (TOML): data setting, shared train/eval settings, grid; "
+                                          "see configs/experiments/ and docs/experiments.md."),
+    out: Path = typer.Option(..., help="Output folder; rerunning the same command resumes a killed grid."),
+    fast: bool = typer.Option(False, help="The config's [fast] sizes: a smoke test in minutes."),
+    threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice). On a CPU shared with "
+                                           "other jobs, 1 avoids thread oversubscription."),
+) -> None:
+    """Prepare once, train and evaluate every cell of a grid over seeds; results.jsonl, summary.md, report.html."""
+    from eval import experiment as experiment_cmd
+    from eval.experiment_config import ExperimentConfigError
+
+    try:
+        experiment_cmd.run(experiment_cmd.ExperimentRunConfig(config=config, out=out, fast=fast, threads=threads),
+                           console)
+    except (ExperimentConfigError, experiment_cmd.ExperimentError) as exc:
+        _fail(str(exc))
+
+
 @app.command("synth-frames")
 def synth_frames(
     dst_json: Path = typer.Option(..., help="DST-augmented dialogues: a JSON list of video records."),

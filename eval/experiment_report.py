@@ -1,0 +1,245 @@
+"""The outputs of `dst experiment` built from its results lines: results.jsonl, summary.md and report.html.
+
+Per cell and column: the mean and the sample standard deviation (n - 1) over seeds. The best mean of a column is
+marked, together with every cell whose mean lies within the larger of the two standard deviations of it: a
+difference inside the seed spread is not a win, so a column with one mark has a winner and a column with several
+has none. A DST metric of a variant that tracks no DST (`summary`, `none`) is shown as n/a: its predicted state
+never moves, so the number would be the never-update baseline's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+STREAM_COLUMN = ("re-seeds per dialogue (test)", "test.reseeds_per_dialogue")
+
+
+@dataclass(frozen=True)
+class Stat:
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / self.n
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1); 0 for a single value."""
+        if self.n < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf}; lists and other leaves are kept as they are."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _is_model(line: dict) -> bool:
+    return line.get("seed") is not None
+
+
+def _applies(line: dict, key: str) -> bool:
+    """DST metrics of a variant without a DST are not its own."""
+    variant = line.get("config", {}).get("train", {}).get("variant")
+    return not (".dst." in f".{key}" and variant not in (None, "dst"))
+
+
+def _value(line: dict, key: str):
+    value = line.get("metrics", {}).get(key, line.get("stream", {}).get(key))
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def resolve_key(keys: tuple[str, ...], lines: list[dict]) -> str | None:
+    """The first alternative that some model line holds (e.g. speak_proassist, else speak)."""
+    model_lines = [ln for ln in lines if _is_model(ln)] or lines
+    return next((k for k in keys if any(_value(ln, k) is not None for ln in model_lines)), None)
+
+
+def cells_in_order(lines: list[dict]) -> list[str]:
+    return list(dict.fromkeys(ln["cell"] for ln in lines))
+
+
+def stats(lines: list[dict], key: str) -> dict[str, Stat | None]:
+    """Per cell: the values of `key` over its seeds (None where the metric does not apply or is missing)."""
+    out: dict[str, Stat | None] = {}
+    for cell in cells_in_order(lines):
+        mine = [ln for ln in lines if ln["cell"] == cell]
+        values = [_value(ln, key) for ln in mine if _applies(ln, key)]
+        out[cell] = Stat(tuple(values)) if values and all(v is not None for v in values) else None
+    return out
+
+
+def marked(cell_stats: dict[str, Stat | None], candidates: list[str], lower_is_better: bool = False) -> set[str]:
+    """The best cell among `candidates` and every cell within the seed spread of it."""
+    present = [c for c in candidates if cell_stats.get(c) is not None]
+    if not present:
+        return set()
+    sign = -1.0 if lower_is_better else 1.0
+    best = max(present, key=lambda c: sign * cell_stats[c].mean)
+    b = cell_stats[best]
+    return {c for c in present if abs(cell_stats[c].mean - b.mean) <= max(b.std, cell_stats[c].std)}
+
+
+def fmt(stat: Stat | None, digits: int = 3) -> str:
+    if stat is None:
+        return "n/a"
+    return f"{stat.mean:.{digits}f}" + (f" ± {stat.std:.{digits}f}" if stat.n > 1 else "")
+
+
+def table_rows(cfg, lines: list[dict]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """(header, rows of text, which cells are marked), the columns of the config plus timings."""
+    cells = cells_in_order(lines)
+    models = [c for c in cells if any(_is_model(ln) for ln in lines if ln["cell"] == c)]
+    header = ["cell", "seeds"]
+    columns = []
+    for col in cfg.columns:
+        key = resolve_key(col.keys, lines)
+        header.append(f"{col.name} (`{key}`)" if key else f"{col.name} (missing)")
+        columns.append((key, col.lower_is_better))
+    rows, marks = [], []
+    per_column = [(stats(lines, key) if key else {}, marked(stats(lines, key), models, low) if key else set())
+                  for key, low in columns]
+    reseeds = stats(lines, STREAM_COLUMN[1])
+    train = {c: Stat(tuple(ln["timings"]["train_s"] / 60 for ln in lines if ln["cell"] == c and _is_model(ln)))
+             for c in models}
+    header += [STREAM_COLUMN[0], "train min"]
+    for cell in cells:
+        n = sum(1 for ln in lines if ln["cell"] == cell and _is_model(ln))
+        row = [cell, str(n) if n else "-"]
+        row_marks = [False, False]
+        for cell_stats, best in per_column:
+            row.append(fmt(cell_stats.get(cell)))
+            row_marks.append(cell in best)
+        row += [fmt(reseeds.get(cell), 2), fmt(train.get(cell), 1)]
+        row_marks += [False, False]
+        rows.append(row)
+        marks.append(row_marks)
+    return header, rows, marks
+
+
+def summary_markdown(cfg, lines: list[dict]) -> str:
+    header, rows, marks = table_rows(cfg, lines)
+    data = cfg.data
+    out = [f"# Experiment `{cfg.name}`", ""]
+    if cfg.description:
+        out += [cfg.description, ""]
+    seeds = ", ".join(map(str, cfg.seeds))
+    out += [f"Data: the `{data['setting']}` synthetic setting, {data['videos'][0]}/{data['videos'][1]}/"
+            f"{data['videos'][2]} train/val/test videos, data seed {data['seed']}, model `{data['model']}`"
+            f"{' (--fast)' if cfg.fast else ''}. Training seeds: {seeds}. Thresholds swept on val, applied to test.",
+            "",
+            "Mean ± sample standard deviation over seeds. **Bold**: the best mean of a column and every cell within "
+            "one standard deviation of it (the larger of the two): a difference inside the seed spread is not a "
+            "win, so one bold entry in a column is a win, several are a tie. n/a: a DST metric of a variant that "
+            "tracks no DST.", ""]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for row, row_marks in zip(rows, marks):
+        out.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, row_marks)) + " |")
+    out += ["", f"{sum(1 for ln in lines if _is_model(ln))} results lines in results.jsonl "
+                f"(one per cell and seed; every val and test metric of metrics.json by key path)."]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+
+def _chart(title: str, key: str, cell_stats: dict[str, Stat | None], best: set[str], low: bool) -> str:
+    """One horizontal bar chart: bar = mean, whisker = ± std, dots = seeds."""
+    names = [c for c, s in cell_stats.items() if s is not None]
+    if not names:
+        return ""
+    label_w, bar_w, row_h = 260, 360, 22
+    top = max(max(s.mean + s.std for s in (cell_stats[c] for c in names)),
+              max(v for c in names for v in cell_stats[c].values), 1e-9)
+    scale = bar_w / (top * 1.05)
+    h = row_h * len(names) + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 90}" height="{h}" '
+             f'role="img" aria-label="{escape(title)}">']
+    for i, c in enumerate(names):
+        s, y = cell_stats[c], 10 + i * row_h
+        colour = "#2f9e44" if c in best else "#868e96"
+        w = max(0.0, s.mean) * scale
+        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end" font-size="12">{escape(c)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" fill="{colour}">'
+                     f'<title>{escape(c)}: {escape(fmt(s, 4))}</title></rect>')
+        if s.n > 1:
+            lo, hi = label_w + max(0.0, s.mean - s.std) * scale, label_w + (s.mean + s.std) * scale
+            mid = y + row_h / 2 - 1
+            parts.append(f'<path d="M{lo:.1f} {mid:.1f}H{hi:.1f}M{lo:.1f} {mid - 5:.1f}V{mid + 5:.1f}'
+                         f'M{hi:.1f} {mid - 5:.1f}V{mid + 5:.1f}" stroke="#212529" stroke-width="1.5"/>')
+        for v in s.values:
+            parts.append(f'<circle cx="{label_w + max(0.0, v) * scale:.1f}" cy="{y + row_h / 2 - 1:.1f}" r="2.5" '
+                         f'fill="#fff" stroke="#212529"><title>{v:.4f}</title></circle>')
+        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 14}" font-size="12">{s.mean:.3f}</text>')
+    axis_y = 10 + row_h * len(names) + 4
+    parts.append(f'<text x="{label_w}" y="{axis_y + 12}" font-size="11" fill="#495057">0</text>')
+    parts.append(f'<text x="{label_w + bar_w}" y="{axis_y + 12}" font-size="11" fill="#495057" text-anchor="end">'
+                 f'{top * 1.05:.3g}</text></svg>')
+    note = " (lower is better)" if low else ""
+    return f"<h3>{escape(title)}{note}</h3><p class=key><code>{escape(key)}</code></p>" + "".join(parts)
+
+
+def report_html(cfg, lines: list[dict]) -> str:
+    header, rows, marks = table_rows(cfg, lines)
+    models = [c for c in cells_in_order(lines) if any(_is_model(ln) for ln in lines if ln["cell"] == c)]
+    table = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for row, row_marks in zip(rows, marks):
+        table.append("<tr>" + "".join(f"<td class={'best' if m else 'v'}>{escape(v)}</td>"
+                                      for v, m in zip(row, row_marks)) + "</tr>")
+    table.append("</table>")
+    charts = []
+    for col in cfg.columns:
+        key = resolve_key(col.keys, lines)
+        if key:
+            s = stats(lines, key)
+            charts.append(_chart(col.name, key, s, marked(s, models, col.lower_is_better), col.lower_is_better))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dst experiment {escape(cfg.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #212529; max-width: 1100px; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 12px 0; }}
+th, td {{ border: 1px solid #dee2e6; padding: 4px 8px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+td.best {{ font-weight: 700; background: #ebfbee; }}
+p.key {{ margin: 0; font-size: 12px; color: #495057; }}
+</style></head><body>
+<h1>Experiment <code>{escape(cfg.name)}</code></h1>
+<p>{escape(cfg.description)}</p>
+<p>Mean ± sample standard deviation over {len(cfg.seeds)} seed(s); green/bold: the best mean and every cell within
+one standard deviation of it (a difference inside the seed spread is not a win). Bars: mean; whiskers: ± one
+standard deviation; circles: single seeds.</p>
+{''.join(table)}
+{''.join(charts)}
+</body></html>
+"""
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_reports(cfg, out: Path, lines: list[dict]) -> None:
+    atomic_write(out / "results.jsonl", "".join(json.dumps(ln) + "\n" for ln in lines))
+    atomic_write(out / "summary.md", summary_markdown(cfg, lines))
+    atomic_write(out / "report.html", report_html(cfg, lines))

@@ -1,0 +1,283 @@
+"""`dst experiment`: config checks before anything runs, the grid, resuming a killed grid (stages stubbed), the
+reports' statistics and marks, and one real end-to-end --fast run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from eval import experiment as ex
+from eval import experiment_report as rep
+from eval.experiment_config import ExperimentConfigError, load
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+BASE = """
+[experiment]
+name = "t"
+seeds = [0, 1]
+[data]
+setting = "demo"
+videos = [4, 2, 2]
+[train]
+max_steps = 5
+[[grid]]
+variant = ["dst", "none"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("change, message", [
+    (("[data]", "[data]\ncolour = 1"), "data.colour: unknown data setting"),
+    (("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown train setting"),
+    (("[train]", "[train]\nseed = 3"), "train.seed: is set by the runner"),
+    (("max_steps = 5", "max_steps = \"many\""), "train.max_steps: expected int, got 'many'"),
+    (("[train]", "[train]\ndecision_loss = \"hinge\""), "decision_loss must be one of"),
+    (("[train]", "[train]\nrho = 0.0"), "rho must be in (0, 1]"),
+    (("variant = [\"dst\", \"none\"]", "variant = [\"dst\", \"ips\"]"), "--variant must be one of"),
+    (("variant = [\"dst\", \"none\"]", "variant = \"dst\""), "grid[0].variant: must be a non-empty list"),
+    (("variant = [\"dst\", \"none\"]", "temperature = [1]"), "grid[0].temperature: unknown setting"),
+    (("[data]", "[eval]\ncontext_strategy = \"forget\"\n[data]"), "eval.context_strategy: must be one of"),
+    (("[data]", "[eval]\nmax_context = 9000\n[data]"), "exceeds the training max_seq_len 4096"),
+    (("setting = \"demo\"", "setting = \"huge\""), "data.setting: must be one of"),
+    (("videos = [4, 2, 2]", "videos = [4, 2]"), "data.videos: must be [train, val, test]"),
+    (("seeds = [0, 1]", "seeds = [0, 0]"), "experiment.seeds: must be a non-empty list of distinct"),
+    (("[data]", "[plots]\nx = 1\n[data]"), "plots: unknown table"),
+    (("[data]", "[fast]\nseeds = 0\n[data]"), "fast.seeds: must be a number of seeds >= 1"),
+])
+def test_bad_configs_are_refused_with_the_key_named(tmp_path, change, message):
+    old, new = change
+    assert old in BASE
+    path = write(tmp_path, BASE.replace(old, new, 1))
+    with pytest.raises(ExperimentConfigError) as info:
+        load(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_the_cli_refuses_a_bad_config_before_anything_runs(tmp_path):
+    path = write(tmp_path, BASE.replace("[train]", "[train]\nlearning_rate = 1"))
+    result = CliRunner().invoke(app, ["experiment", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "train.learning_rate: unknown train setting" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_two_study_configs():
+    memory = load(CONFIGS / "memory.toml")
+    assert memory.data["setting"] == "long" and len(memory.seeds) >= 3
+    assert [c.name for c in memory.cells] == ["variant=dst", "variant=summary", "variant=none",
+                                             "variant=dst context_strategy=drop-all"]
+    # drop-all is an eval setting: it reuses the dst training runs
+    assert memory.cells[0].train_slug == memory.cells[3].train_slug != memory.cells[1].train_slug
+    assert memory.cells[3].eval["context_strategy"] == "drop-all"
+    imbalance = load(CONFIGS / "imbalance.toml")
+    assert imbalance.data["setting"] == "demo" and len(imbalance.seeds) >= 3
+    assert [c.name for c in imbalance.cells] == [
+        "decision_loss=focal rho=1.0 focal_alpha=0.25", "decision_loss=focal rho=1.0 focal_alpha=0.75",
+        "decision_loss=focal rho=0.1 focal_alpha=0.25", "decision_loss=focal rho=0.1 focal_alpha=0.75",
+        "decision_loss=balanced_bce rho=1.0", "decision_loss=balanced_bce rho=0.1",
+        "decision_loss=bce rho=1.0", "decision_loss=bce rho=0.1"]
+    fast = load(CONFIGS / "memory.toml", fast=True)
+    assert fast.seeds == (0, 1) and fast.data["videos"] == [2, 1, 1]
+    assert fast.cells[0].train["max_steps"] == 3 and fast.cells[0].eval["max_new_tokens"] == 4
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+def _line(cell: str, seed, value: float, variant: str = "dst", extra: dict | None = None) -> dict:
+    return {"cell": cell, "seed": seed, "config": {"train": {"variant": variant}},
+            "metrics": {"test.mean.speak.f1": value, "test.mean.dst.joint_accuracy": value / 2, **(extra or {})},
+            "stream": {"test.reseeds_per_dialogue": 4.0}, "timings": {"train_s": 120.0}}
+
+
+def test_flatten_and_statistics():
+    assert rep.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+    s = rep.Stat((0.5, 0.6, 0.7))
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1)
+    assert rep.Stat((0.3,)).std == 0.0
+
+
+def test_a_difference_inside_the_spread_is_not_a_win():
+    stats = {"a": rep.Stat((0.5, 0.6, 0.7)), "b": rep.Stat((0.45, 0.55, 0.65)), "c": rep.Stat((0.1, 0.1, 0.1))}
+    assert rep.marked(stats, ["a", "b", "c"]) == {"a", "b"}  # 0.05 apart, spread 0.1: a tie
+    assert rep.marked(stats, ["a", "c"]) == {"a"}  # a clear win
+    assert rep.marked(stats, ["a", "b", "c"], lower_is_better=True) == {"c"}
+
+
+def test_summary_marks_and_fallback_keys(tmp_path):
+    cfg = load(write(tmp_path, BASE))
+    lines = ([_line("variant=dst", s, v) for s, v in ((0, 0.8), (1, 0.9))]
+             + [_line("variant=none", s, v, "none") for s, v in ((0, 0.3), (1, 0.5))])
+    text = rep.summary_markdown(cfg, lines)
+    # no speak_proassist in these lines: the column falls back to speak and says so
+    assert "speaking F1 (`test.mean.speak.f1`)" in text
+    assert "| variant=dst | 2 | **0.850 ± 0.071** |" in text
+    assert "| variant=none | 2 | 0.400 ± 0.141 |" in text
+    assert "| **0.425 ± 0.035** |" in text  # dst's joint accuracy, the only one
+    assert text.count("n/a") >= 1  # none tracks no DST: its joint accuracy is not shown
+    lines.append(_line("variant=none", 2, 0.3, "none", {"test.mean.speak_proassist.f1": 0.2}))
+    assert "speaking F1 (`test.mean.speak_proassist.f1`)" in rep.summary_markdown(cfg, lines)
+    html = rep.report_html(cfg, lines[:4])
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "http://" not in html.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+
+
+class Stubs:
+    """Train and eval stand-ins that write what the runner reads, count calls, and fail on request."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        self.train_calls, self.eval_calls, self.fail_eval_at, self.stop_at_step = [], [], None, None
+        monkeypatch.setattr(ex, "prepare_data", lambda cfg, out, console: {s: tmp_path / s for s in ex.SPLITS})
+        monkeypatch.setattr(ex.train_run, "run", self.train)
+        monkeypatch.setattr(ex.eval_run, "run", self.evaluate)
+
+    def train(self, cfg, console=None):
+        self.train_calls.append((cfg.out.parent.name, cfg.seed, cfg.resume))
+        last = cfg.out / "checkpoints" / "last"
+        last.mkdir(parents=True, exist_ok=True)
+        step = self.stop_at_step or cfg.max_steps
+        (last / "trainer.json").write_text(json.dumps({"step": step}))
+
+    def evaluate(self, cfg, console=None):
+        self.eval_calls.append(str(cfg.out))
+        if self.fail_eval_at is not None and len(self.eval_calls) == self.fail_eval_at:
+            raise KeyboardInterrupt
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        seed = 0 if cfg.ckpt is None else int(cfg.ckpt.parent.parent.name.split("-")[1])
+        metrics = {"mean": {"speak": {"f1": 0.5 + 0.1 * seed}, "dst": {"joint_accuracy": 0.7}}, "sts_model": "x"}
+        (cfg.out / "metrics.json").write_text(json.dumps(metrics))
+        (cfg.out / "predictions.jsonl").write_text(json.dumps({"reseeds": [{}, {}, {}]}) + "\n")
+        if cfg.sweep:
+            best = {"update": {"best": 0.3}, "speak": {"best": 0.4}}
+            (cfg.out / "thresholds.json").write_text(json.dumps({"datasets": {"d": best}}))
+
+
+def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
+    stubs = Stubs(monkeypatch, tmp_path)
+    cfg_path = write(tmp_path, BASE.replace("\"none\"]", "\"none\"]\ncontext_strategy = [\"reseed\", \"drop-all\"]")
+                     .replace("seeds = [0, 1]", "seeds = [0, 1]\nbaselines = [\"never\"]"))
+    out = tmp_path / "out"
+    stubs.fail_eval_at = 5  # baseline, cell 1 seed 0 (val, test), cell 1 seed 1 val, then killed at its test
+    with pytest.raises(KeyboardInterrupt):
+        ex.run(ex.ExperimentRunConfig(cfg_path, out))
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [(x["cell"], x["seed"]) for x in lines] == [("variant=dst context_strategy=reseed", 0),
+                                                       ("baseline never", None)]
+    assert lines[0]["metrics"]["test.mean.speak.f1"] == 0.5 and lines[0]["stream"]["test.reseeds_per_dialogue"] == 3
+    assert lines[0]["thresholds"] == {"d": {"update": 0.3, "speak": 0.4}}
+    stubs.fail_eval_at, stubs.train_calls, stubs.eval_calls = None, [], []
+    lines = ex.run(ex.ExperimentRunConfig(cfg_path, out))
+    assert len(lines) == 2 * 4 + 1
+    # nothing finished was redone: the killed test split reran, the val split of that cell did not
+    assert stubs.eval_calls[0].endswith("variant-dst_context_strategy-reseed/seed-1/test")
+    assert not [c for c in stubs.eval_calls if "variant-dst_context_strategy-reseed" in c and c != stubs.eval_calls[0]]
+    # trainings: dst seed 0 and 1 were done before the kill; drop-all reuses them; none trains twice
+    assert [c[2] for c in stubs.train_calls] == [False, False]
+    assert {c[0] for c in stubs.train_calls} == {load(cfg_path).cells[2].train_slug}
+    reused = [x["timings"]["train_reused"] for x in lines if x["seed"] is not None]
+    assert reused == [False, False, True, True, False, False, True, True]
+    summary = (out / "summary.md").read_text()
+    assert "| variant=dst context_strategy=reseed | 2 | **0.550 ± 0.071** |" in summary
+    # rerunning a finished grid does nothing
+    stubs.train_calls, stubs.eval_calls = [], []
+    assert len(ex.run(ex.ExperimentRunConfig(cfg_path, out))) == 9
+    assert stubs.train_calls == [] and stubs.eval_calls == []
+
+
+def test_half_finished_training_resumes_or_restarts(tmp_path, monkeypatch):
+    stubs = Stubs(monkeypatch, tmp_path)
+    cfg_path = write(tmp_path, BASE.replace("seeds = [0, 1]", "seeds = [0]"))
+    cfg = load(cfg_path)
+    out = tmp_path / "out"
+    with_ckpt = out / "runs" / cfg.cells[0].train_slug / "seed-0"
+    (with_ckpt / "checkpoints" / "last").mkdir(parents=True)
+    without_ckpt = out / "runs" / cfg.cells[1].train_slug / "seed-0"
+    without_ckpt.mkdir(parents=True)
+    (without_ckpt / "metrics.jsonl").write_text("{}\n")
+    ex.run(ex.ExperimentRunConfig(cfg_path, out))
+    assert stubs.train_calls == [(cfg.cells[0].train_slug, 0, True), (cfg.cells[1].train_slug, 0, False)]
+    assert not (without_ckpt / "metrics.jsonl").exists()  # the run without a checkpoint started over
+
+
+def test_an_interrupted_training_stops_the_grid(tmp_path, monkeypatch):
+    stubs = Stubs(monkeypatch, tmp_path)
+    stubs.stop_at_step = 2  # what dst train does on SIGTERM: save, return early
+    with pytest.raises(ex.ExperimentError, match="stopped at step 2 of 5; rerun the same command to resume"):
+        ex.run(ex.ExperimentRunConfig(write(tmp_path, BASE), tmp_path / "out"))
+    assert stubs.eval_calls == []
+
+
+def test_a_folder_of_another_experiment_is_refused(tmp_path, monkeypatch):
+    stubs = Stubs(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    ex.run(ex.ExperimentRunConfig(write(tmp_path, BASE.replace("seeds = [0, 1]", "seeds = [0]")), out))
+    stubs.train_calls = []
+    with pytest.raises(ex.ExperimentError, match="other data"):
+        ex.run(ex.ExperimentRunConfig(write(tmp_path, BASE.replace("[4, 2, 2]", "[5, 2, 2]")), out))
+    with pytest.raises(ex.ExperimentError, match="cell 'variant=dst' was run with other settings"):
+        ex.run(ex.ExperimentRunConfig(write(tmp_path, BASE.replace("max_steps = 5", "max_steps = 6")), out))
+    assert stubs.train_calls == []
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_fast_end_to_end(tmp_path):
+    """The real stages (generate, prepare, train, eval) through the command line on a --fast grid."""
+    config = write(tmp_path, """
+[experiment]
+name = "e2e"
+seeds = [0, 1, 2]
+[data]
+setting = "demo"
+videos = [8, 4, 4]
+[train]
+max_steps = 50
+lora = false
+batch_size = 2048
+max_seq_len = 2048
+num_workers = 0
+[eval]
+max_context = 2048
+[[grid]]
+context_strategy = ["reseed"]
+[fast]
+videos = [2, 1, 1]
+seeds = 2
+[fast.train]
+max_steps = 2
+eval_every = 2
+[fast.eval]
+max_new_tokens = 3
+""")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out), "--fast",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [(x["cell"], x["seed"]) for x in lines] == [("context_strategy=reseed", 0), ("context_strategy=reseed", 1)]
+    assert all(x["config"]["fast"] and x["config"]["train"]["max_steps"] == 2 for x in lines)
+    for x in lines:
+        for split in ("val", "test"):
+            metrics = rep.flatten(json.loads((out / "cells" / x["cell"].replace("=", "-") / f"seed-{x['seed']}" / split
+                                              / "metrics.json").read_text()))
+            assert {f"{split}.{k}": v for k, v in metrics.items()}.items() <= x["metrics"].items()
+    assert [x["timings"]["train_reused"] for x in lines] == [False, False]
+    assert lines[0]["config"]["train"]["seed"] == 0 and lines[1]["config"]["train"]["seed"] == 1
+    assert "| context_strategy=reseed | 2 |" in (out / "summary.md").read_text()
+    assert "<svg" in (out / "report.html").read_text()
