@@ -6,17 +6,17 @@ they are.
 `generate(out_dir, n_train, n_val, n_test, seed)` writes `out_dir/dst/{split}.json` and the frames files, like the
 demo's generator. What is different, and why:
 
-- The step list (`inferred_knowledge`, DST ids S1..Sn) is the recipe in its canonical order, and the user does the
-  steps out of order: one or two steps are postponed. Which step comes next in the recipe then depends on which
-  steps were already done, which the current frame cannot show.
+- Four of the demo's tasks (5-6 steps each, `LONG_TASKS`). The step list (`inferred_knowledge`, DST ids S1..Sn)
+  is the recipe in its canonical order, and the user does the steps out of order: one or two steps are postponed.
+  Which step comes next in the recipe then depends on which steps were already done, which no frame shows.
 - Steps last 10-20 s and some are interrupted by a pause (a distinct picture: grey with a white disc in the
   middle); the step then resumes and stays `in_progress` throughout. The assistant does not repeat its instruction
   when a step resumes: only a memory of the earlier start tells a resumption from a start.
 - When a step ends with an idle gap after it, the assistant names the next step of the recipe not yet started.
 - Users ask "What have I finished?", "What should I do next?", "How many steps are left?" (answers from the whole
   history) and "What step am I on?" (answer visible in the frame, a control).
-- Every video has at least `MIN_FRAMES` frames: at `LONG_MAX_CONTEXT` tokens of context each of its conversations is
-  cut into at least four training windows, and a stream of it is re-seeded at least three times.
+- Every video has at least `MIN_FRAMES` frames: at `LONG_MAX_CONTEXT` tokens its frame tokens alone fill more than
+  three contexts (with the shortest system prompt), so every stream of it is re-seeded at least three times.
 - `progress` (ProAssist's summary on every assistant turn) is written from the true state: elapsed time, the
   finished steps in recipe order, the current step.
 - Train videos carry the three user types' conversations, as real train records do; a val or test video carries
