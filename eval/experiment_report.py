@@ -152,8 +152,9 @@ def summary_markdown(cfg, lines: list[dict]) -> str:
     out.append("|" + "---|" * len(header))
     for row, row_marks in zip(rows, marks):
         out.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, row_marks)) + " |")
-    out += ["", f"{sum(1 for ln in lines if _is_model(ln))} results lines in results.jsonl "
-                f"(one per cell and seed; every val and test metric of metrics.json by key path)."]
+    n_model = sum(1 for ln in lines if _is_model(ln))
+    out += ["", f"results.jsonl: {n_model} lines, one per cell and seed, and {len(lines) - n_model} baseline "
+                f"line(s); each holds every val and test metric of metrics.json by key path."]
     return "\n".join(out) + "\n"
 
 
@@ -199,7 +200,11 @@ def _chart(title: str, key: str, cell_stats: dict[str, Stat | None], best: set[s
 def report_html(cfg, lines: list[dict]) -> str:
     header, rows, marks = table_rows(cfg, lines)
     models = [c for c in cells_in_order(lines) if any(_is_model(ln) for ln in lines if ln["cell"] == c)]
-    table = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    def th(h: str) -> str:  # the markdown header's `key` as <code>
+        name, _, key = h.partition(" (`")
+        return f"<th>{escape(name)}<br><code>{escape(key.rstrip(')`'))}</code></th>" if key else f"<th>{escape(h)}</th>"
+
+    table = ["<table><tr>" + "".join(th(h) for h in header) + "</tr>"]
     for row, row_marks in zip(rows, marks):
         table.append("<tr>" + "".join(f"<td class={'best' if m else 'v'}>{escape(v)}</td>"
                                       for v, m in zip(row, row_marks)) + "</tr>")
