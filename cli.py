@@ -137,8 +137,11 @@ def evaluate(
     every: float = typer.Option(10.0, help="periodic mode: speak every this many seconds."),
     max_videos: int = typer.Option(None, help="Only the first N videos."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    batch_dialogues: int = typer.Option(1, help="Conversations streamed together (one forward per round); "
+                                                "under torchrun, per process."),
 ) -> None:
-    """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics."""
+    """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics.
+    Under `torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations."""
     from eval import run as eval_cmd
     from eval.scoring import DEFAULT_STS_MODEL
     from eval.stream import StreamConfig
@@ -149,7 +152,7 @@ def evaluate(
     cfg = eval_cmd.EvalConfig(shards=shards, out=out, ckpt=ckpt, stream=stream, variant=variant,
                               max_context=max_context, dst_window_s=dst_window, sweep=sweep,
                               thresholds_from=thresholds_from, sts_model=sts_model or DEFAULT_STS_MODEL,
-                              max_videos=max_videos, device=device)
+                              max_videos=max_videos, device=device, batch_dialogues=batch_dialogues)
     try:
         eval_cmd.run(cfg, console)
     except (FileNotFoundError, eval_cmd.EvalError) as exc:

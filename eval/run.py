@@ -9,6 +9,10 @@
 `--sweep` makes one teacher-forced pass (ground-truth context, so a decision's probability does not depend on the
 threshold), reads F1 against each threshold from it, picks the maximum per dataset and decision, and then runs the
 requested mode with those thresholds. `--thresholds-from` applies a saved thresholds.json (val -> test).
+
+`--batch-dialogues B` streams B conversations together (eval/batched.py); under `torchrun` each rank streams its
+share of the conversations and rank 0 gathers, scores and writes (eval/distributed.py): the same files as one
+process.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from rich.table import Table
 
 from eval.report import render_report
 from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts, write_metrics
-from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Streamer, apply_thresholds
+from eval.distributed import Ranks, balanced_shares, broadcast_from_main, gather_to_main, process_group
+from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Streamer, apply_thresholds, stream_rows
 from train.checkpoint import DST_META, load_dst_model
 from train.sequence import VARIANTS, SequenceFormat
 from train.shard_index import ShardIndex
@@ -55,27 +60,44 @@ class EvalConfig:
     sts_model: str = DEFAULT_STS_MODEL
     max_videos: int | None = None
     device: str = "auto"
+    batch_dialogues: int = 1  # conversations streamed together per process (--batch-dialogues)
 
 
-def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str) -> list[dict]:
-    total = sum(len(index.meta(v)["conversations"]) for v in video_ids)
+def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str,
+               ranks: Ranks = Ranks()) -> list[dict] | None:
+    """Stream every conversation of `video_ids` (this rank's share, `streamer`'s slots at a time); on rank 0 all
+    records in the single-process order (video, then conversation), None on the other ranks."""
     cfg = streamer.cfg
-    out = []
+    items = [(pos, vid, c) for pos, vid in enumerate(video_ids)
+             for c in range(len(index.meta(vid)["labels"]["conversations"]))]
+    lengths = [stream_rows(index.meta(vid), c, cfg.protocol) for _, vid, c in items]
+    mine = [items[i] for i in balanced_shares(lengths, ranks.world)[ranks.rank]]
+
+    def jobs():  # lazily, so only the videos in flight hold their embeddings
+        loaded = (None, None)
+        for pos, vid, c in mine:
+            if loaded[0] != vid:
+                loaded = (vid, index.rows(vid, 0, index.num_rows(vid)))
+            meta = index.meta(vid)
+            yield (pos, c), meta, loaded[1], c, thresholds.get(meta["dataset"])
+
+    records = {}
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        for vid in video_ids:
-            meta = index.meta(vid)
-            emb = index.rows(vid, 0, index.num_rows(vid))
-            theta = thresholds.get(meta["dataset"])
-            for c, conv in enumerate(meta["labels"]["conversations"]):
-                streamed = streamer.run(meta, emb, c, theta)
-                out.append({"dataset": meta["dataset"], "video_uid": meta["video_uid"], "conversation": c,
-                            "user_type": conv["user_type"], "fps": meta["fps"], "variant": cfg.variant,
-                            "protocol": cfg.protocol, "initial_state": meta["initial_state"],
-                            "reseeds": streamed["reseeds"], "frames": streamed["frames"]})
-                progress.advance(task)
-    return out
+        task = progress.add_task(label, total=len(mine))
+        for (pos, c), streamed in streamer.run_many(jobs()):
+            meta = index.meta(video_ids[pos])
+            records[pos, c] = {"dataset": meta["dataset"], "video_uid": meta["video_uid"], "conversation": c,
+                               "user_type": meta["labels"]["conversations"][c]["user_type"], "fps": meta["fps"],
+                               "variant": cfg.variant, "protocol": cfg.protocol,
+                               "initial_state": meta["initial_state"], "reseeds": streamed["reseeds"],
+                               "frames": streamed["frames"]}
+            progress.advance(task)
+    gathered = gather_to_main(records, ranks)
+    if gathered is None:
+        return None
+    merged = {key: record for part in gathered for key, record in part.items()}
+    return [merged[key] for key in sorted(merged)]
 
 
 def sweep_thresholds(dialogues: list[dict], embed, dst_window_s=2.0, console=None) -> dict:
@@ -132,7 +154,8 @@ def check_config(cfg: EvalConfig) -> None:
             raise EvalError(f"{name} must be a finite number {'> 0' if name == '--every' else '>= 0'} (seconds), "
                             f"got {value}")
     for name, value in (("--max-new-tokens", st.max_new_tokens), ("--max-summary-tokens", st.max_summary_tokens),
-                        ("--max-context", cfg.max_context), ("--max-videos", cfg.max_videos)):
+                        ("--max-context", cfg.max_context), ("--max-videos", cfg.max_videos),
+                        ("--batch-dialogues", cfg.batch_dialogues)):
         if value is not None and value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
 
@@ -171,9 +194,17 @@ def resolve_stream(cfg: EvalConfig, meta: dict | None) -> StreamConfig:
 
 
 def run(cfg: EvalConfig, console: Console | None = None) -> dict:
+    """One process, or one rank under torchrun: every rank streams its share, rank 0 scores and writes (the
+    other ranks return an empty dict)."""
     console = console or Console()
     check_config(cfg)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+    ranks = Ranks.from_env()
+    with process_group(ranks):
+        return _run(cfg, console if ranks.main else Console(quiet=True), ranks)
+
+
+def _run(cfg: EvalConfig, console: Console, ranks: Ranks) -> dict:
+    device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     index = ShardIndex.build(cfg.shards)
     video_ids = index.video_ids[: cfg.max_videos] if cfg.max_videos else index.video_ids
@@ -185,17 +216,21 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
     stream = resolve_stream(cfg, meta)
     datasets = sorted({index.dataset(v) for v in video_ids})
     thresholds = load_thresholds(cfg.thresholds_from, datasets) if cfg.thresholds_from else {}
-    embed = load_embedder(cfg.sts_model)
+    embed = load_embedder(cfg.sts_model) if ranks.main else None  # only rank 0 scores
     outputs: dict[str, str] = {}  # file name -> text; renamed into place together at the end
     sweep = None
     if cfg.sweep:
-        tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device)
-        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed,
-                                 dst_window_s=cfg.dst_window_s, console=console)
-        outputs["thresholds.json"] = json.dumps(sweep, indent=1)
-        thresholds = thresholds_of(sweep)
-    streamer = Streamer(model, fmt, stream, device)
-    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode)
+        tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device, cfg.batch_dialogues)
+        swept = _dialogues(tf, index, video_ids, {}, console, "sweep", ranks)
+        if ranks.main:
+            sweep = sweep_thresholds(swept, embed, dst_window_s=cfg.dst_window_s, console=console)
+            outputs["thresholds.json"] = json.dumps(sweep, indent=1)
+            thresholds = thresholds_of(sweep)
+        thresholds = broadcast_from_main(thresholds, ranks)
+    streamer = Streamer(model, fmt, stream, device, cfg.batch_dialogues)
+    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode, ranks)
+    if not ranks.main:
+        return {}
     metrics = score(dialogues, embed, cfg.sts_model)  # TODO(merge): protocol=stream.protocol, dst_window_s=
     outputs["predictions.jsonl"] = "".join(dumps_line(d) for d in dialogues)
     outputs["metrics.json"] = metrics_text(metrics)
