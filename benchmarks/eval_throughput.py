@@ -21,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,28 @@ def jobs(index: ShardIndex):
         yield vid, meta, index.rows(vid, 0, index.num_rows(vid)), 0, None
 
 
-def calibrate(model, fmt, cfg: StreamConfig, index: ShardIndex, device, update_rate: float, speak_rate: float):
-    """Thresholds at the (1 - rate) quantiles of the heads' probabilities over the first conversation."""
-    silent = Streamer(model, fmt, StreamConfig(**{**cfg.__dict__, "theta_update": 1.0, "theta_speak": 1.0}), device)
+def calibrate(model, fmt, cfg: StreamConfig, index: ShardIndex, device, update_rate: float, speak_rate: float,
+              rounds: int = 6) -> tuple[float, float]:
+    """Thresholds that give about these rates on the first conversation: start at the (1 - rate) quantiles of the
+    heads' probabilities without generation, then bisect in model mode (generated text changes what follows)."""
     _, meta, emb, c, _ = next(jobs(index))
-    frames = silent.run(meta, emb, c)["frames"]
-    return (float(np.quantile([f["p_update"] for f in frames], 1 - update_rate)),
-            float(np.quantile([f["p_speak"] for f in frames], 1 - speak_rate)))
+
+    def rates(theta_update: float, theta_speak: float) -> tuple[list[dict], float, float]:
+        streamer = Streamer(model, fmt, replace(cfg, theta_update=theta_update, theta_speak=theta_speak), device)
+        frames = streamer.run(meta, emb, c)["frames"]
+        return (frames, sum(bool(f["pred_dst_delta"]) for f in frames) / len(frames),
+                sum(bool(f["pred_text"]) for f in frames) / len(frames))
+
+    frames, _, _ = rates(1.0, 1.0)
+    theta = [float(np.quantile([f["p_update"] for f in frames], 1 - update_rate)),
+             float(np.quantile([f["p_speak"] for f in frames], 1 - speak_rate))]
+    brackets = [[0.0, 1.0], [0.0, 1.0]]
+    for _ in range(rounds):
+        _, *got = rates(*theta)
+        for i, (rate, target) in enumerate(zip(got, (update_rate, speak_rate))):
+            brackets[i][0 if rate > target else 1] = theta[i]  # too many: raise the threshold
+            theta[i] = sum(brackets[i]) / 2
+    return theta[0], theta[1]
 
 
 def timed_run(model, fmt, cfg: StreamConfig, index: ShardIndex, device, slots: int) -> dict:
@@ -66,11 +82,11 @@ def timed_run(model, fmt, cfg: StreamConfig, index: ShardIndex, device, slots: i
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     results = dict(streamer.run_many(jobs(index)))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - start_cpu
     frames = [f for vid in sorted(results) for f in results[vid]["frames"]]
-    return {"seconds": seconds, "conversations": len(results), "frames": len(frames),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "conversations": len(results), "frames": len(frames),
             "forward_share": clock["forward"] / seconds, "tokens_per_forward": clock["tokens"] / clock["forwards"],
             "decisions": [(bool(f["pred_dst_delta"]), f["pred_dst_text"], f["pred_text"]) for f in frames],
             "spoken": sum(bool(f["pred_text"]) for f in frames), "updates": sum(bool(f["pred_dst_delta"]) for f in frames),
@@ -104,7 +120,7 @@ def main() -> None:
         fmt = SequenceFormat(tokenizer, index.tokens_per_frame)
         cfg = StreamConfig(max_new_tokens=args.max_new_tokens, max_context=args.max_context, protocol="full-video")
         theta_update, theta_speak = calibrate(model, fmt, cfg, index, device, args.update_rate, args.speak_rate)
-        cfg = StreamConfig(**{**cfg.__dict__, "theta_update": theta_update, "theta_speak": theta_speak})
+        cfg = replace(cfg, theta_update=theta_update, theta_speak=theta_speak)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"CPU ({torch.get_num_threads()} threads)"
         print(f"device {name}; model {args.model}; {args.conversations} conversations x {args.frames} frames; "
@@ -117,23 +133,30 @@ def main() -> None:
                 print(f"  repeat {repeat + 1} B={b:<3} {run['conversations'] / run['seconds']:.3f} conversations/s "
                       f"({run['seconds']:.1f} s)", flush=True)
     base = runs[batches[0]]
+    # this thread's CPU time misses other threads' work and the GPU's: only reported for one CPU thread
+    clocks = ["seconds", "cpu_seconds"] if device.type == "cpu" and torch.get_num_threads() == 1 else ["seconds"]
     rows = []
     for b in batches:
-        rates = [r["conversations"] / r["seconds"] for r in runs[b]]
-        speedups = [(r["conversations"] / r["seconds"]) / (o["conversations"] / o["seconds"])
-                    for r, o in zip(runs[b], base)]
         first = runs[b][0]
         same = sum(a == o for a, o in zip(first["decisions"], base[0]["decisions"]))
-        rows.append({"batch": b, "conversations_per_s": statistics.median(rates), "range": [min(rates), max(rates)],
-                     "speedup": statistics.median(speedups), "speedup_range": [min(speedups), max(speedups)],
-                     "frames_per_s": statistics.median(r["frames"] / r["seconds"] for r in runs[b]),
-                     "forward_share": first["forward_share"], "tokens_per_forward": first["tokens_per_forward"],
-                     "same_as_first": f"{same}/{len(first['decisions'])}", "peak_gib": first["peak_gib"]})
-        print(f"B={b:<3} {rows[-1]['conversations_per_s']:.3f} conversations/s (range {min(rates):.3f}-"
-              f"{max(rates):.3f}), x{rows[-1]['speedup']:.2f} (range {min(speedups):.2f}-{max(speedups):.2f}), "
-              f"{rows[-1]['frames_per_s']:.1f} frames/s, {100 * first['forward_share']:.0f}% in forwards, "
+        row = {"batch": b, "frames_per_s": statistics.median(r["frames"] / r["seconds"] for r in runs[b]),
+               "forward_share": first["forward_share"], "tokens_per_forward": first["tokens_per_forward"],
+               "same_as_first": f"{same}/{len(first['decisions'])}", "peak_gib": first["peak_gib"]}
+        line = f"B={b:<3}"
+        for clock in clocks:
+            rates = [r["conversations"] / r[clock] for r in runs[b]]
+            speedups = [o[clock] / r[clock] for r, o in zip(runs[b], base)]  # same conversations: time ratio
+            suffix = "" if clock == "seconds" else "_cpu"
+            row |= {f"conversations_per_s{suffix}": statistics.median(rates), f"range{suffix}": [min(rates), max(rates)],
+                    f"speedup{suffix}": statistics.median(speedups),
+                    f"speedup_range{suffix}": [min(speedups), max(speedups)]}
+            line += (f" {'wall' if clock == 'seconds' else 'cpu'}: {statistics.median(rates):.3f} conversations/s "
+                     f"(range {min(rates):.3f}-{max(rates):.3f}), x{statistics.median(speedups):.2f} (range "
+                     f"{min(speedups):.2f}-{max(speedups):.2f});")
+        rows.append(row)
+        print(line + f" {row['frames_per_s']:.1f} frames/s, {100 * first['forward_share']:.0f}% in forwards, "
               f"{first['tokens_per_forward']:.1f} tokens per forward, frames equal to B={batches[0]}: "
-              f"{rows[-1]['same_as_first']}" + (f", peak {first['peak_gib']:.2f} GiB" if first["peak_gib"] else ""))
+              f"{row['same_as_first']}" + (f", peak {first['peak_gib']:.2f} GiB" if first["peak_gib"] else ""))
     print(f"spoken frames {base[0]['spoken']}, DST updates {base[0]['updates']} of {base[0]['frames']}")
     if args.json:
         print("RESULT " + json.dumps({"device": name, "model": args.model, "rows": rows}))

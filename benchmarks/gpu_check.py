@@ -44,9 +44,9 @@ GPU_STEPS = [
 SMOKE_STEPS = [
     ("prepare", ["prepare_throughput.py", "--frames", "8", "--batch-size", "8", "--shapes", "tiny-random",
                  "--json"], 120),
-    ("train", ["train_step.py", "--model", "tiny-random", "--tokens", "auto", "--max-seq-len", "256", "--steps", "2",
+    ("train", ["train_step.py", "--model", "tiny-random", "--tokens", "auto", "--max-seq-len", "512", "--steps", "2",
                "--videos", "4", "--frames", "60", "--workers", "0", "--json"], 120),
-    ("stream", ["stream_latency.py", "--model", "tiny-random", "--max-context", "200", "--repeats", "1", "--json"],
+    ("stream", ["stream_latency.py", "--model", "tiny-random", "--max-context", "400", "--repeats", "1", "--json"],
      120),
     ("eval", ["eval_throughput.py", "--model", "tiny-random", "--batches", "1,2", "--conversations", "3", "--frames",
               "30", "--repeats", "1", "--max-new-tokens", "4", "--json"], 120),
@@ -84,7 +84,8 @@ def rows_for(kind: str, args: list[str], result: dict) -> list[str]:
         peak = f"; peak {result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else ""
         pick = f"`--batch-size auto` picked {result['auto_pick']} tokens" if result["auto_pick"] is not None \
             else f"{result['token_budget']} tokens"
-        return [f"| train | {result['model']} {result['mode']}, fp16, memory fraction {result['memory_fraction']}, "
+        return [f"| train | {result['model']} {result['mode']}, {result['precision']}, memory fraction "
+                f"{result['memory_fraction']}, "
                 f"max_seq_len {result['max_seq_len']}, {result['steps']} steps | {pick}; "
                 f"{result['tokens_per_s']:,.0f} tokens/s{peak} |"]
     if kind == "stream":
@@ -133,8 +134,9 @@ def main() -> None:
     else:
         props = torch.cuda.get_device_properties(0)
         title = f"### GPU check, {date}, {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    models = "tiny random models, fp32 on the CPU" if args.cpu_smoke else "randomly initialised real shapes, fp16"
     section = [title, "", f"`benchmarks/gpu_check.sh{' --cpu-smoke' if args.cpu_smoke else ''}`: {elapsed:.0f} s, "
-               f"torch {torch.__version__}, commit {commit()}; randomly initialised real shapes, fp16.", "",
+               f"torch {torch.__version__}, commit {commit()}; {models}.", "",
                "| measurement | setting | result |", "|---|---|---|", *rows, ""]
     with open(args.docs, "a", encoding="utf-8") as docs:
         docs.write("\n" + "\n".join(section))

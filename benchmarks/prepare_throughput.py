@@ -69,7 +69,7 @@ def main() -> None:
         write_frames_file(path, synthetic_jpegs(args.frames, size=384))
         rate(path, min(32, args.frames), args.batch_size)  # warm-up: first arrow take, PIL plugins
         tiny, _ = load_model("tiny-random", device=device)
-        rate(path, 32, args.batch_size, 64, tiny, device)
+        rate(path, min(32, args.frames), args.batch_size, 64, tiny, device)
         cheap = {"decode only": (None, None), "decode + preprocess 64 px": (64, None),
                  "decode + preprocess 512 px": (512, None), "decode + preprocess 64 px + tiny model": (64, tiny)}
         for label, (size, model) in cheap.items():

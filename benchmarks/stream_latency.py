@@ -134,6 +134,9 @@ def main() -> None:
     system = len(fmt.system("assemble the toy", NODES, {n: "not_started" for n, _ in NODES}))
     fullest = (args.max_context - system) // len(fmt.frame) - 3  # the last frames before the re-seed
     context = system + fullest * len(fmt.frame)
+    if fullest < 16:
+        raise SystemExit(f"--max-context {args.max_context} leaves {fullest} frames after the {system}-token system "
+                         "prompt: too few to compare frame 10 with the fullest")
     streams = {"slot cache": EngineStream(model, fmt, device, capacity=args.max_context + 64),
                "DynamicCache": DynamicCacheStream(model, fmt, device)}
     # this thread's CPU time misses other threads' work and the GPU's: only reported for one CPU thread

@@ -169,6 +169,7 @@ def main() -> None:
     if args.json:
         print("RESULT " + json.dumps({
             "device": name, "model": args.model, "mode": "full" if args.full else "LoRA", "steps": steps,
+            "precision": "fp16" if device.type == "cuda" else "fp32",
             "token_budget": tokens_per_step, "auto_pick": picked, "memory_fraction": args.memory_fraction,
             "max_seq_len": args.max_seq_len, "tokens_per_s": tokens / times["total"], "outside_share": outside,
             "peak_gib": peak}))
