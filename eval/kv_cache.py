@@ -48,16 +48,18 @@ class PackedStep:
         self.device = device
         self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
 
-    def mask(self, segment: Segment, groups: int) -> torch.Tensor | None:
-        """`[1, 1, groups * length, past + length]`: query `i` sees keys `j <= past + i`; the grouped query rows
-        repeat the pattern once per head of a group. None for one token (it sees everything)."""
+    def mask(self, segment: Segment, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive `[1, 1, groups * length, past + length]`: query `i` sees keys `j <= past + i` (0), not the
+        later ones (-inf); the grouped query rows repeat the pattern once per head of a group. Additive rather
+        than boolean: SDPA would convert a boolean mask at every layer. None for one token (it sees everything)."""
         if segment.length == 1:
             return None
         key = (segment.start, groups)
         if key not in self._masks:
             rows = torch.arange(segment.length, device=self.device)[:, None] + segment.past
-            allowed = torch.arange(segment.past + segment.length, device=self.device)[None, :] <= rows
-            self._masks[key] = allowed.repeat(groups, 1)[None, None]
+            hidden = torch.arange(segment.past + segment.length, device=self.device)[None, :] > rows
+            additive = torch.zeros(hidden.shape, dtype=dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            self._masks[key] = additive.repeat(groups, 1)[None, None]
         return self._masks[key]
 
 
@@ -146,7 +148,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         end = seg.past + seg.length
         out = torch.nn.functional.scaled_dot_product_attention(
             q, key[seg.slot: seg.slot + 1, :, :end], value[seg.slot: seg.slot + 1, :, :end],
-            attn_mask=packed_step.mask(seg, groups), scale=scaling)
+            attn_mask=packed_step.mask(seg, groups, query.dtype), scale=scaling)
         outputs.append(out.reshape(heads, seg.length, dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
