@@ -27,10 +27,14 @@ Steps = Generator[Feed, torch.Tensor, object]  # a dialogue: yields Feed, receiv
 
 class StreamEngine:
     def __init__(self, model, fmt: SequenceFormat, device: torch.device | str = "cpu", slots: int = 1,
-                 use_cache: bool = True, capacity: int = 4096):
+                 use_cache: bool = True, capacity: int = 4096, attention: str = "auto"):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if attention not in ("auto", "segments", "padded"):
+            raise ValueError(f"attention must be auto, segments or padded, got {attention!r}")
         self.model, self.fmt, self.device = model, fmt, torch.device(device)
+        # one attention call per dialogue on a CPU (no arithmetic on padding), one for all on a GPU (one launch)
+        self.padded = attention == "padded" or attention == "auto" and self.device.type == "cuda"
         self.dtype = model.update_head.weight.dtype
         self.use_cache = use_cache  # False: recompute every context in full at every step (reference, slow)
         self.config = model.text_model.config
@@ -61,7 +65,7 @@ class StreamEngine:
             segments.append(Segment(r.session.slot, start, len(r.ids), r.session.length))
             start += len(r.ids)
         self.cache.reserve(max(s.past + s.length for s in segments))
-        step = PackedStep(segments, self.device)
+        step = PackedStep(segments, self.device, self.padded)
         input_ids = torch.tensor([[t for r in requests for t in r.ids]], device=self.device)
         embeds = torch.cat([r.embeds.to(self.device) for r in requests])
         inputs = self.model.embed(input_ids, input_ids == self.fmt.image_id, embeds)

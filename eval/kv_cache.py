@@ -7,7 +7,10 @@ with the context, so a frame at 4,000 tokens cost about 4x a frame at the start.
 with its query heads grouped onto their shared key/value head (`[kv_heads, groups * q, head_dim]`: no repeat).
 
 Several dialogues' new tokens are packed into one sequence, without padding (`PackedStep`): the projections and
-MLPs run on all of them at once; only attention is per dialogue, on that dialogue's own slot. The transformers
+MLPs run on all of them at once; only attention is per dialogue, on that dialogue's own slot: one call per
+dialogue (`segments`, the CPU default: no work on padding), or one call for all of them over the slots' buffers
+with padded queries and a mask (`padded`, the GPU default: one kernel launch per layer instead of one per
+dialogue; the buffers are read in place, the padding costs arithmetic, not copies). The transformers
 model runs unchanged (pinned 5.24): this module registers an attention function under `ATTENTION` and
 `packed_attention` switches the text config to it for the duration of a forward; the step plan reaches it as the
 `packed_step` keyword, which transformers passes through to the attention function.
@@ -39,7 +42,7 @@ class PackedStep:
     """Where each token of one packed forward goes, and the causal masks of its segments (built once, shared by
     every layer)."""
 
-    def __init__(self, segments: list[Segment], device: torch.device):
+    def __init__(self, segments: list[Segment], device: torch.device, padded: bool = False):
         self.segments = segments
         slots = [s.slot for s in segments for _ in range(s.length)]
         positions = [s.past + i for s in segments for i in range(s.length)]
@@ -47,6 +50,13 @@ class PackedStep:
         self.position = torch.tensor(positions, device=device)
         self.device = device
         self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.padded = padded and len(segments) > 1
+        if self.padded:  # slots lo..hi-1 (a view of the buffers), queries padded to the longest segment
+            self.lo, self.hi = min(s.slot for s in segments), max(s.slot for s in segments) + 1
+            self.longest = max(s.length for s in segments)
+            self.keys = max(s.past + s.length for s in segments)
+            self.row = self.slot_index - self.lo
+            self.offset = torch.tensor([i for s in segments for i in range(s.length)], device=device)
 
     def mask(self, segment: Segment, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive `[1, 1, groups * length, past + length]`: query `i` sees keys `j <= past + i` (0), not the
@@ -60,6 +70,25 @@ class PackedStep:
             hidden = torch.arange(segment.past + segment.length, device=self.device)[None, :] > rows
             additive = torch.zeros(hidden.shape, dtype=dtype, device=self.device).masked_fill_(hidden, float("-inf"))
             self._masks[key] = additive.repeat(groups, 1)[None, None]
+        return self._masks[key]
+
+    def padded_mask(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive `[slots, 1, groups * longest, keys]` for the padded call: a segment's query `i` sees keys
+        `j <= past + i`; padding rows (and slots without a segment) see key 0 only, so they stay finite."""
+        key = (-1, groups)
+        if key not in self._masks:
+            rows = self.hi - self.lo
+            past = torch.full((rows,), -1, dtype=torch.long)
+            length = torch.zeros(rows, dtype=torch.long)
+            for s in self.segments:
+                past[s.slot - self.lo], length[s.slot - self.lo] = s.past, s.length
+            past, length = past.to(self.device), length.to(self.device)
+            i = torch.arange(self.longest, device=self.device)[None, :, None]
+            j = torch.arange(self.keys, device=self.device)[None, None, :]
+            allowed = ((i < length[:, None, None]) & (j <= past[:, None, None] + i)) | (j == 0)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            self._masks[key] = additive[:, None].expand(rows, groups, self.longest, self.keys).reshape(
+                rows, 1, groups * self.longest, self.keys)
         return self._masks[key]
 
 
@@ -142,6 +171,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     _, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
+    if packed_step.padded:
+        return _padded_sdpa(query, key, value, scaling, packed_step, kv_heads, groups), None
     outputs = []
     for seg in packed_step.segments:
         q = query[0, :, seg.start: seg.start + seg.length].reshape(1, kv_heads, groups * seg.length, dim)
@@ -152,6 +183,22 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         outputs.append(out.reshape(heads, seg.length, dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+def _padded_sdpa(query, key, value, scaling, step: PackedStep, kv_heads: int, groups: int) -> torch.Tensor:
+    """All segments in one call: queries scattered to `[slots, kv_heads, groups * longest, d]`, attention over the
+    slots' buffers up to the longest filled length, the real rows gathered back. Returns `[1, tokens, heads, d]`."""
+    _, heads, _, dim = query.shape
+    rows, longest = step.hi - step.lo, step.longest
+    padded = query.new_zeros(rows, longest, heads, dim)
+    padded[step.row, step.offset] = query[0].transpose(0, 1)
+    padded = padded.view(rows, longest, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
+        rows, kv_heads, groups * longest, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded, key[step.lo: step.hi, :, : step.keys], value[step.lo: step.hi, :, : step.keys],
+        attn_mask=step.padded_mask(groups, query.dtype), scale=scaling)
+    out = out.view(rows, kv_heads, groups, longest, dim).permute(0, 3, 1, 2, 4).reshape(rows, longest, heads, dim)
+    return out[step.row, step.offset].unsqueeze(0)
 
 
 AttentionInterface.register(ATTENTION, packed_sdpa)

@@ -40,9 +40,12 @@ def with_ids(streamer, meta, emb, conversation):
     return start
 
 
-@pytest.mark.parametrize("mode", ["model", "teacher-forced"])
-@pytest.mark.parametrize("variant", ["dst", "summary"])
-def test_batched_streaming_equals_one_at_a_time(setup, mode, variant):
+@pytest.mark.parametrize("mode,variant,attention", [
+    ("model", "dst", "segments"), ("teacher-forced", "dst", "segments"), ("model", "summary", "segments"),
+    ("teacher-forced", "summary", "segments"),
+    ("model", "dst", "padded"), ("teacher-forced", "summary", "padded"),  # the GPU default, checked on the CPU
+])
+def test_batched_streaming_equals_one_at_a_time(setup, mode, variant, attention):
     model, tokenizer, tokens, index = setup
     fmt = SequenceFormat(tokenizer, tokens, variant)
     cfg = StreamConfig(mode=mode, variant=variant, max_context=MAX_CONTEXT[variant], **OPTIONS)
@@ -51,6 +54,7 @@ def test_batched_streaming_equals_one_at_a_time(setup, mode, variant):
     for key, meta, emb, c in dialogues(index):
         expected[key] = (single.run(meta, emb, c), list(single.session.ids))
     batched = Streamer(model, fmt, cfg, slots=3)
+    batched.engine.padded = attention == "padded"
     jobs = [(key, with_ids(batched, meta, emb, c)) for key, meta, emb, c in dialogues(index)]
     got = dict(batched.engine.run_many(jobs))
     assert set(got) == set(expected) and len(got) == 8
