@@ -167,11 +167,15 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Output folder (replaced)."),
     fast: bool = typer.Option(False, help="A smaller, quicker run (a smoke test)."),
     seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
+    model: str = typer.Option("tiny-random", help="tiny-random (minutes) or smollm2-135m (real SmolLM2 language "
+                                                  "weights, LoRA; under an hour on a 2-core CPU)."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
     from eval import demo as demo_cmd
 
-    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed), console)
+    if model not in demo_cmd.MODELS:
+        _fail(f"--model must be one of {demo_cmd.MODELS}, got {model!r}")
+    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, model=model), console)
 
 
 @app.command("synth-frames")

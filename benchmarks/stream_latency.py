@@ -1,6 +1,6 @@
 """Per-frame latency of streaming inference, with and without the KV cache, early and late in a video.
 
-    python benchmarks/stream_latency.py [--model mid|tiny-random|256M] [--frames 1000]
+    python benchmarks/stream_latency.py [--model mid|tiny-random|smollm2-135m|256M] [--frames 1000]
 
 Feeds the system prompt, then frames (the frame block and both decision reads) through `StreamSession`; a frame's
 latency is the time of its feed plus the two head reads. Reported at frame 10 and at the last frame (mean of 5
@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--max-context", type=int, default=4096, help="as dst eval's --max-context")
     parser.add_argument("--no-full", action="store_true", help="skip the (slow) run without the cache")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = build(args.model, lora=False, hidden=args.hidden)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

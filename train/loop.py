@@ -11,6 +11,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from train.checkpoint import save_checkpoint
+from train.fp16_monitor import TrainingMonitor
 from train.losses import TERMS
 from train.step import global_counts, loss_terms, scaled_loss, validate
 
@@ -56,6 +57,7 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
     step, position = state["step"], state["position"]
     stream = micro_batches(data, position["epoch"], position["batch"], cfg.num_workers)
     preemption = Preemption()
+    monitor = TrainingMonitor(model, scaler, runtime)  # skipped steps, non-finite forwards, overflow stop
 
     def checkpoint():
         if runtime.is_main:
@@ -85,8 +87,10 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                             out = ddp(batch)
                         terms, here = loss_terms(out, batch, cfg)
                         loss = scaled_loss(terms, here, total, cfg, runtime.world)
+                        monitor.check_forward(loss, batch, step, i)
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     sums += torch.tensor([float(terms[t].detach()) * here[t] for t in TERMS], dtype=torch.float64)
+                monitor.stop_if_overflowed()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -95,6 +99,7 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                     scaler.update()
                 else:
                     optimizer.step()
+                monitor.after_optimizer_step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
@@ -112,7 +117,7 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                     weights = {"update": cfg.w_upd, "dst_text": cfg.w_dst, "speak": cfg.w_spk, "response": cfg.w_rsp}
                     loss_value = sum(weights[t] * values[t] for t in TERMS)
                     log({"step": step, "loss": loss_value, **values, "lr": lr, "tokens_per_s": tokens / step_s,
-                         "epoch": epoch, "data_s": data_s, "step_s": step_s})
+                         "epoch": epoch, "data_s": data_s, "step_s": step_s, **monitor.metrics()})
                     progress.update(task, loss=loss_value, tps=tokens / step_s)
                 progress.update(task, completed=step)
                 if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
