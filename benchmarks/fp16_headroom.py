@@ -1,7 +1,8 @@
 """fp16 headroom of the real SmolLM2-135M weights: the largest |activation| per layer in fp32 and in fp16, before
 and after a short LoRA and a short full fine-tune, against fp16's limit of 65,504.
 
-    python benchmarks/fp16_headroom.py [--frames 40] [--steps 24] [--frame-scales 1 8] [--threads 1]
+    python benchmarks/fp16_headroom.py [--frames 40] [--steps 24] [--batch-tokens 1024] [--frame-scales 1 8]
+                                       [--threads 1]
 
 Sequences: the realistic record (pipeline/realistic_record.py: 20 steps, ProAssist-style dialogue) for its first
 `--frames` frames, built by the training sequence builder; its frame tokens are random with an RMS of `scale` x the
@@ -18,7 +19,7 @@ numeric modes:
 
 Margin = 65,504 / the largest fp16-held |activation|. Argmax agreement: the share of positions whose LM-head argmax
 equals fp32's. Fine-tunes: LoRA and full fine-tuning for `--steps` steps on synthetic demo tasks (prepared with
-`smollm2-135m`), 1024-token batches, LoRA lr 1e-3, full lr 1e-4. fp16 matmuls on a CPU are slow (about 4x fp32).
+`smollm2-135m`), `--batch-tokens` micro-batches, LoRA lr 1e-3, full lr 1e-4. fp16 matmuls on a CPU are slow (about 4x fp32).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def summary_rows(name: str, scale: float, results: dict) -> list[str]:
     return rows
 
 
-def fine_tune(folder: Path, lora: bool, steps: int) -> Path:
+def fine_tune(folder: Path, lora: bool, steps: int, tokens: int) -> Path:
     """A short run of `dst train` on synthetic demo shards; its checkpoint folder."""
     shards = folder / "shards"
     if not shards.exists():
@@ -111,7 +112,7 @@ def fine_tune(folder: Path, lora: bool, steps: int) -> Path:
                                   out=shards, frames_root=Path(data["frames_root"]), tokens_per_frame=5))
     out = folder / ("lora" if lora else "full")
     train_run.run(TrainConfig(shards=shards, model=SMOLLM2, out=out, max_steps=steps, lora=lora,
-                              lr=1e-3 if lora else 1e-4, batch_size="1024", max_seq_len=1024, warmup_steps=2,
+                              lr=1e-3 if lora else 1e-4, batch_size=str(tokens), max_seq_len=tokens, warmup_steps=2,
                               num_workers=0, log_every=max(steps // 4, 1), save_every=steps))
     return out / "checkpoints" / "last"
 
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40, help="frames of the realistic record (2 per second)")
     parser.add_argument("--steps", type=int, default=24, help="fine-tuning steps (0: the pretrained model only)")
     parser.add_argument("--frame-scales", type=float, nargs="+", default=[1.0, 8.0])
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="fine-tuning micro-batch (and window) size")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None, help="folder for the fine-tuning runs (default: temp)")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
     if args.steps:
         work = args.work or Path(tempfile.mkdtemp())
         for lora in (True, False):
-            ckpt = fine_tune(work, lora, args.steps)
+            ckpt = fine_tune(work, lora, args.steps, args.batch_tokens)
             models.append((f"{'LoRA' if lora else 'full'} {args.steps} steps", load_dst_model(ckpt)[0]))
     print(f"sequence: {len(seq.input_ids)} tokens ({args.frames} frames, 5 tokens each); token embedding RMS {rms:.3f}")
     header = ("| model | frame RMS | mode | residual max (layer) | attention out max | MLP inner max | MLP out max "
