@@ -168,13 +168,13 @@ def test_window_targets_end_in_eos_and_never_hold_pad(fmt):
 
 
 def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
-    """Teacher forcing with the ground-truth decisions over the realistic record's first 10 s (its full minute
-    costs a minute of CPU): the session holds exactly the training window's ids, and its cached last hidden
+    """Teacher forcing with the ground-truth decisions over the realistic record's first 6 s (its full minute
+    costs minutes of CPU): the session holds exactly the training window's ids, and its cached last hidden
     state equals a full forward over the window."""
     vlm, _ = smollm2
     torch.manual_seed(0)
     model = DSTModel(vlm).eval()
-    meta = realistic_meta(n_frames=20)
+    meta = realistic_meta(n_frames=12)
     n = len(meta["labels"]["frame"])
     emb = (np.random.default_rng(0).standard_normal((n, 5, 576)) * 0.14).astype(np.float16)
     streamer = Streamer(model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192))
