@@ -81,7 +81,7 @@ def main() -> None:
           f"{1000 * bounded[fullest]:.2f} ms, ratio {bounded[fullest] / bounded[10]:.2f}")
     cached = frame_latencies(StreamSession(model, fmt, device), args.frames, [10, late], hidden, device)
     print(f"with cache, unbounded: frame 10 {1000 * cached[10]:.2f} ms, frame {late} {1000 * cached[late]:.2f} ms, "
-          f"ratio {cached[late] / cached[10]:.2f}, {1 / cached[late]:.0f} frames/s at the end")
+          f"ratio {cached[late] / cached[10]:.2f}, {1 / cached[late]:.2f} frames/s at the end")
     if args.no_full:
         return
     full = frame_latencies(StreamSession(model, fmt, device, use_cache=False), args.frames, [10, late], hidden,

@@ -12,7 +12,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 from eval.session import StreamSession
 from eval.stream import StreamConfig, Streamer
@@ -20,7 +19,7 @@ from pipeline.realistic_record import SECONDS, realistic_meta
 from pipeline.smolvlm import ADDED_TOKENS, build_tiny_tokenizer
 from pipeline.timeline import STATE_RANK
 from train.model import DSTModel
-from train.sequence import SequenceFormat, build_window, format_state, frame_segments, parse_update, system_for
+from train.sequence import SequenceFormat, build_window, frame_segments, parse_update, system_for
 
 STATES = list(STATE_RANK)
 
