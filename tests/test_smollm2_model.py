@@ -118,3 +118,14 @@ def test_checkpoints_reload_for_eval(smollm2, tmp_path, lora):
     assert torch.equal(loaded.update_head.weight, model.update_head.weight)
     # the trained part was loaded, not only the base
     assert not torch.allclose(_hidden(loaded, tokenizer), _hidden(DSTModel(vlm).eval(), tokenizer), atol=1e-3)
+
+
+def test_demo_rejects_an_unknown_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--model", "smollm2-1.7b", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 2
+    assert "tiny-random" in result.output and "smollm2-135m" in result.output
+    assert not (tmp_path / "demo").exists()  # refused before anything was generated
