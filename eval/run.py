@@ -13,7 +13,6 @@ requested mode with those thresholds. `--thresholds-from` applies a saved thresh
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -25,17 +24,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from eval.report import write_report
-from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts, write_metrics
-from eval.stream import MODES, StreamConfig, Streamer, apply_thresholds
+from eval.metrics_dst import DST_WINDOW_S
+from eval.scoring import DEFAULT_STS_MODEL, check_scorable, load_embedder, read_predictions, score, write_metrics
+from eval.stream import MODES, StreamConfig, Streamer
+from eval.sweep import ThresholdsError, best_from_sweep, load_thresholds, sweep_thresholds, write_thresholds
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat
 from train.shard_index import ShardIndex
 
 class EvalError(ValueError):
     """A user-facing problem with the eval inputs (missing checkpoint, mismatched shards)."""
-
-
-SWEEP = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
 
 
 @dataclass(frozen=True)
@@ -69,28 +67,11 @@ def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console
     return out
 
 
-def sweep_thresholds(dialogues: list[dict], embed) -> dict:
-    """F1 against each threshold, per dataset and decision, from teacher-forced records."""
-    result = {"datasets": {}}
-    for dataset in sorted({d["dataset"] for d in dialogues}):
-        mine = [d for d in dialogues if d["dataset"] == dataset]
-        curves = {"speak": [], "update": []}
-        for theta in SWEEP:
-            swept = copy.deepcopy(mine)
-            for d in swept:
-                apply_thresholds(d["frames"], theta, theta)
-            f1 = sweep_counts(swept, embed)
-            curves["speak"].append(f1["speak_f1"])
-            curves["update"].append(f1["update_f1"])
-        result["datasets"][dataset] = {
-            name: {"thresholds": SWEEP, "f1": values, "best": SWEEP[max(range(len(SWEEP)), key=values.__getitem__)]}
-            for name, values in curves.items()}
-    return result
-
-
-def _load_thresholds(path: Path) -> dict[str, tuple[float, float]]:
-    data = json.loads(Path(path).read_text())
-    return {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in data["datasets"].items()}
+def _load_thresholds(path: Path, datasets=None) -> dict[str, tuple[float, float]]:
+    try:
+        return load_thresholds(path, datasets)
+    except ThresholdsError as e:
+        raise EvalError(str(e)) from None
 
 
 def run(cfg: EvalConfig, console: Console | None = None) -> dict:
@@ -113,13 +94,14 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
         fmt = SequenceFormat(tokenizer, index.tokens_per_frame)
     cfg.out.mkdir(parents=True, exist_ok=True)
     embed = load_embedder(cfg.sts_model)
-    thresholds = _load_thresholds(cfg.thresholds_from) if cfg.thresholds_from else {}
+    thresholds = (_load_thresholds(cfg.thresholds_from, {index.meta(v)["dataset"] for v in video_ids})
+                  if cfg.thresholds_from else {})
     sweep = None
     if cfg.sweep:
         tf = Streamer(model, fmt, replace(cfg.stream, mode="teacher-forced"), device)
-        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed)
-        (cfg.out / "thresholds.json").write_text(json.dumps(sweep, indent=1))
-        thresholds = {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in sweep["datasets"].items()}
+        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed, console=console)
+        write_thresholds(cfg.out / "thresholds.json", sweep)
+        thresholds = best_from_sweep(sweep)
     streamer = Streamer(model, fmt, cfg.stream, device)
     dialogues = _dialogues(streamer, index, video_ids, thresholds, console, cfg.stream.mode)
     with open(cfg.out / "predictions.jsonl", "w") as f:
@@ -151,10 +133,14 @@ def print_metrics(metrics: dict, console: Console, title: str) -> None:
     console.print(table)
 
 
-def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL, console: Console | None = None):
-    """`dst score`: metrics from saved predictions, no model."""
+def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL, console: Console | None = None, *,
+               protocol: str = "proassist", dst_window_s: float = DST_WINDOW_S) -> dict:
+    """`dst score`: metrics from saved predictions, no model. The predictions are read and validated before
+    anything is loaded or written: a file that cannot be scored raises PredictionsError/ScoringError and leaves an
+    existing metrics.json as it was (the new one is written atomically, only when complete)."""
     dialogues = read_predictions(predictions)
-    metrics = score(dialogues, load_embedder(sts_model), sts_model)
+    check_scorable(dialogues, protocol)
+    metrics = score(dialogues, load_embedder(sts_model), sts_model, protocol=protocol, dst_window_s=dst_window_s)
     write_metrics(out, metrics)
     print_metrics(metrics, console or Console(), title=str(out))
     return metrics
