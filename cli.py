@@ -152,23 +152,34 @@ def evaluate(
                               max_videos=max_videos, device=device)
     try:
         eval_cmd.run(cfg, console)
-    except (FileNotFoundError, eval_cmd.EvalError) as exc:
+    except (FileNotFoundError, eval_cmd.EvalError, eval_cmd.PredictionsError, eval_cmd.ScoringError) as exc:
         _fail(str(exc))
 
 
 @app.command()
 def score(
     predictions: Path = typer.Option(..., help="predictions.jsonl written by dst eval."),
-    out: Path = typer.Option(..., help="metrics.json to write."),
+    out: Path = typer.Option(..., help="metrics.json to write (replaced only when scoring succeeds)."),
     sts_model: str = typer.Option(None, help="Sentence-embedding model (name or local folder)."),
+    protocol: str = typer.Option("proassist", help="proassist: each dialogue up to its last assistant turn "
+                                                   "(ProAssist's protocol, comparable with the paper); full-video."),
+    dst_window: float = typer.Option(2.0, help="DST update and transition matching window, seconds each side."),
 ) -> None:
     """Re-score saved predictions without a model."""
-    from eval import run as eval_cmd
-    from eval.scoring import DEFAULT_STS_MODEL
+    import math
 
+    from eval import run as eval_cmd
+    from eval.protocol import PROTOCOLS, ScoringError
+    from eval.scoring import DEFAULT_STS_MODEL, PredictionsError
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if not math.isfinite(dst_window) or dst_window < 0:
+        _fail(f"--dst-window must be a number of seconds >= 0, got {dst_window}")
     try:
-        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console)
-    except FileNotFoundError as exc:
+        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console, protocol=protocol,
+                            dst_window_s=dst_window)
+    except (PredictionsError, ScoringError) as exc:
         _fail(str(exc))
 
 

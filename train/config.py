@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from train.losses import DECISION_LOSSES
+from train.sequence import VARIANTS
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-DECISION_LOSSES = ("focal", "balanced_bce", "bce")
-VARIANTS = ("dst", "summary", "none")  # DESIGN 6c; train.sequence.VARIANTS is the same list
 
 
 class TrainConfigError(ValueError):
