@@ -29,7 +29,8 @@ from train.config import TrainConfig
 
 # (train, val, test videos, optimizer steps); chosen on val only.
 SIZES = {"full": (120, 20, 20, 2500), "fast": (24, 6, 6, 600)}
-SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_precision": ("speak", "precision"),
+SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_proassist_f1": ("speak_proassist", "f1"),
+                "speak_precision": ("speak", "precision"),
                 "speak_recall": ("speak", "recall"), "update_f1": ("dst", "update_f1"),
                 "joint_accuracy": ("dst", "joint_accuracy"), "node_accuracy": ("dst", "node_accuracy"),
                 "transition_f1": ("dst", "transition_f1"), "validity": ("dst", "validity"),
@@ -95,7 +96,7 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
     for mode in ("never", "periodic", "oracle"):
         results[mode] = eval_run.run(replace(base, out=out / "eval" / f"test-{mode}",
                                              stream=replace(stream, mode=mode)), console)
-    summary = {name: {key: m["mean"][group][field] for key, (group, field) in SUMMARY_KEYS.items()}
+    summary = {name: {key: (m["mean"].get(group) or {}).get(field) for key, (group, field) in SUMMARY_KEYS.items()}
                for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     shutil.copy(out / "eval" / cfg.variants[0] / "test" / "report.html", out / "report.html")
