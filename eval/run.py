@@ -170,13 +170,16 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
     dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode)
     metrics = score(dialogues, embed, cfg.sts_model, protocol=stream.protocol, dst_window_s=cfg.dst_window_s)
     lines = [dumps(d) for d in dialogues]
-    metrics["non_finite_predictions"] = sum(n for _, n in lines)  # e.g. NaN probabilities, written as null
+    non_finite = sum(n for _, n in lines)  # e.g. NaN probabilities of a broken checkpoint, written as null
+    if non_finite:
+        console.print(f"[yellow]warning:[/] {non_finite} non-finite values in the predictions (written as null)")
     outputs["predictions.jsonl"] = "".join(text + "\n" for text, _ in lines)
     outputs["metrics.json"] = dumps(metrics, indent=2)[0] + "\n"
     run_info = {"checkpoint": str(cfg.ckpt), "mode": stream.mode, "variant": stream.variant,
                 "protocol": stream.protocol, "shards": str(cfg.shards),
                 "thresholds": thresholds or {"all": [stream.theta_update, stream.theta_speak]},
                 "context_strategy": stream.context_strategy, "max_context": stream.max_context,
+                "non_finite_predictions": non_finite,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     outputs["report.html"] = render_report(dialogues, metrics, run_info, sweep=sweep)
     write_outputs(cfg.out, outputs)
