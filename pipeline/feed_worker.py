@@ -45,15 +45,18 @@ def error_reply(path: str | Path, indices: list[int], exc: Exception) -> tuple:
     return ("error", f"{batch_name(path, indices)}: {type(exc).__name__}: {exc}", traceback.format_exc())
 
 
-def worker_main(conn, buffer_path: str, slots: int, slot_frames: int, image_size: int) -> None:
+def worker_main(conn, buffer_path: str, slot_bytes: int, slot_frames: int, image_size: int) -> None:
     """Answer tasks `(slot, path, fps, indices)` in order with `("ok", bad, count)` or an error reply, writing
-    pixels into slot `slot` of the shared buffer file. `None` stops the loop; so does a closed pipe (the main
-    process is gone, however it ended)."""
+    pixels into slot `slot` of the shared buffer file (slots start every `slot_bytes`). `None` stops the loop; so
+    does a closed pipe (the main process is gone, however it ended)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops the workers
     with open(buffer_path, "r+b") as f:
         shared = mmap.mmap(f.fileno(), 0)
-    shape = (slots, slot_frames, 3, image_size, image_size)
-    buffers = np.ndarray(shape, np.float32, buffer=shared)
+    shape = (slot_frames, 3, image_size, image_size)
+
+    def slot_array(slot: int) -> np.ndarray:
+        return np.ndarray(shape, np.float32, buffer=shared, offset=slot * slot_bytes)
+
     src: FrameSource | None = None
     try:
         conn.send(("ready",))
@@ -71,7 +74,7 @@ def worker_main(conn, buffer_path: str, slots: int, slot_frames: int, image_size
                         src.close()
                         src = None
                     src = open_frames(path, fps)
-                bad, count = decode_and_preprocess(src, indices, image_size, lambda n: buffers[slot])
+                bad, count = decode_and_preprocess(src, indices, image_size, lambda n: slot_array(slot))
                 reply = ("ok", bad, count)
             except Exception as exc:  # every failure goes back to the main process, which raises it
                 reply = error_reply(path, indices, exc)
@@ -79,8 +82,6 @@ def worker_main(conn, buffer_path: str, slots: int, slot_frames: int, image_size
                 conn.send(reply)
             except (BrokenPipeError, ConnectionResetError, EOFError):
                 return
-    finally:
+    finally:  # the mapping goes with the process
         if src is not None:
             src.close()
-        del buffers
-        shared.close()

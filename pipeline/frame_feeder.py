@@ -9,8 +9,9 @@ One function, `feed_worker.decode_and_preprocess`, turns a batch into pixels: in
 worker otherwise; the encoder therefore gets bit-identical pixels for every worker count and timing. Batch j goes to
 worker j % N and each worker answers its tasks in order, so results come back in order with no reordering. Workers
 write pixels into slots of one shared buffer (a file in /dev/shm, unlinked once every worker has mapped it): passing
-100 MB batches through a pipe cost the main process more CPU than the resize it saved. 2 N slots bound the
-prefetch, and a slot is free again as soon as its pixels are copied out, before they are encoded.
+100 MB batches through a pipe cost the main process more CPU than the resize it saved, and even a copy out of the
+buffer costs 2 ms per 512 px frame, so the encoder reads the slot in place. 2 N slots bound the prefetch; a slot is
+reused once the caller asks for the next batch. Without workers the same code fills a one-slot private buffer.
 
 Failures: an exception in a worker comes back and is raised here, naming the video and the frames. A
 FrameSourceError (the file cannot be used) stays one, with its own message, so the video is skipped exactly as
@@ -57,7 +58,9 @@ class FrameFeedError(RuntimeError):
 class FedBatch:
     indices: list[int]  # the batch's frame indices, as given
     bad: list[int]  # those whose picture could not be decoded, in batch order
-    pixels: torch.Tensor  # float32 [len(indices) - len(bad), 3, S, S]: the decodable frames, in batch order
+    # float32 [len(indices) - len(bad), 3, S, S]: the decodable frames, in batch order. A view of the feeder's
+    # buffer, valid until the next batch is asked for: encode (or copy) it first. No copy, no allocation per batch.
+    pixels: torch.Tensor
 
 
 def default_workers() -> int:
@@ -73,7 +76,10 @@ class FrameFeeder:
             raise ValueError(f"need workers >= 0, batch_size >= 1, image_size >= 1; got {workers}, {batch_size}, "
                              f"{image_size}")
         self.workers, self.image_size, self.batch_size, self.fps = workers, image_size, batch_size, fps
-        self._slots = _SLOTS_PER_WORKER * workers
+        self._slots = max(1, _SLOTS_PER_WORKER * workers)
+        # Every slot starts on a page, with or without workers: the encoder reads the same layout either way.
+        raw = batch_size * 3 * image_size * image_size * 4
+        self._slot_bytes = -(-raw // mmap.PAGESIZE) * mmap.PAGESIZE
         self._procs: list = []
         self._conns: list = []
         self._shared: mmap.mmap | None = None
@@ -105,19 +111,15 @@ class FrameFeeder:
                 self.close()
 
     def _local(self, path: Path, batches: list[list[int]], done: list[bool]) -> Iterator[FedBatch]:
+        if self._shared is None:
+            self._shared = mmap.mmap(-1, self._slot_bytes)  # one slot, private to this process
         with open_frames(path, self.fps) as src:
             for indices in batches:
-                made: list[torch.Tensor] = []
-
-                def out_for(count: int) -> np.ndarray:
-                    made.append(torch.empty((count, 3, self.image_size, self.image_size), dtype=torch.float32))
-                    return made[0].numpy()
-
                 try:
-                    bad, _ = decode_and_preprocess(src, indices, self.image_size, out_for)
-                except Exception as exc:  # same reply, same exception as from a worker
+                    bad, count = decode_and_preprocess(src, indices, self.image_size, lambda n: self._slot(0))
+                except Exception as exc:  # the same reply, hence the same exception, as from a worker
                     _raise(error_reply(path, indices, exc), exc)
-                yield FedBatch(indices, bad, made[0])
+                yield FedBatch(indices, bad, torch.from_numpy(self._slot(0, count)))
         done[0] = True
 
     def _from_workers(self, path: Path, batches: list[list[int]], done: list[bool]) -> Iterator[FedBatch]:
@@ -143,18 +145,16 @@ class FrameFeeder:
             if reply[0] != "ok":
                 _raise(reply)
             _, bad, count = reply
-            pixels = torch.empty((count, 3, self.image_size, self.image_size), dtype=torch.float32)
-            pixels.numpy()[...] = self._slot_view(slot, count)  # a fresh tensor, as without workers
-            free.append(slot)
+            yield FedBatch(indices, bad, torch.from_numpy(self._slot(slot, count)))
+            free.append(slot)  # the caller asked for the next batch: it is done with this slot
             submit()
-            yield FedBatch(indices, bad, pixels)
         done[0] = True
 
-    def _slot_view(self, slot: int, count: int) -> np.ndarray:
-        frame = 3 * self.image_size * self.image_size
-        offset = slot * self.batch_size * frame * 4
-        return np.frombuffer(self._shared, np.float32, count * frame, offset).reshape(
-            count, 3, self.image_size, self.image_size)
+    def _slot(self, slot: int, count: int | None = None) -> np.ndarray:
+        """Slot `slot` of the buffer as float32 [count (default: batch_size), 3, S, S]."""
+        count = self.batch_size if count is None else count
+        return np.ndarray((count, 3, self.image_size, self.image_size), np.float32, buffer=self._shared,
+                          offset=slot * self._slot_bytes)
 
     def _receive(self, worker: int, path: Path, indices: list[int]) -> tuple:
         conn, proc = self._conns[worker], self._procs[worker]
@@ -187,23 +187,25 @@ class FrameFeeder:
             return
         if self._procs:
             return
-        slot_bytes = self.batch_size * 3 * self.image_size * self.image_size * 4
-        total = self._slots * slot_bytes
+        total = self._slots * self._slot_bytes
         folder = _SHM_DIR if _SHM_DIR.is_dir() and os.access(_SHM_DIR, os.W_OK) else Path(tempfile.gettempdir())
+        stat = os.statvfs(folder)
+        if stat.f_bavail * stat.f_frsize < total:
+            raise self._no_room(total, folder, f"{stat.f_bavail * stat.f_frsize / 2**20:.0f} MiB free")
         fd, name = tempfile.mkstemp(prefix="dst-feed-", dir=folder)
         try:
             try:  # reserve the space now: a full tmpfs would otherwise kill a worker (SIGBUS) mid-run
-                os.posix_fallocate(fd, 0, total) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, total)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, total)
+                else:
+                    os.ftruncate(fd, total)
             except OSError as exc:
-                raise FrameFeedError(
-                    f"cannot reserve {total / 2**20:.0f} MiB in {folder} for {self.workers} decoding workers "
-                    f"({exc}); use fewer --workers, a smaller --batch-size, or a larger {folder} (docker: "
-                    "--shm-size)") from None
+                raise self._no_room(total, folder, str(exc)) from None
             self._shared = mmap.mmap(fd, total)
             ctx = multiprocessing.get_context("spawn")
             for _ in range(self.workers):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=worker_main, args=(child, name, self._slots, self.batch_size,
+                proc = ctx.Process(target=worker_main, args=(child, name, self._slot_bytes, self.batch_size,
                                                              self.image_size), daemon=True)
                 proc.start()
                 child.close()
@@ -218,6 +220,11 @@ class FrameFeeder:
         finally:
             os.close(fd)
             os.unlink(name)  # every worker has mapped it (or failed): nothing is left behind in any case
+
+    def _no_room(self, total: int, folder: Path, why: str) -> FrameFeedError:
+        return FrameFeedError(f"{self.workers} decoding workers need {total / 2**20:.0f} MiB of shared memory in "
+                              f"{folder} ({why}): use fewer --workers (0: none), a smaller --batch-size, or a larger "
+                              f"{folder} (docker: --shm-size)")
 
     def close(self) -> None:
         """Stop the workers: ask, then terminate, then kill; idempotent."""
@@ -237,9 +244,8 @@ class FrameFeeder:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns, self._next_worker = [], [], 0
-        if self._shared is not None:
-            self._shared.close()
-            self._shared = None
+        # Dropped, not closed: a FedBatch still held (say, by a traceback) views it; it is freed with the last view.
+        self._shared = None
 
 
 def _raise(reply: tuple, cause: BaseException | None = None) -> None:

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_record, write_records
 from pipeline import frame_feeder, prepare
 from pipeline.frame_feeder import FrameFeedError, FrameFeeder, default_workers
-from pipeline.frame_sources import FrameSourceError
+from pipeline.frame_sources import FrameSourceError, open_frames
 from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.prepare_config import ConfigError, resolve
+from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
 
 # Frames files: (uid, start time, frames, undecodable rows). k0 = 2 * start.
@@ -115,8 +117,23 @@ def test_raw_videos_give_the_same_bytes_with_workers(tmp_path):
 
 
 def _feed_all(feeder: FrameFeeder, path: Path, batches) -> list:
+    """Every batch, its pixels copied: a batch's pixels live in the feeder's buffer only until the next one."""
     with feeder.feed(path, batches) as fed:
-        return list(fed)
+        return [(batch.indices, batch.bad, batch.pixels.clone()) for batch in fed]
+
+
+def test_pixels_are_those_of_in_process_preprocessing(tmp_path):
+    jpegs = synthetic_jpegs(11, size=24, seed=5)
+    jpegs[4] = b"broken"
+    write_frames_file(tmp_path / "v.arrow", jpegs)
+    batches = [range(0, 4), range(4, 8), range(8, 11)]
+    with FrameFeeder(0, 32, 4, 2.0) as none, FrameFeeder(2, 32, 4, 2.0) as two:
+        alone, fed = _feed_all(none, tmp_path / "v.arrow", batches), _feed_all(two, tmp_path / "v.arrow", batches)
+    assert [(i, b) for i, b, _ in fed] == [(i, b) for i, b, _ in alone] == [
+        ([0, 1, 2, 3], []), ([4, 5, 6, 7], [4]), ([8, 9, 10], [])]
+    expected = preprocess_frames(open_frames(tmp_path / "v.arrow").read([k for k in range(11) if k != 4])[0], 32)
+    assert torch.equal(torch.cat([p for _, _, p in fed]), expected)
+    assert torch.equal(torch.cat([p for _, _, p in alone]), expected)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -125,8 +142,8 @@ def test_errors_name_the_video_and_frames(tmp_path, workers):
     (tmp_path / "junk.arrow").write_bytes(b"not an arrow stream")
     with FrameFeeder(workers, image_size=16, batch_size=4, fps=2.0) as feeder:
         got = _feed_all(feeder, tmp_path / "v.arrow", [range(0, 4), range(4, 8), range(8, 10)])
-        assert [b.indices for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-        assert [tuple(b.pixels.shape) for b in got] == [(4, 3, 16, 16), (4, 3, 16, 16), (2, 3, 16, 16)]
+        assert [indices for indices, _, _ in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        assert [tuple(pixels.shape) for _, _, pixels in got] == [(4, 3, 16, 16), (4, 3, 16, 16), (2, 3, 16, 16)]
         # A batch past the end is a bug in the caller: FrameFeedError naming file and frames, and a traceback.
         with pytest.raises(FrameFeedError, match=r"v.arrow: frames 8-11: FrameIndexError: .*frame 10 out of range"):
             _feed_all(feeder, tmp_path / "v.arrow", [range(0, 4), range(8, 12)])
@@ -156,6 +173,17 @@ def test_a_worker_that_dies_or_stalls_is_an_error_not_a_hang(tmp_path, monkeypat
                 os.kill(pid, signal.SIGSTOP)
             _feed_all(feeder, tmp_path / "v.arrow", batches)
         assert time.monotonic() - started < 30 and feeder.worker_pids == []  # stopped workers were killed
+
+
+def test_too_little_shared_memory_is_refused_up_front(tmp_path, monkeypatch):
+    write_frames_file(tmp_path / "v.arrow", synthetic_jpegs(4, size=16))
+    real = os.statvfs(tempfile_dir())
+    monkeypatch.setattr(os, "statvfs", lambda _: os.statvfs_result((real.f_bsize, 4096, 1000, 10, 10, *real[5:])))
+    with FrameFeeder(2, image_size=512, batch_size=32, fps=2.0) as feeder:
+        with pytest.raises(FrameFeedError, match=r"2 decoding workers need 384 MiB of shared memory in \S+ \(0 MiB "
+                                                 r"free\): use fewer --workers \(0: none\)"):
+            _feed_all(feeder, tmp_path / "v.arrow", [range(0, 4)])
+        assert feeder.worker_pids == []
 
 
 def _alive(pid: int) -> bool:
