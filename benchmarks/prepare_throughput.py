@@ -1,7 +1,7 @@
 """Frames per second of `dst prepare`'s stages, and of its frame feeder with 0, 1, 2 ... decoding workers.
 
-    python benchmarks/prepare_throughput.py [--frames 256] [--feed-frames 512] [--workers 0,1,2] [--real-frames 8]
-                                            [--device auto]
+    python benchmarks/prepare_throughput.py [--frames 256] [--feed-frames 512] [--workers 0,1,2] [--gpu-ms 10]
+                                            [--real-frames 8] [--device auto] [--skip-stages]
 
 All rows run the calls `dst prepare` makes (FrameFeeder -> encode_frames, batches of 32) over one synthetic frames
 file of 384x384 JPEGs (ProAssist's size).
@@ -10,15 +10,18 @@ file of 384x384 JPEGs (ProAssist's size).
    512 px; decode + preprocess + encode with the tiny model; and with randomly initialised models of the real 256M
    (and, on a GPU, 500M and 2.2B) shapes (no download). On a GPU it also prints the hours to prepare ProAssist's
    ~3.4M frames at the measured rate.
-2. Workers, side by side: for each worker count, "decode + preprocess 512 px" alone and followed by a tiny encoder
-   that takes 512 px input (64 px patches, so it costs next to nothing, like an encoder on a fast GPU). The worker
-   counts are measured in turn, round after round (best of 3), so that a change in machine load hits them alike;
-   worker start-up is not counted (each feeder is started and warmed first).
+2. Workers, side by side: for each worker count, "decode + preprocess 512 px" alone; followed by a tiny encoder that
+   takes 512 px input (64 px patches; its patch convolution still reads every 512 px pixel); and followed by a
+   stand-in for a GPU encoder that waits `--gpu-ms` per frame without using the CPU (what overlapping decoding with
+   encoding is for). The worker counts are measured in turn, round after round (best of 3), so that a change in
+   machine load hits them alike; worker start-up is not counted (each feeder is started and warmed first). Under
+   each rate: the CPU time per frame of the main process and of the workers (Linux), averaged over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,16 +50,19 @@ def decode_rate(path: Path, n: int, batch: int) -> float:
 
 
 def rate(feeder: FrameFeeder | None, path: Path, n: int, batch: int, image_size: int, model=None,
-         device=None) -> float:
-    """Frames per second through the feeder (a fresh in-process one when None), encoding with `model` if given."""
+         device=None, encode=None) -> float:
+    """Frames per second through the feeder (a fresh in-process one when None), encoding with `model` if given,
+    or calling `encode(pixels)`."""
     if feeder is None:
         with FrameFeeder(0, image_size, batch, 2.0) as local:
-            return rate(local, path, n, batch, image_size, model, device)
+            return rate(local, path, n, batch, image_size, model, device, encode)
     start = time.perf_counter()
     with feeder.feed(path, _batches(n, batch)) as fed:
         for fed_batch in fed:
             if model is not None:
                 encode_frames(model, fed_batch.pixels, 5, batch, device)
+            elif encode is not None:
+                encode(fed_batch.pixels)
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
@@ -99,30 +105,53 @@ def stage_rows(path: Path, args, device: torch.device) -> None:
         del model
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker_rows(path: Path, args, device: torch.device) -> None:
     encoder = tiny_512_encoder().to(device)
+
+    def waiting_encoder(pixels: torch.Tensor) -> None:  # busy elsewhere, like a GPU: the CPU stays free
+        time.sleep(len(pixels) * args.gpu_ms / 1000)
+
     counts = [int(w) for w in args.workers.split(",")]
     feeders = {w: FrameFeeder(w, 512, args.batch_size, 2.0) for w in counts}
-    paths = {"decode + preprocess 512 px": None, "decode + preprocess 512 px + tiny encoder": encoder}
+    paths = {"decode + preprocess 512 px": {},
+             "decode + preprocess 512 px + tiny encoder": {"model": encoder, "device": device},
+             f"decode + preprocess 512 px + {args.gpu_ms:g} ms/frame wait": {"encode": waiting_encoder}}
     best = {(w, label): 0.0 for w in counts for label in paths}
+    cpu = {(w, label): [0.0, 0.0] for w in counts for label in paths}  # main, workers: seconds over all rounds
     try:
         for feeder in feeders.values():  # start the workers and warm them up, outside the timing
             rate(feeder, path, 2 * args.batch_size * max(1, feeder.workers), args.batch_size, 512, encoder, device)
         for _ in range(3):
-            for label, model in paths.items():
+            for label, how in paths.items():
                 for w, feeder in feeders.items():
-                    fps = rate(feeder, path, args.feed_frames, args.batch_size, 512, model, device)
+                    main_before = time.process_time()
+                    workers_before = sum(map(_cpu_seconds, feeder.worker_pids))
+                    fps = rate(feeder, path, args.feed_frames, args.batch_size, 512, **how)
+                    cpu[w, label][0] += time.process_time() - main_before
+                    cpu[w, label][1] += sum(map(_cpu_seconds, feeder.worker_pids)) - workers_before
                     best[w, label] = max(best[w, label], fps)
     finally:
         for feeder in feeders.values():
             feeder.close()
     print(f"\nframe feeder, best of 3 rounds x {args.feed_frames} frames, batches of {args.batch_size}:")
-    print(f"{'path':<44}" + "".join(f"{f'{w} workers':>12}" for w in counts))
+    print(f"{'path':<48}" + "".join(f"{f'{w} workers':>12}" for w in counts))
     for label in paths:
         base = best[counts[0], label]
-        print(f"{label:<44}" + "".join(f"{best[w, label]:12.1f}" for w in counts) + "  frames/s")
-        print(f"{'  ratio to ' + str(counts[0]) + ' workers':<44}" +
+        print(f"{label:<48}" + "".join(f"{best[w, label]:12.1f}" for w in counts) + "  frames/s")
+        print(f"{'  ratio to ' + str(counts[0]) + ' workers':<48}" +
               "".join(f"{best[w, label] / base:12.2f}" for w in counts))
+        per_frame = {w: [1000 * t / (3 * args.feed_frames) for t in cpu[w, label]] for w in counts}
+        print(f"{'  CPU ms/frame, main + workers':<48}" +
+              "".join(f"{f'{m:.1f} + {k:.1f}':>12}" for m, k in per_frame.values()))
 
 
 def main() -> None:
@@ -131,6 +160,8 @@ def main() -> None:
     parser.add_argument("--feed-frames", type=int, default=512, help="frames per worker measurement")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to compare, comma-separated")
     parser.add_argument("--real-frames", type=int, default=8, help="frames for the real-shape models on CPU")
+    parser.add_argument("--gpu-ms", type=float, default=10.0,
+                        help="the waiting encoder's time per frame (stands in for a GPU: the CPU stays free)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-stages", action="store_true", help="only the worker comparison")

@@ -212,8 +212,14 @@ class FrameFeeder:
                 self._procs.append(proc)
                 self._conns.append(parent)
             for conn, proc in zip(self._conns, self._procs):
-                if not conn.poll(START_TIMEOUT_S) or conn.recv() != ("ready",):
-                    raise FrameFeedError(f"decoding worker {proc.pid} did not start ({_exit_reason(proc.exitcode)})")
+                try:
+                    ready = conn.poll(START_TIMEOUT_S) and conn.recv() == ("ready",)
+                except (EOFError, OSError):  # it exited before saying so
+                    ready = False
+                if not ready:
+                    proc.join(timeout=1)
+                    raise FrameFeedError(f"decoding worker {proc.pid} did not start ({_exit_reason(proc.exitcode)}"
+                                         "; its error, if any, is printed above)")
         except BaseException:
             self.close()
             raise
@@ -231,8 +237,8 @@ class FrameFeeder:
         for conn in self._conns:
             try:
                 conn.send(None)
-            except OSError:
-                pass
+            except OSError:  # its pipe is closed: the worker has exited already, there is nothing to ask
+                continue
         for proc in self._procs:
             proc.join(timeout=2)
             if proc.is_alive():
