@@ -54,6 +54,8 @@ def prepare(
     shard_size_mb: float = typer.Option(None, help="Target shard size in MiB (default 1024)."),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Fail if any record is unusable."),
     max_videos: int = typer.Option(None, help="Only the first N usable videos (for trials)."),
+    workers: int = typer.Option(None, help="Processes that decode and resize frames ahead of the encoder "
+                                           "(default min(4, CPUs - 1); 0: in the main process)."),
 ) -> None:
     """Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json."""
     from pipeline import prepare as prepare_cmd
@@ -61,10 +63,10 @@ def prepare(
 
     options = dict(dst_json=tuple(dst_json or ()), frames_root=frames_root, videos_root=videos_root, model=model,
                    out=out, tokens_per_frame=tokens_per_frame, fps=fps, batch_size=batch_size, device=device,
-                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos)
+                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos, workers=workers)
     try:
         prepare_cmd.run(resolve(split, options, config), console)
-    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch) as exc:
+    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch, prepare_cmd.FrameFeedError) as exc:
         _fail(str(exc))
 
 
