@@ -54,6 +54,8 @@ def prepare(
     shard_size_mb: float = typer.Option(None, help="Target shard size in MiB (default 1024)."),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Fail if any record is unusable."),
     max_videos: int = typer.Option(None, help="Only the first N usable videos (for trials)."),
+    workers: int = typer.Option(None, help="Processes that decode and resize frames ahead of the encoder "
+                                           "(default min(4, CPUs - 1); 0: in the main process)."),
 ) -> None:
     """Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json."""
     from pipeline import prepare as prepare_cmd
@@ -61,10 +63,10 @@ def prepare(
 
     options = dict(dst_json=tuple(dst_json or ()), frames_root=frames_root, videos_root=videos_root, model=model,
                    out=out, tokens_per_frame=tokens_per_frame, fps=fps, batch_size=batch_size, device=device,
-                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos)
+                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos, workers=workers)
     try:
         prepare_cmd.run(resolve(split, options, config), console)
-    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch) as exc:
+    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch, prepare_cmd.FrameFeedError) as exc:
         _fail(str(exc))
 
 
@@ -77,6 +79,8 @@ def train(
     config: Path = typer.Option(None, help="TOML file with a [train] table (every option below, and more)."),
     max_steps: int = typer.Option(None, help="Optimizer steps (default 1000)."),
     seed: int = typer.Option(None, help="Seed for data order, sampling and head initialisation."),
+    variant: str = typer.Option(None, help="dst (default: the DST is the memory), summary (ProAssist's progress "
+                                           "summary) or none; saved with the checkpoint."),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last."),
     lora: bool = typer.Option(None, "--lora/--full", help="LoRA on the text model (default) or full fine-tuning."),
     load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="4-bit base weights (bitsandbytes, CUDA only)."),
@@ -98,7 +102,7 @@ def train(
     from train.config import TrainConfigError, resolve
 
     options = dict(shards=shards, val_shards=val_shards, model=model, out=out, max_steps=max_steps, seed=seed,
-                   resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
+                   variant=variant, resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
                    batch_size=batch_size, memory_fraction=memory_fraction, max_seq_len=max_seq_len, lr=lr,
                    accumulation=accumulation, decision_loss=decision_loss, rho=rho, num_workers=num_workers,
                    device=device)
@@ -115,15 +119,23 @@ def evaluate(
     ckpt: Path = typer.Option(None, help="A checkpoint folder, e.g. RUN/checkpoints/last (not needed for "
                                          "oracle, never, periodic)."),
     mode: str = typer.Option("model", help="model | teacher-forced | oracle | never | periodic."),
+    variant: str = typer.Option(None, help="dst | summary | none. Default: the checkpoint's (an explicit value "
+                                           "must agree with it); dst for the baselines."),
+    protocol: str = typer.Option("proassist", help="proassist: each conversation up to its last assistant turn "
+                                                   "(ProAssist's evaluation); full-video: to the last frame."),
     theta_speak: float = typer.Option(0.5, help="Speak when p_speak exceeds this."),
     theta_update: float = typer.Option(0.5, help="Update the DST when p_update exceeds this."),
     sweep: bool = typer.Option(False, help="Pick per-dataset thresholds maximising F1 (writes thresholds.json)."),
     thresholds_from: Path = typer.Option(None, help="Apply a thresholds.json written by --sweep (val -> test)."),
     sts_model: str = typer.Option(None, help="Sentence-embedding model for matching (name or local folder). "
                                              "Default: sentence-transformers/all-mpnet-base-v2."),
-    context_strategy: str = typer.Option("dst-reseed", help="dst-reseed | drop-all | drop-middle."),
-    max_context: int = typer.Option(4096, help="Tokens the KV cache may hold before the context strategy runs."),
+    context_strategy: str = typer.Option("reseed", help="reseed (the variant's memory: DST, a generated summary, "
+                                                        "or nothing, plus recent turns) | drop-all | drop-middle."),
+    max_context: int = typer.Option(None, help="Tokens the KV cache may hold before the context strategy runs. "
+                                               "Default: the checkpoint's training max_seq_len."),
     max_new_tokens: int = typer.Option(48, help="Longest generated response."),
+    max_summary_tokens: int = typer.Option(160, help="Longest generated progress summary (summary variant)."),
+    dst_window: float = typer.Option(2.0, help="DST update/transition matching window, seconds each side."),
     every: float = typer.Option(10.0, help="periodic mode: speak every this many seconds."),
     max_videos: int = typer.Option(None, help="Only the first N videos."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
@@ -131,34 +143,45 @@ def evaluate(
     """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics."""
     from eval import run as eval_cmd
     from eval.scoring import DEFAULT_STS_MODEL
-    from eval.stream import CONTEXT_STRATEGIES, MODES, StreamConfig
+    from eval.stream import StreamConfig
 
-    if mode not in MODES or context_strategy not in CONTEXT_STRATEGIES:
-        _fail(f"--mode must be one of {MODES} and --context-strategy one of {CONTEXT_STRATEGIES}")
-    stream = StreamConfig(mode=mode, theta_update=theta_update, theta_speak=theta_speak, max_context=max_context,
-                          max_new_tokens=max_new_tokens, context_strategy=context_strategy, every_s=every)
-    cfg = eval_cmd.EvalConfig(shards=shards, out=out, ckpt=ckpt, stream=stream, sweep=sweep,
+    stream = StreamConfig(mode=mode, theta_update=theta_update, theta_speak=theta_speak,
+                          max_new_tokens=max_new_tokens, max_summary_tokens=max_summary_tokens,
+                          context_strategy=context_strategy, protocol=protocol, every_s=every)
+    cfg = eval_cmd.EvalConfig(shards=shards, out=out, ckpt=ckpt, stream=stream, variant=variant,
+                              max_context=max_context, dst_window_s=dst_window, sweep=sweep,
                               thresholds_from=thresholds_from, sts_model=sts_model or DEFAULT_STS_MODEL,
                               max_videos=max_videos, device=device)
     try:
         eval_cmd.run(cfg, console)
-    except (FileNotFoundError, eval_cmd.EvalError) as exc:
+    except (FileNotFoundError, eval_cmd.EvalError, eval_cmd.PredictionsError, eval_cmd.ScoringError) as exc:
         _fail(str(exc))
 
 
 @app.command()
 def score(
     predictions: Path = typer.Option(..., help="predictions.jsonl written by dst eval."),
-    out: Path = typer.Option(..., help="metrics.json to write."),
+    out: Path = typer.Option(..., help="metrics.json to write (replaced only when scoring succeeds)."),
     sts_model: str = typer.Option(None, help="Sentence-embedding model (name or local folder)."),
+    protocol: str = typer.Option("proassist", help="proassist: each dialogue up to its last assistant turn "
+                                                   "(ProAssist's protocol, comparable with the paper); full-video."),
+    dst_window: float = typer.Option(2.0, help="DST update and transition matching window, seconds each side."),
 ) -> None:
     """Re-score saved predictions without a model."""
-    from eval import run as eval_cmd
-    from eval.scoring import DEFAULT_STS_MODEL
+    import math
 
+    from eval import run as eval_cmd
+    from eval.protocol import PROTOCOLS, ScoringError
+    from eval.scoring import DEFAULT_STS_MODEL, PredictionsError
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if not math.isfinite(dst_window) or dst_window < 0:
+        _fail(f"--dst-window must be a number of seconds >= 0, got {dst_window}")
     try:
-        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console)
-    except FileNotFoundError as exc:
+        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console, protocol=protocol,
+                            dst_window_s=dst_window)
+    except (PredictionsError, ScoringError) as exc:
         _fail(str(exc))
 
 
@@ -167,15 +190,20 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Output folder (replaced)."),
     fast: bool = typer.Option(False, help="A smaller, quicker run (a smoke test)."),
     seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
+    variants: str = typer.Option("dst", help="Comma-separated variants to train and compare: dst, summary, none."),
     model: str = typer.Option("tiny-random", help="tiny-random (minutes) or smollm2-135m (real SmolLM2 language "
                                                   "weights, LoRA; under an hour on a 2-core CPU)."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
     from eval import demo as demo_cmd
+    from train.sequence import VARIANTS
 
     if model not in demo_cmd.MODELS:
         _fail(f"--model must be one of {demo_cmd.MODELS}, got {model!r}")
-    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, model=model), console)
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    if not chosen or any(v not in VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
+        _fail(f"--variants must list distinct variants among {', '.join(VARIANTS)}, got {variants!r}")
+    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, variants=chosen, model=model), console)
 
 
 @app.command("synth-frames")

@@ -1,10 +1,11 @@
 """`dst demo`: the whole pipeline on synthetic procedural tasks, offline on a CPU, in minutes.
 
 generate (train/val/test videos in the real formats) -> `dst prepare` with the model (`tiny-random` by default,
-or `smollm2-135m`) -> `dst train` (full fine-tuning of the tiny model, LoRA on SmolLM2; settings in SETTINGS) ->
-`dst eval` on val with a threshold sweep -> `dst eval` on test with those
-thresholds, and the `never`, `periodic` and `oracle` baselines on test -> a comparison table, `summary.json` and
-the test report. The test split is used for nothing but the final numbers.
+or `smollm2-135m`) -> `dst train` (full fine-tuning of the tiny model, LoRA on SmolLM2; see SETTINGS) of each
+requested variant (`dst`, `summary`, `none`; DESIGN 6c) -> `dst eval` on val
+with a threshold sweep -> `dst eval` on test with those thresholds, and the `never`, `periodic` and `oracle`
+baselines on test -> a comparison table, `summary.json` and the test report. The test split is used for nothing but
+the final numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MODELS = ("tiny-random", "smollm2-135m")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo trains, per model and size; chosen on val only (README, `dst demo`)."""
+    """What the demo trains, per model and size (README, `dst demo`)."""
     videos: tuple[int, int, int]  # train, val, test
     steps: int
     lora: bool
@@ -43,14 +44,15 @@ class DemoSettings:
 
 
 SETTINGS = {
-    # tiny: full fine-tuning; whole synthetic videos fit in 2048 tokens
+    # tiny, chosen on val: full fine-tuning; whole synthetic videos fit in 2048 tokens
     ("tiny-random", False): DemoSettings((120, 20, 20), 2500, False, 2e-3, 4096, 2048),
     ("tiny-random", True): DemoSettings((24, 6, 6), 600, False, 2e-3, 4096, 2048),
-    # the real SmolLM2-135M: LoRA, sized to train within an hour on a 2-core CPU
+    # the real SmolLM2-135M: LoRA, sized from measured throughput for about an hour on an idle 2-core CPU
     ("smollm2-135m", False): DemoSettings((40, 6, 6), 150, True, 1e-3, 2048, 2048, 32),
     ("smollm2-135m", True): DemoSettings((6, 2, 2), 4, True, 1e-3, 2048, 2048, 8),
 }
-SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_precision": ("speak", "precision"),
+SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_proassist_f1": ("speak_proassist", "f1"),
+                "speak_precision": ("speak", "precision"),
                 "speak_recall": ("speak", "recall"), "update_f1": ("dst", "update_f1"),
                 "joint_accuracy": ("dst", "joint_accuracy"), "node_accuracy": ("dst", "node_accuracy"),
                 "transition_f1": ("dst", "transition_f1"), "validity": ("dst", "validity"),
@@ -64,6 +66,7 @@ class DemoConfig:
     fast: bool = False
     model: str = "tiny-random"  # or "smollm2-135m" (real SmolLM2 language weights, LoRA)
     seed: int = 0
+    variants: tuple[str, ...] = ("dst",)
     sts_model: str | None = None  # default: the offline MiniLM package when installed
 
 
@@ -95,31 +98,37 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
         prepare.run(PrepareConfig(split=split, dst_json=(Path(data["splits"][split]["json"]),), model=cfg.model,
                                   out=shards[split], frames_root=Path(data["frames_root"]), tokens_per_frame=5,
                                   batch_size=64), console)
-    console.rule(f"3/4 train: {steps} steps, {'LoRA' if settings.lora else 'full fine-tuning'} of {cfg.model}")
-    train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model=cfg.model, out=out / "run",
-                            max_steps=steps, seed=cfg.seed, lora=settings.lora, batch_size=str(settings.batch_tokens),
-                            max_seq_len=settings.max_seq_len, lr=settings.lr, warmup_steps=min(50, steps // 10),
-                            focal_alpha=0.5, num_workers=2, log_every=min(50, max(steps // 10, 1)),
-                            eval_every=max(steps // 3, 1), save_every=steps)
-    train_run.run(train_cfg, console)
-    console.rule("4/4 eval: thresholds swept on val, applied to test; baselines on test")
-    ckpt = out / "run" / "checkpoints" / "last"
     sts = cfg.sts_model or offline_sts_model()
     # Whole synthetic videos fit in 2048 tokens: training windows and the streamed context are the same shape.
     stream = StreamConfig(max_context=settings.max_seq_len, max_new_tokens=settings.max_new_tokens)
-    base = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / "val", ckpt=ckpt, stream=stream, sweep=True,
-                               sts_model=sts)
-    eval_run.run(base, console)
-    results = {"model": eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / "test-model",
-                                             sweep=False, thresholds_from=out / "eval" / "val" / "thresholds.json"),
-                                     console)}
+    results = {}
+    for variant in cfg.variants:
+        console.rule(f"3/4 train {variant}: {steps} steps, {'LoRA' if settings.lora else 'full fine-tuning'} of "
+                     f"{cfg.model}")
+        run_dir = out / "runs" / variant
+        train_cfg = TrainConfig(shards=shards["train"], val_shards=shards["val"], model=cfg.model, out=run_dir,
+                                variant=variant, max_steps=steps, seed=cfg.seed, lora=settings.lora,
+                                batch_size=str(settings.batch_tokens), max_seq_len=settings.max_seq_len,
+                                lr=settings.lr, warmup_steps=min(50, steps // 10), focal_alpha=0.5, num_workers=2,
+                                log_every=min(50, max(steps // 10, 1)), eval_every=max(steps // 3, 1),
+                                save_every=steps)
+        train_run.run(train_cfg, console)
+        console.rule(f"4/4 eval {variant}: thresholds swept on val, applied to test")
+        val = eval_run.EvalConfig(shards=shards["val"], out=out / "eval" / variant / "val",
+                                  ckpt=run_dir / "checkpoints" / "last", stream=stream, sweep=True, sts_model=sts)
+        eval_run.run(val, console)
+        results[f"model-{variant}"] = eval_run.run(
+            replace(val, shards=shards["test"], out=out / "eval" / variant / "test", sweep=False,
+                    thresholds_from=val.out / "thresholds.json"), console)
+    console.rule("baselines on test")
+    base = eval_run.EvalConfig(shards=shards["test"], out=out / "eval", stream=stream, sts_model=sts)
     for mode in ("never", "periodic", "oracle"):
-        results[mode] = eval_run.run(replace(base, shards=shards["test"], out=out / "eval" / f"test-{mode}",
-                                             sweep=False, ckpt=None, stream=replace(stream, mode=mode)), console)
-    summary = {name: {key: m["mean"][group][field] for key, (group, field) in SUMMARY_KEYS.items()}
+        results[mode] = eval_run.run(replace(base, out=out / "eval" / f"test-{mode}",
+                                             stream=replace(stream, mode=mode)), console)
+    summary = {name: {key: (m["mean"].get(group) or {}).get(field) for key, (group, field) in SUMMARY_KEYS.items()}
                for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.copy(out / "eval" / "test-model" / "report.html", out / "report.html")
+    shutil.copy(out / "eval" / cfg.variants[0] / "test" / "report.html", out / "report.html")
     print_comparison(summary, console)
     console.print(f"demo done in {time.time() - started:.0f} s: {out / 'summary.json'}, {out / 'report.html'}",
                   highlight=False)

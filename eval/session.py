@@ -3,6 +3,9 @@
 Training and streaming share the sequence builder (train/sequence.py); this class only appends ids (and the frame
 embeddings of their `<image>` positions) to a `DynamicCache`, returns the last hidden state for the heads, and
 decodes: greedy text and DST updates constrained to valid node ids and states.
+
+Every decoder takes an optional `forced` answer: the same code path then feeds the given tokens instead of its own
+choice (the replay test forces the ground truth through it to check that streaming rebuilds the training ids).
 """
 
 from __future__ import annotations
@@ -91,27 +94,37 @@ class StreamSession:
 
     # --------------------------------------------------------------------------------------------- decoding
 
-    def greedy(self, hidden: torch.Tensor, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    def greedy(self, hidden: torch.Tensor, max_new_tokens: int,
+               forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
         """Greedy text until EOS (fed, so the cache matches the training format); EOS is forced after
-        `max_new_tokens`. Returns the generated ids without EOS and the hidden state at EOS."""
+        `max_new_tokens`. Returns the generated ids without EOS and the hidden state at EOS. `forced`: the ids to
+        produce instead (ending with EOS; `max_new_tokens` does not cut them)."""
         out = []
-        for _ in range(max_new_tokens):
-            logits = self.logits(hidden)
-            logits[self.banned] = float("-inf")
-            token = int(logits.argmax())
+        for step in range(len(forced) if forced is not None else max_new_tokens):
+            if forced is not None:
+                token = forced[step]
+            else:
+                logits = self.logits(hidden)
+                logits[self.banned] = float("-inf")
+                token = int(logits.argmax())
             hidden = self.feed([token])
             if token == self.fmt.eos_id:
                 return out, hidden
             out.append(token)
         return out, self.feed([self.fmt.eos_id])
 
-    def choose(self, hidden: torch.Tensor, options: list[list[int]]) -> tuple[int, torch.Tensor]:
+    def choose(self, hidden: torch.Tensor, options: list[list[int]],
+               forced: int | None = None) -> tuple[int, torch.Tensor]:
         """Greedy decoding restricted to a set of token sequences (a trie walk): at each step only tokens that
-        continue some option are allowed. Feeds the chosen sequence; returns its index and the last hidden."""
+        continue some option are allowed. Feeds the chosen sequence; returns its index and the last hidden.
+        `forced`: walk to that option instead."""
         alive, step = list(range(len(options))), 0
         while True:
-            logits = self.logits(hidden)
-            token = max({options[i][step] for i in alive}, key=lambda t: float(logits[t]))
+            if forced is not None:
+                token = options[forced][step]
+            else:
+                logits = self.logits(hidden)
+                token = max({options[i][step] for i in alive}, key=lambda t: float(logits[t]))
             hidden = self.feed([token])
             alive = [i for i in alive if options[i][step] == token]
             step += 1
@@ -119,10 +132,12 @@ class StreamSession:
             if done:
                 return done[0], hidden
 
-    def update(self, hidden: torch.Tensor, state: dict[str, str]) -> tuple[dict[str, str], str, torch.Tensor]:
+    def update(self, hidden: torch.Tensor, state: dict[str, str],
+               forced: dict[str, str] | None = None) -> tuple[dict[str, str], str, torch.Tensor]:
         """A DST update after the `\\nDST:` prefix, constrained so it is always valid: each clause names a node not
         yet listed and a state later than its current one; after the first clause, EOS may end it. Returns the
-        delta, its text and the hidden state at EOS. The caller checks that some node can still change."""
+        delta, its text and the hidden state at EOS. The caller checks that some node can still change.
+        `forced`: the delta to produce (its clauses in order), through the same walk."""
         fmt, delta = self.fmt, {}
         while True:
             clauses = [(node, s) for node, current in state.items() if node not in delta
@@ -133,7 +148,11 @@ class StreamSession:
             if not clauses:  # nothing left that could change: close the update
                 hidden = self.feed([fmt.eos_id])
                 break
-            choice, hidden = self.choose(hidden, options)
+            want = None
+            if forced is not None:
+                pending = [(node, s) for node, s in forced.items() if node not in delta]
+                want = clauses.index(pending[0]) if pending else len(clauses)  # the next clause, or EOS
+            choice, hidden = self.choose(hidden, options, want)
             if choice == len(clauses):
                 break
             delta[clauses[choice][0]] = clauses[choice][1]

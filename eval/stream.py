@@ -2,14 +2,18 @@
 
 Modes:
 - `model`: the real setting. The context holds the model's own DST updates and responses; when the cache would
-  exceed `max_context`, a context strategy makes room: `dst-reseed` (system prompt with the current tracked DST and
-  the last turns), `drop-all` (system prompt with the stream-start state, no turns), `drop-middle` (system prompt
-  plus the most recent half of the context, re-fed).
+  exceed `max_context`, a context strategy makes room: `reseed` (the default: the system prompt with the variant's
+  memory and the last turns: the tracked DST for `dst`, a progress summary the model writes on the spot for
+  `summary`, nothing for `none`), `drop-all` (the system prompt as at the stream start, no turns), `drop-middle`
+  (the system prompt plus the most recent half of the context, re-fed).
 - `teacher-forced`: the context holds the ground-truth dialogue and DST; the model's decisions (and what it would
   generate wherever a decision's probability exceeds `generate_above`) are recorded but never enter the context,
   so thresholds can be swept after one pass.
 - `oracle` (references as predictions), `never` (silent, no updates), `periodic` (a fixed sentence every
   `every_s` seconds): baselines that need no model.
+
+Protocols (DESIGN 6b): `proassist` streams a conversation up to the decision point of its last assistant turn, as
+ProAssist's evaluation does; `full-video` to the last frame.
 """
 
 from __future__ import annotations
@@ -20,41 +24,64 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from eval.protocol import PROTOCOLS
 from eval.session import StreamSession
-from train.sequence import SequenceFormat, format_state, frame_cost, frame_segments, state_before, system_for
+from train.sequence import (RECENT_TURNS, SequenceFormat, format_state, frame_cost, frame_segments, progress_before,
+                            state_before, system_for)
 
 MODES = ("model", "teacher-forced", "oracle", "never", "periodic")
-CONTEXT_STRATEGIES = ("dst-reseed", "drop-all", "drop-middle")
+CONTEXT_STRATEGIES = ("reseed", "drop-all", "drop-middle")
 PERIODIC_TEXT = "Keep going, you are doing well."
+SILENT_TEXTS = ("", ".")  # ProAssist maps a generated "." (or nothing) to silence
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     mode: str = "model"
+    variant: str = "dst"  # the checkpoint's (dst | summary | none); baselines record it as given
     theta_update: float = 0.5
     theta_speak: float = 0.5
     max_new_tokens: int = 48
+    max_summary_tokens: int = 160  # a generated progress summary (summary variant, on overflow)
     max_context: int = 4096
-    context_strategy: str = "dst-reseed"
-    recent_turns: int = 3
+    context_strategy: str = "reseed"
+    protocol: str = "proassist"
     every_s: float = 10.0
     generate_above: float = 0.05  # teacher-forced: generate wherever p exceeds this, for post-hoc sweeps
     use_cache: bool = True  # False recomputes the whole context every step (reference and benchmark only)
 
 
-def reference_frames(meta: dict, conversation: int) -> list[dict]:
+def stream_rows(meta: dict, conversation: int, protocol: str) -> int:
+    """How many frame rows of this conversation are streamed: up to its last assistant turn (`proassist`; none
+    when it has no assistant turn) or every row (`full-video`)."""
+    speak = meta["labels"]["conversations"][conversation]["speak"]
+    if protocol == "full-video":
+        return len(speak)
+    if protocol != "proassist":
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return next((row + 1 for row in range(len(speak) - 1, -1, -1) if speak[row]), 0)
+
+
+def reference_frames(meta: dict, conversation: int, n_rows: int) -> list[dict]:
     """Per frame: the inputs and the references, with empty predictions."""
     labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
-    return [{"frame": frame, "time": labels["time"][row], "user_text": conv["user_text"][row],
+    intents = conv.get("response_labels") or [""] * len(conv["speak"])  # shards prepared before they were kept
+    return [{"frame": labels["frame"][row], "time": labels["time"][row], "user_text": conv["user_text"][row],
              "p_update": None, "p_speak": None, "pred_dst_delta": {},
              "ref_dst_delta": json.loads(labels["dst_delta"][row]) if labels["dst_delta"][row] else {},
              "pred_state": {}, "ref_state": json.loads(labels["dst_state"][row]), "pred_text": "",
-             "ref_text": conv["response"][row], "pred_dst_text": ""}
-            for row, frame in enumerate(labels["frame"])]
+             "ref_text": conv["response"][row], "ref_labels": intents[row], "pred_dst_text": ""}
+            for row in range(n_rows)]
 
 
-def baseline(meta: dict, conversation: int, cfg: StreamConfig) -> list[dict]:
-    frames = reference_frames(meta, conversation)
+def reference_progress(meta: dict, conversation: int, row: int) -> str:
+    """The reference summary a re-seed at `row` is compared with ("" for shards without progress summaries)."""
+    return progress_before(meta, conversation, row) if "progress" in meta["labels"]["conversations"][conversation] \
+        else ""
+
+
+def baseline(meta: dict, conversation: int, cfg: StreamConfig, n_rows: int) -> list[dict]:
+    frames = reference_frames(meta, conversation, n_rows)
     every = max(1, round(cfg.every_s * meta["fps"]))
     for row, f in enumerate(frames):
         if cfg.mode == "oracle":
@@ -70,9 +97,36 @@ def baseline(meta: dict, conversation: int, cfg: StreamConfig) -> list[dict]:
 
 def generation_budget(fmt: SequenceFormat, nodes: list[tuple[str, str]], max_new_tokens: int) -> int:
     """Most tokens one frame's generated update and response can add (EOS included)."""
-    clause = max(len(fmt.clause(n, v)) for n, _ in nodes for v in ("in_progress", "completed"))
-    return (len(fmt.dst_prefix) + (clause + len(fmt.clause_separator)) * len(nodes) + 1
-            + len(fmt.response_prefix) + max_new_tokens + 1)
+    budget = len(fmt.response_prefix) + max_new_tokens + 1
+    if fmt.tracks_state:
+        clause = max(len(fmt.clause(n, v)) for n, _ in nodes for v in ("in_progress", "completed"))
+        budget += len(fmt.dst_prefix) + (clause + len(fmt.clause_separator)) * len(nodes) + 1
+    return budget
+
+
+def summary_budget(fmt: SequenceFormat, max_summary_tokens: int) -> int:
+    """Tokens the summary variant must keep free to close its context with a summary (request, frame, summary)."""
+    if fmt.variant != "summary":
+        return 0
+    return len(fmt.summary_request) + len(fmt.frame) + len(fmt.summary_prefix) + max_summary_tokens + 1
+
+
+class GroundTruth:
+    """Decisions and texts from the references, for forcing through the model-mode code (the replay test)."""
+
+    def __init__(self, fmt: SequenceFormat, meta: dict, conversation: int):
+        self.fmt, self.meta, self.conversation = fmt, meta, conversation
+        self.labels, self.conv = meta["labels"], meta["labels"]["conversations"][conversation]
+
+    def delta(self, row: int) -> dict[str, str] | None:
+        d = self.labels["dst_delta"][row]
+        return json.loads(d) if d else None
+
+    def response(self, row: int) -> list[int] | None:
+        return self.fmt.response_body(self.conv["response"][row]) if self.conv["speak"][row] else None
+
+    def summary(self, row: int) -> list[int]:
+        return self.fmt.response_body(progress_before(self.meta, self.conversation, row))
 
 
 class Streamer:
@@ -83,37 +137,48 @@ class Streamer:
         if cfg.mode in ("model", "teacher-forced"):
             if model is None or fmt is None:
                 raise ValueError(f"mode {cfg.mode} needs a model")
+            if fmt.variant != cfg.variant:
+                raise ValueError(f"the sequence format is for variant {fmt.variant}, the stream for {cfg.variant}")
             self.session = StreamSession(model, fmt, device, use_cache=cfg.use_cache)
             self.tokenizer = fmt.tokenizer
             self.dtype = self.session.dtype
 
-    def run(self, meta: dict, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None):
-        """Prediction frames for one dialogue; `emb` is the video's stored embeddings (row 0 = first frame)."""
+    def run(self, meta: dict, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None,
+            force: bool = False) -> dict:
+        """One dialogue: `{"frames": [...], "reseeds": [...]}`; `emb` is the video's stored embeddings (row 0 =
+        first frame). `force`: model mode with ground-truth decisions and texts (the replay test)."""
+        n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         if self.cfg.mode not in ("model", "teacher-forced"):
-            return baseline(meta, conversation, self.cfg)
+            return {"frames": baseline(meta, conversation, self.cfg, n_rows), "reseeds": []}
         theta_update, theta_speak = thetas or (self.cfg.theta_update, self.cfg.theta_speak)
-        frames = reference_frames(meta, conversation)
+        frames = reference_frames(meta, conversation, n_rows)
         embeds = torch.from_numpy(emb).to(self.dtype)
         nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
-        run = self._teacher_forced if self.cfg.mode == "teacher-forced" else self._model
-        run(meta, conversation, frames, embeds, nodes, theta_update, theta_speak)
-        return frames
+        if self.cfg.mode == "teacher-forced":
+            reseeds = self._teacher_forced(meta, conversation, frames, embeds, nodes, theta_update, theta_speak)
+        else:
+            truth = GroundTruth(self.fmt, meta, conversation) if force else None
+            reseeds = self._model(meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth)
+        return {"frames": frames, "reseeds": reseeds}
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _model(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak) -> None:
+    def _model(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth) -> list[dict]:
         fmt, cfg, s = self.fmt, self.cfg, self.session
         state = dict(meta["initial_state"])
         history: list[tuple[str, str]] = []
+        reseeds: list[dict] = []
         s.reset()
-        s.feed(fmt.system(meta["goal"], nodes, state))
+        s.feed(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None))
         system_chunk = s.chunks[0]
-        reserve = len(fmt.frame) + generation_budget(fmt, nodes, cfg.max_new_tokens)
+        reserve = (len(fmt.frame) + generation_budget(fmt, nodes, cfg.max_new_tokens)
+                   + summary_budget(fmt, cfg.max_summary_tokens))
         for row, f in enumerate(frames):
             user = fmt.user(f["user_text"]) if f["user_text"] else []
             if s.length + len(user) + reserve > cfg.max_context:
-                self._make_room(meta, nodes, state, history, system_chunk)
+                reseeds.append(self._make_room(meta, conversation, row, f["frame"], embeds, nodes, state, history,
+                                               system_chunk, truth))
                 if s.length + len(user) + reserve > cfg.max_context:
                     raise ValueError(f"{meta['video_uid']}: the system prompt ({s.length} tokens) leaves no room for "
                                      f"a frame within max_context {cfg.max_context}")
@@ -121,26 +186,45 @@ class Streamer:
                 s.feed(user)
                 history.append(("User", f["user_text"]))
             hidden = s.feed(fmt.frame, embeds[row])
-            f["p_update"], _ = s.decisions(hidden)
-            can_change = any(v != "completed" for v in state.values())
-            if f["p_update"] > theta_update and can_change:
-                delta, text, hidden = s.update(s.feed(fmt.dst_prefix), state)
-                state.update(delta)
-                f.update(pred_dst_delta=delta, pred_dst_text=text)
+            if fmt.tracks_state:
+                f["p_update"], _ = s.decisions(hidden)
+                can_change = any(v != "completed" for v in state.values())
+                fire = truth.delta(row) is not None if truth else f["p_update"] > theta_update and can_change
+                if fire:
+                    delta, text, hidden = s.update(s.feed(fmt.dst_prefix), state,
+                                                   truth.delta(row) if truth else None)
+                    state.update(delta)
+                    f.update(pred_dst_delta=delta, pred_dst_text=text)
             _, f["p_speak"] = s.decisions(hidden)
-            if f["p_speak"] > theta_speak:
-                ids, hidden = s.greedy(s.feed(fmt.response_prefix), cfg.max_new_tokens)
-                f["pred_text"] = self._text(ids)
-                history.append(("Assistant", f["pred_text"]))
+            forced = truth.response(row) if truth else None
+            if (forced is not None) if truth else f["p_speak"] > theta_speak:
+                ids, hidden = s.greedy(s.feed(fmt.response_prefix), cfg.max_new_tokens, forced)
+                text = self._text(ids)
+                f["pred_text"] = "" if text in SILENT_TEXTS else text
+                if f["pred_text"]:
+                    history.append(("Assistant", f["pred_text"]))
             f["pred_state"] = dict(state)
+        return reseeds
 
-    def _make_room(self, meta, nodes, state, history, system_chunk) -> None:
+    def _make_room(self, meta, conversation, row, frame, embeds, nodes, state, history, system_chunk,
+                   truth) -> dict:
+        """Apply the context strategy before frame row `row` (absolute frame `frame`); returns the re-seed record."""
         fmt, cfg, s = self.fmt, self.cfg, self.session
-        if cfg.context_strategy == "dst-reseed":
-            recent = history[-cfg.recent_turns:] if cfg.recent_turns else []  # [-0:] would be everything
-            s.refeed([(fmt.system(meta["goal"], nodes, state, recent), None)])
+        recent = history[-RECENT_TURNS:] if RECENT_TURNS else []  # [-0:] would be everything
+        record = {"frame": frame, "row": row, "strategy": cfg.context_strategy,
+                  "ref_progress": reference_progress(meta, conversation, row)}
+        if cfg.context_strategy == "reseed":
+            record["strategy"] = f"reseed-{fmt.variant}"
+            progress = ""
+            if fmt.variant == "summary":
+                if row == 0:
+                    raise ValueError(f"{meta['video_uid']}: no room for a summary before the first frame within "
+                                     f"max_context {cfg.max_context}")
+                progress = self._summarize(row - 1, embeds, truth.summary(row) if truth else None)
+                record["summary"] = progress
+            s.refeed([(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None, recent, progress), None)])
         elif cfg.context_strategy == "drop-all":
-            s.refeed([(fmt.system(meta["goal"], nodes, meta["initial_state"]), None)])
+            s.refeed([system_chunk])
         else:  # drop-middle: the system prompt and the most recent chunks filling half the budget
             tail, used = [], len(system_chunk[0])
             for chunk in reversed(s.chunks[1:]):
@@ -149,31 +233,46 @@ class Streamer:
                 tail.append(chunk)
                 used += len(chunk[0])
             s.refeed([system_chunk] + tail[::-1])
+        return record
 
-    def _teacher_forced(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak) -> None:
+    def _summarize(self, last_row: int, embeds, forced: list[int] | None) -> str:
+        """The summary variant's closing block, as in training: the request, the last frame again, and a generated
+        progress summary."""
+        fmt, s = self.fmt, self.session
+        s.feed(fmt.summary_request)
+        s.feed(fmt.frame, embeds[last_row])
+        ids, _ = s.greedy(s.feed(fmt.summary_prefix), self.cfg.max_summary_tokens, forced)
+        return self._text(ids)
+
+    def _teacher_forced(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak) -> list[dict]:
         fmt, cfg, s = self.fmt, self.cfg, self.session
         labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
         s.reset()
         s.feed(system_for(fmt, meta, conversation, 0))
         generation = generation_budget(fmt, nodes, cfg.max_new_tokens)
+        reseeds = []
         for row, f in enumerate(frames):
             segments = frame_segments(fmt, meta, conversation, row)
             if s.length + frame_cost(fmt, segments) + generation > cfg.max_context:
                 # start afresh exactly as a training window starting at this frame would
                 s.refeed([(system_for(fmt, meta, conversation, row), None)])
+                reseeds.append({"frame": f["frame"], "row": row, "strategy": "teacher-forced",
+                                "ref_progress": reference_progress(meta, conversation, row)})
             if segments["user"]:
                 s.feed(segments["user"])
             hidden = s.feed(fmt.frame, embeds[row])
-            before = state_before(meta, row)
-            f["p_update"], _ = s.decisions(hidden)
+            # Without a tracked DST the predicted state stays where the stream started (scored like never-update).
+            before = state_before(meta, row) if fmt.tracks_state else dict(meta["initial_state"])
             gen_delta, gen_text = {}, ""
-            if f["p_update"] > cfg.generate_above and any(v != "completed" for v in before.values()):
-                mark = s.length
-                gen_delta, gen_text, _ = s.update(s.feed(fmt.dst_prefix), before)
-                s.crop(mark)
-            if labels["dst_update"][row]:
-                s.feed(fmt.dst_prefix)
-                hidden = s.feed(segments["dst"])
+            if fmt.tracks_state:
+                f["p_update"], _ = s.decisions(hidden)
+                if f["p_update"] > cfg.generate_above and any(v != "completed" for v in before.values()):
+                    mark = s.length
+                    gen_delta, gen_text, _ = s.update(s.feed(fmt.dst_prefix), before)
+                    s.crop(mark)
+                if labels["dst_update"][row]:
+                    s.feed(fmt.dst_prefix)
+                    hidden = s.feed(segments["dst"])
             _, f["p_speak"] = s.decisions(hidden)
             gen_speech = ""
             if f["p_speak"] > cfg.generate_above:
@@ -184,15 +283,17 @@ class Streamer:
             if conv["speak"][row]:
                 s.feed(fmt.response_prefix)
                 s.feed(segments["response"])
-            f.update(gen_dst_delta=gen_delta, gen_dst_text=gen_text, gen_text=gen_speech, state_before=before)
+            f.update(gen_dst_delta=gen_delta, gen_dst_text=gen_text,
+                     gen_text="" if gen_speech in SILENT_TEXTS else gen_speech, state_before=before)
         apply_thresholds(frames, theta_update, theta_speak)
+        return reseeds
 
 
 def apply_thresholds(frames: list[dict], theta_update: float, theta_speak: float) -> list[dict]:
     """Teacher-forced records: predictions at these thresholds from what was generated above `generate_above`
     (the context never held them, so each threshold's predictions are exact)."""
     for f in frames:
-        update = f["p_update"] > theta_update and bool(f["gen_dst_delta"])
+        update = f["p_update"] is not None and f["p_update"] > theta_update and bool(f["gen_dst_delta"])
         f["pred_dst_delta"] = f["gen_dst_delta"] if update else {}
         f["pred_dst_text"] = f["gen_dst_text"] if update else ""
         f["pred_state"] = {**f["state_before"], **f["pred_dst_delta"]}

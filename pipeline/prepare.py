@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.embeddings import encode_frames, tokens_per_frame_count
-from pipeline.frame_sources import FrameSourceError, open_frames
+from pipeline.frame_feeder import FrameFeedError, FrameFeeder, default_workers
+from pipeline.frame_sources import FrameSourceError, NoDecodableFrame, open_frames, replacement_rows
 from pipeline.frames_files import FramesFileError, find_frames_file, find_video_file
 from pipeline.labels import LabelsReport, arrow_frame_counter, fail_if_strict, iter_video_labels, write_labels
 from pipeline.prepare_config import PrepareConfig
 from pipeline.prepare_report import STATE_DIR, print_summary, write_manifest
-from pipeline.preprocess import preprocess_frames
 from pipeline.records import VideoRecord, load_record_list
 from pipeline.shards import SHARD_PATTERN, encode_sample, npy_bytes, plan_shards, sample_key, sample_meta, write_shard
 from pipeline.smolvlm import load_model, vision_spec
@@ -76,19 +76,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def encode_video(model, labels: VideoLabels, path: Path, cfg: PrepareConfig, image_size: int,
-                 device: torch.device, on_frames=lambda n: None) -> tuple[np.ndarray, list[int]]:
+                 device: torch.device, feeder: FrameFeeder, on_frames=lambda n: None) -> tuple[np.ndarray, list[int]]:
     """float16 [n_stream_frames, tokens, hidden] for frames k0..n-1 (row 0 = frame k0), and the absolute indices
-    of frames that could not be decoded (replaced by the nearest earlier good frame)."""
-    rows, bad = [], []
-    with open_frames(path, cfg.fps) as src:
-        for start in range(labels.k0, labels.n_frames, cfg.batch_size):
-            indices = range(start, min(start + cfg.batch_size, labels.n_frames))
-            frames, bad_here = src.read(indices)
-            pixels = preprocess_frames(frames, image_size)
-            rows.append(encode_frames(model, pixels, cfg.tokens_per_frame, cfg.batch_size, device).numpy())
-            bad += bad_here
-            on_frames(len(indices))
-    return np.concatenate(rows), bad
+    of frames that could not be decoded. Only decodable frames are encoded; the row of an undecodable one is a copy
+    of the nearest earlier decodable frame's row, or, before the first decodable frame, of that frame's
+    (`frame_sources.replacement_rows`). NoDecodableFrame (a FrameSourceError: the video is skipped) when not one
+    frame of the stream decodes. Batches are fixed by cfg.batch_size alone, so the output does not depend on
+    `feeder.workers`."""
+    k0, n = labels.k0, labels.n_frames
+    batches = [range(start, min(start + cfg.batch_size, n)) for start in range(k0, n, cfg.batch_size)]
+    encoded, bad = [], []
+    with feeder.feed(path, batches) as fed:
+        for batch in fed:
+            if len(batch.pixels):
+                encoded.append(encode_frames(model, batch.pixels, cfg.tokens_per_frame, cfg.batch_size, device))
+            bad += batch.bad
+            on_frames(len(batch.indices))
+    if n > k0 and len(bad) == n - k0:
+        raise NoDecodableFrame(f"{path}: none of its {n - k0} frames ({k0} to {n - 1}) could be decoded")
+    if not encoded:  # an empty stream
+        return encode_frames(model, torch.empty((0, 3, image_size, image_size)), cfg.tokens_per_frame).numpy(), []
+    decodable = np.ones(n - k0, bool)
+    decodable[np.asarray(bad, int) - k0] = False
+    row_of_good = np.cumsum(decodable) - 1  # where each decodable frame sits among the encoded rows
+    source = row_of_good[replacement_rows(decodable.tolist())]
+    return torch.cat(encoded).numpy()[source], bad
 
 
 def _plan(cfg: PrepareConfig, videos: list[VideoLabels], tokens: int, hidden: int) -> dict:
@@ -114,7 +126,8 @@ def _check_plan(state: Path, plan: dict, rank: int) -> None:
         _atomic_write(path, json.dumps(plan, indent=1).encode())
 
 
-def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, device, progress, tasks) -> None:
+def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, device, feeder, progress,
+                  tasks) -> None:
     """Encode (or take from the cache) every video of one shard; write its per-video status, then the shard."""
     cache = shard.parent / STATE_DIR / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -129,7 +142,7 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
         else:
             path = _source_path(cfg, labels.record)
             try:
-                emb, bad = encode_video(model, labels, path, cfg, spec.image_size, device,
+                emb, bad = encode_video(model, labels, path, cfg, spec.image_size, device, feeder,
                                         lambda n: progress.advance(tasks["frames"], n))
             except FrameSourceError as exc:  # became undecodable after it was counted: report, keep the rest
                 status[labels.record.video_uid] = {"status": "skipped", "reason": str(exc), "key": key}
@@ -201,9 +214,11 @@ def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: C
         tasks = {"videos": progress.add_task("videos", total=sum(len(k) for _, k in todo)),
                  "frames": progress.add_task("frames", total=sum(len(by_key[k].points) for _, ks in todo
                                                                    for k in ks))}
-        for i, keys in todo:
-            shard = out / SHARD_PATTERN.format(i)
-            _encode_shard(shard, keys, by_key, model, cfg, spec, device, progress, tasks)
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        with FrameFeeder(workers, spec.image_size, cfg.batch_size, cfg.fps) as feeder:
+            for i, keys in todo:
+                shard = out / SHARD_PATTERN.format(i)
+                _encode_shard(shard, keys, by_key, model, cfg, spec, device, feeder, progress, tasks)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -219,5 +234,6 @@ def _progress(console: Console) -> Progress:
 
 
 def config_dict(cfg: PrepareConfig) -> dict:
+    """The settings for manifest.json; `workers` is left out: it changes the speed, never the output."""
     return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, tuple) else v)
-            for k, v in asdict(cfg).items()}
+            for k, v in asdict(cfg).items() if k != "workers"}

@@ -46,6 +46,7 @@ class PrepareConfig:
     shard_size_mb: float = 1024.0
     strict: bool = False
     max_videos: int | None = None
+    workers: int | None = None  # decoding processes beside the encoder; None: min(4, CPUs - 1); 0: in-process
 
 
 _PATHS = {"frames_root", "videos_root", "out"}
@@ -106,6 +107,9 @@ def resolve(split: str, options: dict[str, Any], config_path: Path | None = None
         raise ConfigError(str(exc)) from None
     if values.get("batch_size", 1) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {values['batch_size']}")
+    workers = values.get("workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"workers must be an integer >= 0 (0 = decode in the main process), got {workers!r}")
     for key in ("shard_size_mb", "fps"):
         if values.get(key, 1) <= 0:
             raise ConfigError(f"{key} must be > 0, got {values[key]}")

@@ -41,6 +41,10 @@ def tiny_record(uid: str, dataset: str, start: float, n_turns: int) -> dict:
     turns = [{"role": "assistant" if j % 2 else "user", "time": start + 0.7 + 1.9 * j,
               "content": ["please open the lid", "now turn the screw", "hold the board"][j % 3]}
              for j in range(n_turns)]
+    for j, turn in enumerate(turns):
+        if turn["role"] == "assistant":  # ProAssist's fields of assistant turns (progress: the summary variant)
+            turn["labels"] = ["initiative|instruction", "responsive|qa", "initiative|instruction,feedback"][j % 3]
+            turn["progress"] = f"After {1.9 * j:.1f} seconds the user has done {j // 2} steps of the toy."
     return {
         "video_uid": uid, "inferred_goal": "assemble the toy", "inferred_knowledge": "1. a\n2. b\n3. c",
         "parsed_video_anns": {"dataset": dataset, "video_start_time": start, "duration": 15.0},

@@ -14,12 +14,12 @@ def test_fast_demo_beats_the_baselines(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"model", "never", "periodic", "oracle"}
-    model, never, periodic, oracle = (summary[k] for k in ("model", "never", "periodic", "oracle"))
+    assert set(summary) == {"model-dst", "never", "periodic", "oracle"}
+    model, never, periodic, oracle = (summary[k] for k in ("model-dst", "never", "periodic", "oracle"))
     assert oracle["speak_f1"] == oracle["update_f1"] == oracle["joint_accuracy"] == 1.0
     for baseline in (never, periodic):
         assert model["speak_f1"] > baseline["speak_f1"] + 0.2
         assert model["update_f1"] > baseline["update_f1"] + 0.2
         assert model["joint_accuracy"] > baseline["joint_accuracy"]
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
-    assert (out / "eval" / "val" / "thresholds.json").exists()
+    assert (out / "eval" / "dst" / "val" / "thresholds.json").exists()

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from eval.demo import offline_sts_model
+from eval.sweep import THRESHOLDS, best_threshold
 
 STS = offline_sts_model()
 
@@ -31,7 +32,7 @@ def test_oracle_scores_exactly_one(tiny_shards, tmp_path):
 def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     out = tmp_path / "val"
     invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", out, "--sweep", "--sts-model", STS,
-           "--max-new-tokens", "6", "--max-context", "400")
+           "--max-new-tokens", "6", "--max-context", "300")
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 8  # 4 videos x 2 conversations
     frame = lines[0]["frames"][0]
@@ -43,8 +44,9 @@ def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     sweep = json.loads((out / "thresholds.json").read_text())
     for decisions in sweep["datasets"].values():
         for curve in decisions.values():
-            assert len(curve["thresholds"]) == len(curve["f1"]) == 19
-            assert curve["best"] == curve["thresholds"][curve["f1"].index(max(curve["f1"]))]
+            assert curve["thresholds"] == THRESHOLDS and len(curve["f1"]) == len(THRESHOLDS)
+            assert curve["best"] == best_threshold(curve["thresholds"], curve["f1"])
+    assert isinstance(sweep["warnings"], list)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sts_model"] == STS and metrics["meteor"]
     # dst score reproduces metrics.json from predictions.jsonl, with no model
@@ -52,7 +54,7 @@ def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     assert json.loads((tmp_path / "again.json").read_text()) == metrics
     # the swept thresholds carry over to another split
     invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", tmp_path / "test", "--thresholds-from",
-           out / "thresholds.json", "--sts-model", STS, "--max-new-tokens", "6", "--max-context", "400")
+           out / "thresholds.json", "--sts-model", STS, "--max-new-tokens", "6", "--max-context", "300")
     assert (tmp_path / "test" / "metrics.json").exists()
 
 

@@ -221,9 +221,10 @@ def test_rho_out_of_range_rejected():
 
 def test_combine_respects_weights_exactly():
     terms = {"update": torch.tensor(1.0), "dst_text": torch.tensor(10.0), "speak": torch.tensor(100.0),
-             "response": torch.tensor(1000.0)}
-    assert combine(terms, LossWeights()).item() == 1111.0
-    assert combine(terms, LossWeights(w_upd=2.0, w_dst=0.5, w_spk=0.0, w_rsp=3.0)).item() == 2.0 + 5.0 + 3000.0
+             "response": torch.tensor(1000.0), "summary": torch.tensor(10000.0)}
+    assert combine(terms, LossWeights()).item() == 11111.0
+    assert (combine(terms, LossWeights(w_upd=2.0, w_dst=0.5, w_spk=0.0, w_rsp=3.0, w_sum=0.25)).item()
+            == 2.0 + 5.0 + 3000.0 + 2500.0)
     with pytest.raises(ValueError):
         combine({k: v for k, v in terms.items() if k != "speak"}, LossWeights())
 

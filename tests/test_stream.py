@@ -22,8 +22,8 @@ def setup(tiny_run, tiny_shards):
 def stream(setup, video: int = 0, conversation: int = 0, **options):
     model, fmt, index = setup
     vid = index.video_ids[video]
-    streamer = Streamer(model, fmt, StreamConfig(**options))
-    return streamer, streamer.run(index.meta(vid), index.rows(vid, 0, index.num_rows(vid)), conversation)
+    streamer = Streamer(model, fmt, StreamConfig(**{"protocol": "full-video", **options}))
+    return streamer, streamer.run(index.meta(vid), index.rows(vid, 0, index.num_rows(vid)), conversation)["frames"]
 
 
 def test_cache_matches_full_recompute(setup):
@@ -54,12 +54,13 @@ def test_constrained_updates_are_always_valid(setup):
         assert updates > 0
 
 
-@pytest.mark.parametrize("strategy", ["dst-reseed", "drop-all", "drop-middle"])
+@pytest.mark.parametrize("strategy", ["reseed", "drop-all", "drop-middle"])
 def test_context_strategies(setup, strategy, monkeypatch):
     model, fmt, index = setup
     limit = 260
     streamer = Streamer(model, fmt, StreamConfig(theta_update=0.0, theta_speak=1.0, max_context=limit,
-                                                 context_strategy=strategy, max_new_tokens=4))
+                                                 context_strategy=strategy, max_new_tokens=4,
+                                                 protocol="full-video"))
     session, prefixes, longest = streamer.session, [], [0]
     refeed, feed = session.refeed, session.feed
 
@@ -76,11 +77,11 @@ def test_context_strategies(setup, strategy, monkeypatch):
     monkeypatch.setattr(session, "feed", watched_feed)
     vid = index.video_ids[0]
     meta = index.meta(vid)
-    frames = streamer.run(meta, index.rows(vid, 0, index.num_rows(vid)), 0)
+    frames = streamer.run(meta, index.rows(vid, 0, index.num_rows(vid)), 0)["frames"]
     assert prefixes, f"max_context {limit} must trigger the strategy"
     assert longest[0] <= limit
     nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
-    if strategy == "dst-reseed":
+    if strategy == "reseed":
         # each new prefix is the system prompt holding the DST tracked at that moment (the model changed it:
         # theta_update 0), plus recent turns
         tracked = {format_state(f["pred_state"]) for f in frames}
@@ -92,7 +93,8 @@ def test_context_strategies(setup, strategy, monkeypatch):
         assert all(state in tracked for state in states)
         assert any(state != format_state(meta["initial_state"]) for state in states)
     elif strategy == "drop-all":
-        assert all(chunks == [(fmt.system(meta["goal"], nodes, meta["initial_state"]), None)] for chunks in prefixes)
+        assert all([c[0] for c in chunks] == [fmt.system(meta["goal"], nodes, meta["initial_state"])]
+                   for chunks in prefixes)
     else:
         for chunks in prefixes:
             assert chunks[0][0] == fmt.system(meta["goal"], nodes, meta["initial_state"]) and len(chunks) > 1

@@ -29,6 +29,11 @@ class Batch:
     speak_weights: torch.Tensor  # float [Ns]
     dst_index: torch.Tensor  # long [Nd, 2]
     response_index: torch.Tensor  # long [Nr, 2]
+    summary_index: torch.Tensor | None = None  # long [Nm, 2]: progress-summary targets (summary variant)
+
+    def __post_init__(self):
+        if self.summary_index is None:  # every variant but `summary` has none
+            self.summary_index = torch.zeros(0, 2, dtype=torch.long, device=self.response_index.device)
 
     @property
     def num_tokens(self) -> int:

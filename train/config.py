@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from train.losses import DECISION_LOSSES
+from train.sequence import VARIANTS
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-DECISION_LOSSES = ("focal", "balanced_bce", "bce")
 
 
 class TrainConfigError(ValueError):
@@ -23,6 +25,7 @@ class TrainConfig:
     val_shards: Path | None = None
     max_steps: int = 1000
     seed: int = 0
+    variant: str = "dst"  # dst (DST memory) | summary (ProAssist's progress summary) | none
     resume: bool = False
     lora: bool = True
     lora_rank: int = 16
@@ -45,6 +48,7 @@ class TrainConfig:
     w_dst: float = 1.0
     w_spk: float = 1.0
     w_rsp: float = 1.0
+    w_sum: float = 1.0  # the progress summary's LM loss (summary variant)
     positive_strength: float = 1.0
     dataset_weights: dict[str, float] = field(default_factory=dict)
     conversations_per_video: int | None = None
@@ -97,6 +101,8 @@ def resolve(options: dict[str, Any], config_path: Path | None = None) -> TrainCo
 def _check(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise TrainConfigError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.variant not in VARIANTS:
+        raise TrainConfigError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
     if cfg.decision_loss not in DECISION_LOSSES:
         raise TrainConfigError(f"decision_loss must be one of {DECISION_LOSSES}, got {cfg.decision_loss!r}")
     if cfg.batch_size != "auto" and not (str(cfg.batch_size).isdigit() and int(cfg.batch_size) > 0):

@@ -61,7 +61,7 @@ def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch
     attention = torch.zeros((n_rows, length), dtype=torch.long)
     image_mask = torch.zeros((n_rows, length), dtype=torch.bool)
     embeds: list[np.ndarray] = []
-    upd_idx, upd_y, upd_w, spk_idx, spk_y, spk_w, dst_idx, resp_idx = [], [], [], [], [], [], [], []
+    upd_idx, upd_y, upd_w, spk_idx, spk_y, spk_w, dst_idx, resp_idx, sum_idx = [], [], [], [], [], [], [], [], []
     for b, (w, seq) in enumerate(zip(windows, seqs)):
         n = len(seq.input_ids)
         input_ids[b, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
@@ -79,6 +79,7 @@ def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch
         spk_w += _weights(seq.speak_labels, rho, g)
         dst_idx += _pairs(b, seq.dst_targets)
         resp_idx += _pairs(b, seq.response_targets)
+        sum_idx += _pairs(b, seq.summary_targets)
     return Batch(
         input_ids=input_ids, attention_mask=attention, image_mask=image_mask,
         frame_embeds=torch.from_numpy(np.concatenate(embeds)),
@@ -86,7 +87,7 @@ def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch
         update_weights=torch.tensor(upd_w, dtype=torch.float32),
         speak_index=_index(spk_idx), speak_labels=torch.tensor(spk_y, dtype=torch.float32),
         speak_weights=torch.tensor(spk_w, dtype=torch.float32),
-        dst_index=_index(dst_idx), response_index=_index(resp_idx),
+        dst_index=_index(dst_idx), response_index=_index(resp_idx), summary_index=_index(sum_idx),
     )
 
 

@@ -12,8 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from train.checkpoint import save_checkpoint
 from train.fp16_monitor import TrainingMonitor
-from train.losses import TERMS
-from train.step import global_counts, loss_terms, scaled_loss, validate
+from train.losses import LOSS_WEIGHT_NAMES, TERMS
+from train.step import global_counts, loss_terms, loss_weights, scaled_loss, validate
 
 
 def micro_batches(data, epoch: int, start: int, workers: int):
@@ -114,8 +114,8 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                         sums = sums.to(runtime.device)
                         torch.distributed.all_reduce(sums)
                     values = {t: float(s) / total[t] if total[t] else 0.0 for t, s in zip(TERMS, sums.tolist())}
-                    weights = {"update": cfg.w_upd, "dst_text": cfg.w_dst, "speak": cfg.w_spk, "response": cfg.w_rsp}
-                    loss_value = sum(weights[t] * values[t] for t in TERMS)
+                    weights = loss_weights(cfg)
+                    loss_value = sum(getattr(weights, w) * values[t] for t, w in zip(TERMS, LOSS_WEIGHT_NAMES))
                     log({"step": step, "loss": loss_value, **values, "lr": lr, "tokens_per_s": tokens / step_s,
                          "epoch": epoch, "data_s": data_s, "step_s": step_s, **monitor.metrics()})
                     progress.update(task, loss=loss_value, tps=tokens / step_s)

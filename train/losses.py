@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 DECISION_LOSSES = ("focal", "balanced_bce", "bce")
-TERMS = ("update", "dst_text", "speak", "response")
+TERMS = ("update", "dst_text", "speak", "response", "summary")
+LOSS_WEIGHT_NAMES = ("w_upd", "w_dst", "w_spk", "w_rsp", "w_sum")  # LossWeights field of each term, in TERMS order
 # Any finite logit beyond this is saturated in fp32; clamping maps fp16 overflow (+-inf) here so loss and grads stay
 # finite, and keeps weight-0 positions finite so that 0 * loss is an exact 0 (0 * inf would be NaN).
 LOGIT_LIMIT = 1e6
@@ -135,12 +136,15 @@ class LossWeights:
     w_dst: float = 1.0
     w_spk: float = 1.0
     w_rsp: float = 1.0
+    w_sum: float = 1.0
 
 
 def combine(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """w_upd * update + w_dst * dst_text + w_spk * speak + w_rsp * response. All four terms are required (each is
-    an exact 0 when the batch has none of its positions), so a forgotten term is an error, not a silent 0."""
+    """w_upd * update + w_dst * dst_text + w_spk * speak + w_rsp * response + w_sum * summary. Every term is
+    required (each is an exact 0 when the batch has none of its positions), so a forgotten term is an error, not a
+    silent 0."""
     if set(terms) != set(TERMS):
         raise ValueError(f"expected loss terms {TERMS}, got {tuple(terms)}")
     return (weights.w_upd * terms["update"].float() + weights.w_dst * terms["dst_text"].float()
-            + weights.w_spk * terms["speak"].float() + weights.w_rsp * terms["response"].float())
+            + weights.w_spk * terms["speak"].float() + weights.w_rsp * terms["response"].float()
+            + weights.w_sum * terms["summary"].float())

@@ -93,6 +93,8 @@ class DSTModel(nn.Module):
             "dst_text_targets": ids(batch.dst_index),
             "response": self.lm_head(at(shifted_positions(batch.response_index))),
             "response_targets": ids(batch.response_index),
+            "summary": self.lm_head(at(shifted_positions(batch.summary_index))),
+            "summary_targets": ids(batch.summary_index),
         }
 
     # --------------------------------------------------------------------------------------------- checkpoints

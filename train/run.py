@@ -16,7 +16,7 @@ from rich.console import Console
 
 from train.budget import resolve_token_budget
 from train.checkpoint import load_training_state, load_weights
-from train.config import TrainConfig
+from train.config import TrainConfig, TrainConfigError
 from train.loader import TrainData
 from train.loop import jsonl_logger, train_loop
 from train.sequence import SequenceFormat
@@ -49,6 +49,18 @@ def _sinks(cfg: TrainConfig, run: Path) -> list:
     return sinks
 
 
+def check_shards_fit_variant(index: ShardIndex, where: Path, variant: str) -> None:
+    """The summary variant learns from ProAssist's progress summaries, which shards prepared before they were kept
+    do not hold."""
+    if variant != "summary":
+        return
+    old = [v for v in index.video_ids if any("progress" not in c for c in index.meta(v)["labels"]["conversations"])]
+    if old:
+        raise TrainConfigError(f"{where}: {len(old)} of {len(index)} videos (e.g. {old[0]}) have no progress "
+                               "summaries (prepared before dst prepare kept them); run dst prepare again to train "
+                               "the summary variant, or train --variant dst / none on these shards")
+
+
 def run(cfg: TrainConfig, console: Console | None = None) -> Path:
     console = console or Console()
     runtime = init_runtime(cfg)
@@ -64,7 +76,8 @@ def run(cfg: TrainConfig, console: Console | None = None) -> Path:
 
     model, tokenizer = build_model(cfg, runtime)
     index = ShardIndex.build(cfg.shards)
-    fmt = SequenceFormat(tokenizer, index.tokens_per_frame)
+    check_shards_fit_variant(index, cfg.shards, cfg.variant)
+    fmt = SequenceFormat(tokenizer, index.tokens_per_frame, cfg.variant)
     budget = resolve_token_budget(cfg, runtime, model, fmt, index.hidden_size)
     if runtime.world > 1:  # every rank must pack the same batches: take the smallest budget any rank found
         shared = torch.tensor([budget], device=runtime.device)
@@ -74,6 +87,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> Path:
     val_data = None
     if cfg.val_shards is not None:
         val_index = ShardIndex.build(cfg.val_shards)
+        check_shards_fit_variant(val_index, cfg.val_shards, cfg.variant)
         val_data = TrainData.from_config(val_index, fmt, cfg, budget, runtime.rank, runtime.world,
                                          validation=True).batches_for_epoch(0)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -85,7 +99,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> Path:
         state = load_training_state(folder, optimizer, scheduler, scaler)
         console.print(f"resumed from {folder} at step {state['step']}")
 
-    dst_meta = {"base_model": cfg.model, "lora": cfg.lora, "frame_adapter": cfg.frame_adapter,
+    dst_meta = {"base_model": cfg.model, "variant": cfg.variant, "lora": cfg.lora, "frame_adapter": cfg.frame_adapter,
                 "tokens_per_frame": index.tokens_per_frame, "hidden_size": index.hidden_size,
                 "max_seq_len": cfg.max_seq_len}
     if runtime.is_main:
@@ -95,7 +109,8 @@ def run(cfg: TrainConfig, console: Console | None = None) -> Path:
             "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in dst_meta.items()},
         }, indent=1))
     log = jsonl_logger(cfg.out / "metrics.jsonl", runtime.is_main, _sinks(cfg, cfg.out) if runtime.is_main else ())
-    console.print(f"training {cfg.model} ({'LoRA' if cfg.lora else 'full'}, {runtime.precision}) on "
+    console.print(f"training {cfg.model}, variant {cfg.variant} ({'LoRA' if cfg.lora else 'full'}, "
+                  f"{runtime.precision}) on "
                   f"{runtime.device} x{runtime.world}: {data.steps_per_epoch} micro-batches per epoch per rank, "
                   f"{budget} tokens each", highlight=False, soft_wrap=True)
     step = train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log,

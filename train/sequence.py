@@ -3,19 +3,26 @@
 A sequence is a window of one video for one conversation, built from token-id segments that are tokenized
 separately and concatenated (never re-tokenized as a whole), so a streaming replay appends exactly the same ids:
 
-    system:   <|im_start|>System: {instructions}\\nGoal: ...\\nSteps:\\nS1: ...\\nState: S1=...; ...
-              [\\nRecent dialogue:\\nUser: ...\\nAssistant: ...]<end_of_utterance>
+    system:   <|im_start|>System: {instructions}\nGoal: ...\nSteps:\nS1: ...\nState: S1=...; ...   (dst only)
+              [\nProgress: {summary}]                                    (summary only, window starts mid-video)
+              [\nRecent dialogue:\nUser: ...\nAssistant: ...]<end_of_utterance>
     per frame k:
-      user      \\nUser: {text}<end_of_utterance>                   (if a user turn sits before frame k)
+      user      \nUser: {text}<end_of_utterance>                   (if a user turn sits before frame k)
       frame     <fake_token_around_image><global-img><image>*T<fake_token_around_image>
                                       -> decision A (DST update?) reads the hidden state of the last token here
-      dst       \\nDST: + [ S2=completed; S3=in_progress]<end_of_utterance>   (if updated; [...] is the target)
+      dst       \nDST: + [ S2=completed; S3=in_progress]<end_of_utterance>   (if updated; [...] is the target)
                                       -> decision B (speak?) reads the last token before the response slot
-      response  \\nAssistant: + [ {text}]<end_of_utterance>                 (if speaking; [...] is the target)
+      response  \nAssistant: + [ {text}]<end_of_utterance>                 (if speaking; [...] is the target)
+    summary variant, a window that stops before the video's end closes with:
+      \nSystem: Please summarize the progress.<end_of_utterance>  [the window's last frame block again]
+      \nSummary: + [ {progress}]<end_of_utterance>
 
 The `<image>` positions carry the stored frame embeddings (through `inputs_embeds`), T per frame. Prefixes
-(`\\nDST:`, `\\nAssistant:`) are forced once the decision fires, so only the text after them and its EOS are LM
-targets: EOS is always learned, and pad (`<|im_end|>`) is never EOS.
+(`\nDST:`, `\nAssistant:`, `\nSummary:`) are forced once the decision fires, so only the text after them and its
+EOS are LM targets: EOS is always learned, and pad (`<|im_end|>`) is never EOS.
+
+Variants (DESIGN 6c): `dst` tracks the state (State line, decision A, DST text); `summary` is ProAssist's iterative
+progress summarization (no DST anywhere; the progress summary is the memory across windows); `none` has neither.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from dataclasses import dataclass, field
 
 from pipeline.timeline import STATE_RANK
 
-INSTRUCTIONS = ("You are a proactive assistant watching the user's task video. After each frame, track the state "
-                "of every step and speak only when it helps.")
-RECENT_TURNS = 3
+VARIANTS = ("dst", "summary", "none")
+_ROLE = "You are a proactive assistant watching the user's task video."
+INSTRUCTIONS = {"dst": f"{_ROLE} After each frame, track the state of every step and speak only when it helps.",
+                "summary": f"{_ROLE} After each frame, speak only when it helps.",
+                "none": f"{_ROLE} After each frame, speak only when it helps."}
+SUMMARY_REQUEST = "Please summarize the progress."
+RECENT_TURNS = 3  # dialogue turns carried into a window that starts mid-video (training and every re-seed)
 
 
 # ----------------------------------------------------------------------------------------------- DST update grammar
@@ -58,9 +69,13 @@ def parse_update(text: str, current: dict[str, str]) -> dict[str, str] | None:
 class SequenceFormat:
     """Token-id segments for one tokenizer and one number of tokens per frame."""
 
-    def __init__(self, tokenizer, tokens_per_frame: int):
+    def __init__(self, tokenizer, tokens_per_frame: int, variant: str = "dst"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.tokenizer = tokenizer
         self.tokens_per_frame = tokens_per_frame
+        self.variant = variant
+        self.tracks_state = variant == "dst"
         ids = tokenizer.convert_tokens_to_ids
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -73,18 +88,28 @@ class SequenceFormat:
         self.dst_prefix = self.text("\nDST:")
         self.response_prefix = self.text("\nAssistant:")
         self.clause_separator = self.text(";")
+        self.summary_request = self.text(f"\nSystem: {SUMMARY_REQUEST}") + [self.eos_id]
+        self.summary_prefix = self.text("\nSummary:")
 
     def text(self, s: str) -> list[int]:
         # split_special_tokens: a literal "<image>" or "<end_of_utterance>" typed in a dialogue stays text, so
         # special ids only ever come from this builder.
         return self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def system(self, goal: str, nodes: list[tuple[str, str]], state: dict[str, str],
-               recent: list[tuple[str, str]] = ()) -> list[int]:
-        """System segment: instructions, goal, steps with ids, the DST state, and recent turns (role, text)."""
-        lines = [f"System: {INSTRUCTIONS}", f"Goal: {goal}", "Steps:"]
+    def system(self, goal: str, nodes: list[tuple[str, str]], state: dict[str, str] | None = None,
+               recent: list[tuple[str, str]] = (), progress: str = "") -> list[int]:
+        """System segment: instructions, goal, steps with ids, the variant's memory (the DST state for `dst`, a
+        progress summary for `summary` when there is one), and recent turns (role, text)."""
+        lines = [f"System: {INSTRUCTIONS[self.variant]}", f"Goal: {goal}", "Steps:"]
         lines += [f"{node_id}: {name}" for node_id, name in nodes]
-        lines.append(f"State: {format_state(state)}")
+        if self.tracks_state:
+            if state is None:
+                raise ValueError("the dst variant's system prompt needs the DST state")
+            lines.append(f"State: {format_state(state)}")
+        if progress:
+            if self.variant != "summary":
+                raise ValueError(f"a progress summary belongs to the summary variant, not {self.variant!r}")
+            lines.append(f"Progress: {progress}")
         if recent:
             lines.append("Recent dialogue:")
             lines += [f"{role}: {text}" for role, text in recent]
@@ -105,6 +130,7 @@ class SequenceFormat:
         return body + [self.eos_id]
 
     def response_body(self, text: str) -> list[int]:
+        """Generated text after a forced prefix (a response, or a progress summary): ` {text}` + EOS."""
         return self.text(f" {text}") + [self.eos_id]
 
 
@@ -125,6 +151,7 @@ class Sequence:
     speak_labels: list[int] = field(default_factory=list)
     dst_targets: list[int] = field(default_factory=list)  # positions of DST text target tokens
     response_targets: list[int] = field(default_factory=list)  # positions of response target tokens
+    summary_targets: list[int] = field(default_factory=list)  # positions of progress-summary target tokens
 
     def extend(self, ids: list[int]) -> int:
         """Append ids; return the position of the last one."""
@@ -142,6 +169,17 @@ def state_before(meta: dict, row: int) -> dict[str, str]:
     return meta["initial_state"] if row == 0 else json.loads(meta["labels"]["dst_state"][row - 1])
 
 
+def progress_before(meta: dict, conversation: int, row: int) -> str:
+    """The progress summary of the latest assistant turn with one before frame row `row` ("" if none): what a
+    window starting at `row` carries, and the target of the summary that closes a window ending at `row`."""
+    conv = meta["labels"]["conversations"][conversation]
+    if "progress" not in conv:
+        raise ValueError(f"{meta['video_uid']}: the shards hold no progress summaries (prepared before they were "
+                         "kept): run dst prepare again to train or evaluate the summary variant")
+    progress = conv["progress"]
+    return next((progress[i] for i in range(min(row, len(progress)) - 1, -1, -1) if progress[i]), "")
+
+
 def recent_turns(meta: dict, conversation: int, row: int, limit: int = RECENT_TURNS) -> list[tuple[str, str]]:
     """The last `limit` dialogue turns placed before frame row `row` of this conversation, oldest first."""
     conv = meta["labels"]["conversations"][conversation]
@@ -155,8 +193,11 @@ def recent_turns(meta: dict, conversation: int, row: int, limit: int = RECENT_TU
 
 
 def system_for(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> list[int]:
+    """The system segment of a window starting at frame row `row`, from the references."""
     nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
-    return fmt.system(meta["goal"], nodes, state_before(meta, row), recent_turns(meta, conversation, row))
+    state = state_before(meta, row) if fmt.tracks_state else None
+    progress = progress_before(meta, conversation, row) if fmt.variant == "summary" else ""
+    return fmt.system(meta["goal"], nodes, state, recent_turns(meta, conversation, row), progress)
 
 
 def frame_segments(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> dict[str, list[int]]:
@@ -167,7 +208,7 @@ def frame_segments(fmt: SequenceFormat, meta: dict, conversation: int, row: int)
     response = conv["response"][row]
     return {
         "user": fmt.user(user) if user else [],
-        "dst": fmt.dst_body(json.loads(delta)) if delta else [],
+        "dst": fmt.dst_body(json.loads(delta)) if delta and fmt.tracks_state else [],
         "response": fmt.response_body(response) if response else [],
     }
 
@@ -179,18 +220,33 @@ def frame_cost(fmt: SequenceFormat, segments: dict[str, list[int]]) -> int:
             + (len(fmt.response_prefix) + len(segments["response"]) if segments["response"] else 0))
 
 
+def closing_cost(fmt: SequenceFormat, meta: dict, conversation: int, end: int) -> int:
+    """Tokens of the block that closes a window ending before frame row `end` (summary variant only)."""
+    if fmt.variant != "summary" or end >= len(meta["labels"]["frame"]):
+        return 0
+    return (len(fmt.summary_request) + len(fmt.frame) + len(fmt.summary_prefix)
+            + len(fmt.response_body(progress_before(meta, conversation, end))))
+
+
+def append_frame_block(fmt: SequenceFormat, seq: Sequence, row: int) -> int:
+    """The frame's tokens (its `<image>` positions carry embedding row `row`); returns the last position."""
+    start = len(seq.input_ids)
+    last = seq.extend(fmt.frame)
+    seq.image_positions += range(start + 2, start + 2 + fmt.tokens_per_frame)
+    seq.frame_rows.append(row)
+    return last
+
+
 def append_frame(fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[str, list[int]],
                  update: bool, speak: bool) -> None:
     """Append one frame with its decisions; `update`/`speak` are the labels (ground truth in training)."""
     if segments["user"]:
         seq.extend(segments["user"])
-    start = len(seq.input_ids)
-    read = seq.extend(fmt.frame)
-    seq.image_positions += range(start + 2, start + 2 + fmt.tokens_per_frame)
-    seq.frame_rows.append(row)
-    seq.update_positions.append(read)
-    seq.update_labels.append(int(update))
-    if update:
+    read = append_frame_block(fmt, seq, row)
+    if fmt.tracks_state:
+        seq.update_positions.append(read)
+        seq.update_labels.append(int(update))
+    if update and fmt.tracks_state:
         seq.extend(fmt.dst_prefix)
         read = seq.extend_target(segments["dst"], seq.dst_targets)
     seq.speak_positions.append(read)
@@ -200,12 +256,24 @@ def append_frame(fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[st
         seq.extend_target(segments["response"], seq.response_targets)
 
 
+def append_summary(fmt: SequenceFormat, seq: Sequence, last_row: int, summary: list[int]) -> None:
+    """The summary variant's closing block: the request, frame `last_row` again, `\nSummary:` + `summary` (target
+    ids: ` {progress}` + EOS)."""
+    seq.extend(fmt.summary_request)
+    append_frame_block(fmt, seq, last_row)
+    seq.extend(fmt.summary_prefix)
+    seq.extend_target(summary, seq.summary_targets)
+
+
 def build_window(fmt: SequenceFormat, meta: dict, conversation: int, start: int, end: int) -> Sequence:
-    """The training sequence of frame rows [start, end) of one conversation."""
+    """The training sequence of frame rows [start, end) of one conversation (with the summary variant's closing
+    block when it stops before the video's end)."""
     seq = Sequence()
     seq.extend(system_for(fmt, meta, conversation, start))
     labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
     for row in range(start, end):
         append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row),
                      labels["dst_update"][row], conv["speak"][row])
+    if closing_cost(fmt, meta, conversation, end):
+        append_summary(fmt, seq, end - 1, fmt.response_body(progress_before(meta, conversation, end)))
     return seq

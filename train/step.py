@@ -23,13 +23,15 @@ def loss_terms(out: dict, batch: Batch, cfg: TrainConfig) -> tuple[dict, dict]:
                                alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
         "dst_text": lm_loss(out["dst_text"], out["dst_text_targets"]),
         "response": lm_loss(out["response"], out["response_targets"]),
+        "summary": lm_loss(out["summary"], out["summary_targets"]),
     }
     return terms, counts(batch)
 
 
 def counts(batch: Batch) -> dict[str, float]:
     return {"update": float(batch.update_weights.sum()), "speak": float(batch.speak_weights.sum()),
-            "dst_text": float(batch.dst_index.shape[0]), "response": float(batch.response_index.shape[0])}
+            "dst_text": float(batch.dst_index.shape[0]), "response": float(batch.response_index.shape[0]),
+            "summary": float(batch.summary_index.shape[0])}
 
 
 def global_counts(batches: list[Batch], device: torch.device, world: int) -> dict[str, float]:
@@ -42,7 +44,11 @@ def global_counts(batches: list[Batch], device: torch.device, world: int) -> dic
 def scaled_loss(terms: dict, here: dict, total: dict, cfg: TrainConfig, world: int) -> torch.Tensor:
     """This micro-batch's share of the global-batch loss (see module doc)."""
     scaled = {t: terms[t] * (here[t] * world / total[t] if total[t] > 0 else 0.0) for t in TERMS}
-    return combine(scaled, LossWeights(cfg.w_upd, cfg.w_dst, cfg.w_spk, cfg.w_rsp))
+    return combine(scaled, loss_weights(cfg))
+
+
+def loss_weights(cfg: TrainConfig) -> LossWeights:
+    return LossWeights(cfg.w_upd, cfg.w_dst, cfg.w_spk, cfg.w_rsp, cfg.w_sum)
 
 
 @torch.no_grad()

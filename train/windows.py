@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.sequence import SequenceFormat, frame_cost, frame_segments, system_for
+from train.sequence import SequenceFormat, closing_cost, frame_cost, frame_segments, system_for
 
 BUCKET = 100  # windows per shuffled bucket when packing: large enough for little padding, small enough to mix
 
@@ -41,7 +41,8 @@ class Window:
 def cut_windows(fmt: SequenceFormat, meta: dict, video_id: str, max_seq_len: int) -> list[Window]:
     """Greedy windows for every conversation of one video: contiguous, non-overlapping, covering every row, each at
     most `max_seq_len` tokens. A window's cost is its own system segment (which depends on its start: the state and
-    recent turns there) plus its frames' costs, all from sequence.py, so `n_tokens` equals the built length."""
+    recent turns there), its frames' costs and, for the summary variant, the block that closes a window stopping
+    before the video's end, all from sequence.py, so `n_tokens` equals the built length."""
     labels = meta["labels"]
     n_rows = len(labels["frame"])
     windows = []
@@ -50,17 +51,22 @@ def cut_windows(fmt: SequenceFormat, meta: dict, video_id: str, max_seq_len: int
         start, used = 0, len(system_for(fmt, meta, c, 0))
         for row in range(n_rows):
             cost = frame_cost(fmt, frame_segments(fmt, meta, c, row))
-            if used + cost > max_seq_len and row > start:
-                cuts.append((start, row, used))
+            # A window that takes this frame must still fit the block that closes it after this frame; the window
+            # before it always fits its own closing block (checked when its last frame was taken).
+            if used + cost + closing_cost(fmt, meta, c, row + 1) > max_seq_len and row > start:
+                cuts.append((start, row, used + closing_cost(fmt, meta, c, row)))
                 start, used = row, len(system_for(fmt, meta, c, row))
-            if used + cost > max_seq_len:
-                raise ValueError(f"video {video_id}, conversation {c}: frame row {row} needs {used + cost} tokens "
-                                 f"with its system prompt, more than max_seq_len={max_seq_len}")
+            if used + cost + closing_cost(fmt, meta, c, row + 1) > max_seq_len:
+                raise ValueError(f"video {video_id}, conversation {c}: frame row {row} needs "
+                                 f"{used + cost + closing_cost(fmt, meta, c, row + 1)} tokens with its system prompt"
+                                 f"{' and closing summary' if fmt.variant == 'summary' else ''}, more than "
+                                 f"max_seq_len={max_seq_len}")
             used += cost
         if n_rows:
             cuts.append((start, n_rows, used))
         windows += [Window(video_id, meta["dataset"], c, a, b, n,
-                           sum(map(bool, labels["dst_update"][a:b])), sum(map(bool, conv["speak"][a:b])))
+                           sum(map(bool, labels["dst_update"][a:b])) if fmt.tracks_state else 0,
+                           sum(map(bool, conv["speak"][a:b])))
                     for a, b, n in cuts]
     return windows
 
