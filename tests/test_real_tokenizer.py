@@ -176,7 +176,8 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
     meta = realistic_meta(n_frames=12)
     n = len(meta["labels"]["frame"])
     emb = (np.random.default_rng(0).standard_normal((n, 5, 576)) * 0.14).astype(np.float16)
-    streamer = Streamer(model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192))
+    streamer = Streamer(model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192,
+                                                 protocol="full-video"))  # every frame, as the window has
     streamer.run(meta, emb, 0)
     seq = build_window(fmt, meta, 0, 0, n)
     assert streamer.session.ids == seq.input_ids
