@@ -16,9 +16,11 @@ console = Console()  # progress, skip lines and summaries
 err_console = Console(stderr=True)  # fatal errors
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and the exit code: 2 for bad options or unreadable inputs, 1 when the inputs were read
+    but the run could not do its job (nothing usable, non-finite values)."""
     err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -31,11 +33,14 @@ def labels(
 ) -> None:
     """Per-frame labels: DST update, DST state, speak and response at every decision point."""
     from pipeline import labels as labels_cmd
+    from pipeline.checks import ConfigError
 
     try:
         labels_cmd.run(labels_cmd.LabelsConfig(dst_json, frames_root, out, fps, strict), console)
-    except InputFileError as exc:
+    except (ConfigError, InputFileError) as exc:
         _fail(str(exc))
+    except labels_cmd.NoUsableRecords as exc:
+        _fail(str(exc), 1)
 
 
 @app.command()
@@ -66,6 +71,8 @@ def prepare(
         prepare_cmd.run(resolve(split, options, config), console)
     except (ConfigError, InputFileError, prepare_cmd.PlanMismatch) as exc:
         _fail(str(exc))
+    except prepare_cmd.NoUsableRecords as exc:
+        _fail(str(exc), 1)
 
 
 @app.command()
@@ -77,7 +84,8 @@ def train(
     config: Path = typer.Option(None, help="TOML file with a [train] table (every option below, and more)."),
     max_steps: int = typer.Option(None, help="Optimizer steps (default 1000)."),
     seed: int = typer.Option(None, help="Seed for data order, sampling and head initialisation."),
-    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last; "
+                                                                   "start from step 0 when there is none yet."),
     lora: bool = typer.Option(None, "--lora/--full", help="LoRA on the text model (default) or full fine-tuning."),
     load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="4-bit base weights (bitsandbytes, CUDA only)."),
     precision: str = typer.Option(None, help="auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), fp16, bf16, "
@@ -92,20 +100,27 @@ def train(
     rho: float = typer.Option(None, help="Keep each negative decision with this probability (re-drawn per epoch)."),
     num_workers: int = typer.Option(None, help="Data loader worker processes."),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    allow_other_model: bool = typer.Option(None, "--allow-other-model", help="Train another --model than the "
+                                                                             "shards were prepared with."),
 ) -> None:
     """Train the decision heads, DST text and responses on prepared shards; checkpoints resume exactly."""
     from train import run as train_cmd
     from train.config import TrainConfigError, resolve
+    from train.guards import NonFiniteError
+    from train.resume import RunFolderError
+    from train.shard_index import ShardFormatError
 
     options = dict(shards=shards, val_shards=val_shards, model=model, out=out, max_steps=max_steps, seed=seed,
                    resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
                    batch_size=batch_size, memory_fraction=memory_fraction, max_seq_len=max_seq_len, lr=lr,
                    accumulation=accumulation, decision_loss=decision_loss, rho=rho, num_workers=num_workers,
-                   device=device)
+                   device=device, allow_other_model=allow_other_model or None)
     try:
         train_cmd.run(resolve(options, config), console)
-    except (TrainConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (TrainConfigError, FileNotFoundError, FileExistsError, RunFolderError, ShardFormatError) as exc:
         _fail(str(exc))
+    except NonFiniteError as exc:
+        _fail(str(exc), 1)
 
 
 @app.command("eval")
@@ -164,14 +179,17 @@ def score(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo"), help="Output folder (replaced)."),
+    out: Path = typer.Option(Path("demo"), help="Output folder: new or empty, or an earlier demo's (replaced)."),
     fast: bool = typer.Option(False, help="A smaller, quicker run (a smoke test)."),
     seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
     from eval import demo as demo_cmd
 
-    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed), console)
+    try:
+        demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed), console)
+    except demo_cmd.DemoFolderError as exc:
+        _fail(str(exc))
 
 
 @app.command("synth-frames")
@@ -183,11 +201,14 @@ def synth_frames(
 ) -> None:
     """Write synthetic frames files covering each record's video, for trying the pipeline without real frames."""
     from pipeline import synth_frames as synth_cmd
+    from pipeline.checks import ConfigError
 
     try:
         synth_cmd.run(synth_cmd.SynthFramesConfig(dst_json, out, fps, size), console)
-    except InputFileError as exc:
+    except (ConfigError, InputFileError) as exc:
         _fail(str(exc))
+    except synth_cmd.NothingWritten as exc:
+        _fail(str(exc), 1)
 
 
 if __name__ == "__main__":
