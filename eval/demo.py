@@ -60,6 +60,29 @@ SUMMARY_KEYS = {"speak_f1": ("speak", "f1"), "speak_proassist_f1": ("speak_proas
                 "semantic_score": ("text", "semantic_score")}
 
 
+DEMO_MARKER = ".dst-demo"  # written first into every folder a demo creates: the only folders it ever deletes
+
+
+class DemoFolderError(RuntimeError):
+    """--out names something the demo did not create: it is never deleted."""
+
+
+def start_clean(out: Path) -> None:
+    """A demo always starts clean (no stale shards or runs), but deletes only a folder an earlier demo made (it
+    holds DEMO_MARKER); any other non-empty folder, a file or a link is refused."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DemoFolderError(f"--out {out} is not a folder (a file or a link): refusing to touch it; "
+                              "pick a new folder")
+    if out.exists():
+        if (out / DEMO_MARKER).is_file():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise DemoFolderError(f"--out {out} exists and was not created by dst demo (no {DEMO_MARKER} in it): "
+                                  "refusing to delete it; pick a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("created by dst demo: `dst demo --out` deletes this folder when run again\n")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("demo")
@@ -87,8 +110,7 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
     settings = SETTINGS[cfg.model, cfg.fast]
     (n_train, n_val, n_test), steps = settings.videos, settings.steps
     out = cfg.out
-    if out.exists():
-        shutil.rmtree(out)  # a demo always starts clean: no stale shards or runs
+    start_clean(out)
     console.rule("1/4 generate synthetic task videos")
     data = generate(out / "data", n_train, n_val, n_test, seed=cfg.seed)
     console.rule(f"2/4 prepare: frames -> {cfg.model} embeddings -> shards")

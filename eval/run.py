@@ -148,6 +148,8 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     index = ShardIndex.build(cfg.shards)
+    for warning in index.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     video_ids = index.video_ids[: cfg.max_videos] if cfg.max_videos else index.video_ids
     model = fmt = meta = None
     if cfg.stream.mode in ("model", "teacher-forced") or cfg.sweep:
