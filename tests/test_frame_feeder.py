@@ -265,7 +265,7 @@ def test_workers_option_and_config_key(data, tmp_path):
     given = {"dst_json": (dst_json,), "frames_root": frames, "model": "tiny-random"}
     assert resolve("val", given).workers is None  # None: default_workers() at run time
     assert resolve("val", {**given, "workers": 3}).workers == 3
-    with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="workers must be >= 0, got -1"):
         resolve("val", {**given, "workers": -1})
     config = tmp_path / "data.toml"
     config.write_text(f'[prepare]\nworkers = 0\n[splits.val]\ndst_json = ["{dst_json}"]\nframes_root = "{frames}"\n'

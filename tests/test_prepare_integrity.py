@@ -65,7 +65,8 @@ def test_non_finite_and_undecodable_videos_are_skipped_with_the_reason(tmp_path,
     reasons = {s["video_uid"]: s["reason"] for s in manifest["skipped"]}
     assert reasons == {"vid-nan": "non-finite embeddings at 1 of 14 frames (first: frame 4); the encoder "
                                   "overflowed or the model is broken",
-                       "vid-black": "none of its 12 frames could be decoded"}
+                       "vid-black": f"{frames_file_candidates(frames, 'wtag', 'vid-black')[0]}: none of its "
+                                    "12 frames (0 to 11) could be decoded"}
     assert manifest["counts"]["videos_written"] == 1 and manifest["shard_samples"] == {"shard-000000.tar": 1}
     assert [meta["video_uid"] for _, _, meta in read_shard(tmp_path / "out" / "shard-000000.tar")] == ["vid-a"]
     assert not list((tmp_path / "out" / ".prepare" / "cache").iterdir())  # nothing non-finite cached either
@@ -102,8 +103,8 @@ def test_every_video_failing_to_encode_is_exit_1(tmp_path):
     frames = tmp_path / "frames"
     write_frames_file(frames_file_candidates(frames, "wtag", "vid-black")[0], [b"not a jpeg"] * 12)
     dst_json = write_records(tmp_path / "v.json", [record("vid-black", 0.0)])
-    with pytest.raises(NoUsableRecords, match=r"^no video could be encoded \(the first, vid-black: none of its 12 "
-                                              r"frames could be decoded\); see .*manifest.json$"):
+    with pytest.raises(NoUsableRecords, match=r"^no video could be encoded \(the first, vid-black: \S+vid-black.arrow: none "
+                                              r"of its 12 frames \(0 to 11\) could be decoded\); see .*manifest.json$"):
         run_prepare(dst_json, frames, tmp_path / "out")
 
 

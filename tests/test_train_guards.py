@@ -197,7 +197,8 @@ def test_nonsense_numbers_are_exit_2(tmp_path, option, value, message):
     ('max_steps = "10"', "max_steps must be an integer, got '10'"),
     ("seed = -1", "seed must be >= 0, got -1"),
     ("w_upd = 0\nw_dst = 0\nw_spk = 0\nw_rsp = 0", "the loss weights w_upd, w_dst, w_spk, w_rsp are all 0: "
-                                                   "nothing to train"),
+                                                   "nothing to train (variant dst)"),
+    ('variant = "none"\nw_spk = 0\nw_rsp = 0', "the loss weights w_spk, w_rsp are all 0: nothing to train (variant none)"),
     ("lora = 1", "lora must be true or false, got 1"),
     ("shards = 3", "must be a path string, got 3"),
     ("[train.dataset_weights]\nwtag = -1", "dataset_weights.wtag must be >= 0, got -1"),

@@ -139,8 +139,12 @@ def _check_values(cfg: TrainConfig) -> None:
         problem = number_problem(f"dataset_weights.{name}", weight, 0)
         if problem:
             raise TrainConfigError(problem)
-    if cfg.w_upd + cfg.w_dst + cfg.w_spk + cfg.w_rsp + cfg.w_sum == 0:
-        raise TrainConfigError("the loss weights w_upd, w_dst, w_spk, w_rsp, w_sum are all 0: nothing to train")
+    # only the terms the variant has: w_sum > 0 trains nothing in a dst model
+    used = {"dst": ("w_upd", "w_dst", "w_spk", "w_rsp"), "summary": ("w_spk", "w_rsp", "w_sum"),
+            "none": ("w_spk", "w_rsp")}.get(cfg.variant, ("w_upd", "w_dst", "w_spk", "w_rsp", "w_sum"))
+    if all(getattr(cfg, name) == 0 for name in used):
+        raise TrainConfigError(f"the loss weights {', '.join(used)} are all 0: nothing to train "
+                               f"(variant {cfg.variant})")
     for name in ("model", "device", "variant"):
         if not isinstance(getattr(cfg, name), str):
             raise TrainConfigError(f"{name} must be a string, got {getattr(cfg, name)!r}")
