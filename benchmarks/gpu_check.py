@@ -31,7 +31,8 @@ TRAIN = ["--tokens", "auto", "--memory-fraction", "0.9", "--max-seq-len", "4096"
          "--json"]
 # (kind, script arguments, seconds it may take at most): in priority order
 GPU_STEPS = [
-    ("prepare", ["prepare_throughput.py", "--frames", "256", "--shapes", "256M,500M,2.2B", "--json"], 120),
+    ("prepare", ["prepare_throughput.py", "--frames", "256", "--shapes", "256M,500M,2.2B", "--skip-workers",
+                 "--json"], 120),
     ("train", ["train_step.py", "--model", "256M", *TRAIN], 75),
     ("stream", ["stream_latency.py", "--model", "256M", "--repeats", "1", "--json"], 60),
     ("eval", ["eval_throughput.py", "--model", "256M", "--batches", "1,4,8,16", "--conversations", "16",
@@ -43,7 +44,7 @@ GPU_STEPS = [
 ]
 SMOKE_STEPS = [
     ("prepare", ["prepare_throughput.py", "--frames", "8", "--batch-size", "8", "--shapes", "tiny-random",
-                 "--json"], 120),
+                 "--skip-workers", "--json"], 120),
     ("train", ["train_step.py", "--model", "tiny-random", "--tokens", "auto", "--max-seq-len", "512", "--steps", "2",
                "--videos", "4", "--frames", "60", "--workers", "0", "--json"], 120),
     ("stream", ["stream_latency.py", "--model", "tiny-random", "--max-context", "400", "--repeats", "1", "--json"],

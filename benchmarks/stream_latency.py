@@ -1,7 +1,8 @@
 """Per-frame latency of streaming inference, early and at the fullest context before a re-seed, side by side with
 the DynamicCache path the stream used before the slot cache.
 
-    python benchmarks/stream_latency.py [--model mid|tiny-random|256M|500M|2.2B] [--repeats 3] [--threads N]
+    python benchmarks/stream_latency.py [--model mid|tiny-random|smollm2-135m|256M|500M|2.2B] [--repeats 3]
+        [--threads N]
         [--max-context 4096] [--unbounded] [--full] [--json]
 
 Feeds the system prompt, then frames (the frame block and both decision reads) through a `StreamEngine` session

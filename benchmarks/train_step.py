@@ -1,16 +1,17 @@
 """Where a `dst train` step's time goes, and how much of each batch is padding.
 
-    python benchmarks/train_step.py [--model mid|tiny-random|256M|500M|2.2B] [--steps 30] [--full]
-        [--tokens 4096|auto] [--memory-fraction 0.9] [--max-seq-len 1024] [--json]
+    python benchmarks/train_step.py [--model mid|tiny-random|smollm2-135m|256M|500M|2.2B] [--steps 30] [--full]
+        [--tokens 4096|auto] [--memory-fraction 0.9] [--max-seq-len 1024] [--threads N] [--json]
 
 Writes synthetic shards (random float16 frame embeddings of the model's width, labels of synthetic dialogues
 through the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving it, forward +
 backward, the optimizer step; reports the share of step time outside forward + backward, the padding share of
 the packed batches, tokens/s and (on a GPU) peak memory. `mid` is a randomly initialised text model of moderate
-size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; 256M/500M/2.2B
-are randomly initialised real shapes (no download). `--tokens auto` runs `dst train --batch-size auto`'s search
-(fp16 on a GPU, under `--memory-fraction` of its memory) and times steps at the budget it picks (more synthetic
-videos are written when the picked budget needs them); `--json` ends with one line `RESULT {json}`.
+size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; `smollm2-135m`
+is the real SmolLM2-135M language half (pipeline/smollm2.py); 256M/500M/2.2B are randomly initialised real shapes
+(no download). `--tokens auto` runs `dst train --batch-size auto`'s search (fp16 on a GPU, under
+`--memory-fraction` of its memory) and times steps at the budget it picks (more synthetic videos are written when
+the picked budget needs them); `--json` ends with one line `RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.records import parse_record
 from pipeline.shards import encode_sample, sample_key, sample_meta, write_shard
 from pipeline.timeline import video_labels
 
-from pipeline.smolvlm import build_random, build_tiny_random, tiny_config
+from pipeline.smolvlm import SMOLLM2, build_random, build_tiny_random, load_model, tiny_config
 from train.budget import resolve_token_budget
 from train.config import resolve
 from train.loader import TrainData
@@ -43,6 +44,10 @@ from train.windows import padding_share
 
 
 def build(name: str, lora: bool, hidden: int):
+    if name == SMOLLM2:  # the real SmolLM2-135M weights and tokenizer (pipeline/smollm2.py)
+        vlm, tokenizer = load_model(SMOLLM2)
+        freeze_vision(vlm)
+        return DSTModel(wrap_lora(vlm) if lora else vlm), tokenizer
     vlm, tokenizer = build_tiny_random()
     if name == "mid":
         from transformers import SmolVLMForConditionalGeneration
@@ -93,7 +98,10 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = build(args.model, not args.full, args.hidden)
     hidden = model.lm_head.in_features

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from eval.batched import StreamEngine
+from eval.protocol import PROTOCOLS
 from eval.session import Model, StreamSession
 from train.sequence import (RECENT_TURNS, SequenceFormat, format_state, frame_cost, frame_segments, progress_before,
                             state_before, system_for)
 
 MODES = ("model", "teacher-forced", "oracle", "never", "periodic")
 CONTEXT_STRATEGIES = ("reseed", "drop-all", "drop-middle")
-PROTOCOLS = ("proassist", "full-video")
 PERIODIC_TEXT = "Keep going, you are doing well."
 SILENT_TEXTS = ("", ".")  # ProAssist maps a generated "." (or nothing) to silence
 
