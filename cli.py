@@ -16,9 +16,11 @@ console = Console()  # progress, skip lines and summaries
 err_console = Console(stderr=True)  # fatal errors
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and the exit code: 2 for bad options or unreadable inputs, 1 when the inputs were read
+    but the run could not do its job (nothing usable, non-finite values)."""
     err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -31,11 +33,14 @@ def labels(
 ) -> None:
     """Per-frame labels: DST update, DST state, speak and response at every decision point."""
     from pipeline import labels as labels_cmd
+    from pipeline.checks import ConfigError
 
     try:
         labels_cmd.run(labels_cmd.LabelsConfig(dst_json, frames_root, out, fps, strict), console)
-    except InputFileError as exc:
+    except (ConfigError, InputFileError) as exc:
         _fail(str(exc))
+    except labels_cmd.NoUsableRecords as exc:
+        _fail(str(exc), 1)
 
 
 @app.command()
@@ -54,6 +59,8 @@ def prepare(
     shard_size_mb: float = typer.Option(None, help="Target shard size in MiB (default 1024)."),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Fail if any record is unusable."),
     max_videos: int = typer.Option(None, help="Only the first N usable videos (for trials)."),
+    workers: int = typer.Option(None, help="Processes that decode and resize frames ahead of the encoder "
+                                           "(default min(4, CPUs - 1); 0: in the main process)."),
 ) -> None:
     """Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json."""
     from pipeline import prepare as prepare_cmd
@@ -61,11 +68,13 @@ def prepare(
 
     options = dict(dst_json=tuple(dst_json or ()), frames_root=frames_root, videos_root=videos_root, model=model,
                    out=out, tokens_per_frame=tokens_per_frame, fps=fps, batch_size=batch_size, device=device,
-                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos)
+                   shard_size_mb=shard_size_mb, strict=strict, max_videos=max_videos, workers=workers)
     try:
         prepare_cmd.run(resolve(split, options, config), console)
-    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch) as exc:
+    except (ConfigError, InputFileError, prepare_cmd.PlanMismatch, prepare_cmd.FrameFeedError) as exc:
         _fail(str(exc))
+    except prepare_cmd.NoUsableRecords as exc:
+        _fail(str(exc), 1)
 
 
 @app.command()
@@ -79,7 +88,8 @@ def train(
     seed: int = typer.Option(None, help="Seed for data order, sampling and head initialisation."),
     variant: str = typer.Option(None, help="dst (default: the DST is the memory), summary (ProAssist's progress "
                                            "summary) or none; saved with the checkpoint."),
-    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue exactly from RUN/checkpoints/last; "
+                                                                   "start from step 0 when there is none yet."),
     lora: bool = typer.Option(None, "--lora/--full", help="LoRA on the text model (default) or full fine-tuning."),
     load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="4-bit base weights (bitsandbytes, CUDA only)."),
     precision: str = typer.Option(None, help="auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), fp16, bf16, "
@@ -94,20 +104,27 @@ def train(
     rho: float = typer.Option(None, help="Keep each negative decision with this probability (re-drawn per epoch)."),
     num_workers: int = typer.Option(None, help="Data loader worker processes."),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    allow_other_model: bool = typer.Option(None, "--allow-other-model", help="Train another --model than the "
+                                                                             "shards were prepared with."),
 ) -> None:
     """Train the decision heads, DST text and responses on prepared shards; checkpoints resume exactly."""
     from train import run as train_cmd
     from train.config import TrainConfigError, resolve
+    from train.guards import NonFiniteError
+    from train.resume import RunFolderError
+    from train.shard_index import ShardFormatError
 
     options = dict(shards=shards, val_shards=val_shards, model=model, out=out, max_steps=max_steps, seed=seed,
                    variant=variant, resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
                    batch_size=batch_size, memory_fraction=memory_fraction, max_seq_len=max_seq_len, lr=lr,
                    accumulation=accumulation, decision_loss=decision_loss, rho=rho, num_workers=num_workers,
-                   device=device)
+                   device=device, allow_other_model=allow_other_model or None)
     try:
         train_cmd.run(resolve(options, config), console)
-    except (TrainConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (TrainConfigError, FileNotFoundError, FileExistsError, RunFolderError, ShardFormatError) as exc:
         _fail(str(exc))
+    except NonFiniteError as exc:
+        _fail(str(exc), 1)
 
 
 @app.command("eval")
@@ -137,8 +154,11 @@ def evaluate(
     every: float = typer.Option(10.0, help="periodic mode: speak every this many seconds."),
     max_videos: int = typer.Option(None, help="Only the first N videos."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    batch_dialogues: int = typer.Option(1, help="Conversations streamed together (one forward per round); "
+                                                "under torchrun, per process."),
 ) -> None:
-    """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics."""
+    """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics.
+    Under `torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations."""
     from eval import run as eval_cmd
     from eval.scoring import DEFAULT_STS_MODEL
     from eval.stream import StreamConfig
@@ -149,44 +169,65 @@ def evaluate(
     cfg = eval_cmd.EvalConfig(shards=shards, out=out, ckpt=ckpt, stream=stream, variant=variant,
                               max_context=max_context, dst_window_s=dst_window, sweep=sweep,
                               thresholds_from=thresholds_from, sts_model=sts_model or DEFAULT_STS_MODEL,
-                              max_videos=max_videos, device=device)
+                              max_videos=max_videos, device=device, batch_dialogues=batch_dialogues)
+    from train.shard_index import ShardFormatError
+
     try:
         eval_cmd.run(cfg, console)
-    except (FileNotFoundError, eval_cmd.EvalError) as exc:
+    except (FileNotFoundError, ShardFormatError, eval_cmd.EvalError, eval_cmd.PredictionsError,
+            eval_cmd.ScoringError) as exc:
         _fail(str(exc))
 
 
 @app.command()
 def score(
     predictions: Path = typer.Option(..., help="predictions.jsonl written by dst eval."),
-    out: Path = typer.Option(..., help="metrics.json to write."),
+    out: Path = typer.Option(..., help="metrics.json to write (replaced only when scoring succeeds)."),
     sts_model: str = typer.Option(None, help="Sentence-embedding model (name or local folder)."),
+    protocol: str = typer.Option("proassist", help="proassist: each dialogue up to its last assistant turn "
+                                                   "(ProAssist's protocol, comparable with the paper); full-video."),
+    dst_window: float = typer.Option(2.0, help="DST update and transition matching window, seconds each side."),
 ) -> None:
     """Re-score saved predictions without a model."""
-    from eval import run as eval_cmd
-    from eval.scoring import DEFAULT_STS_MODEL
+    import math
 
+    from eval import run as eval_cmd
+    from eval.protocol import PROTOCOLS, ScoringError
+    from eval.scoring import DEFAULT_STS_MODEL, PredictionsError
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if not math.isfinite(dst_window) or dst_window < 0:
+        _fail(f"--dst-window must be a number of seconds >= 0, got {dst_window}")
     try:
-        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console)
-    except FileNotFoundError as exc:
+        eval_cmd.score_file(predictions, out, sts_model or DEFAULT_STS_MODEL, console, protocol=protocol,
+                            dst_window_s=dst_window)
+    except (PredictionsError, ScoringError) as exc:
         _fail(str(exc))
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo"), help="Output folder (replaced)."),
+    out: Path = typer.Option(Path("demo"), help="Output folder: new or empty, or an earlier demo's (replaced)."),
     fast: bool = typer.Option(False, help="A smaller, quicker run (a smoke test)."),
     seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
     variants: str = typer.Option("dst", help="Comma-separated variants to train and compare: dst, summary, none."),
+    model: str = typer.Option("tiny-random", help="tiny-random (minutes) or smollm2-135m (real SmolLM2 language "
+                                                  "weights, LoRA; under an hour on a 2-core CPU)."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
     from eval import demo as demo_cmd
     from train.sequence import VARIANTS
 
+    if model not in demo_cmd.MODELS:
+        _fail(f"--model must be one of {demo_cmd.MODELS}, got {model!r}")
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
     if not chosen or any(v not in VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
         _fail(f"--variants must list distinct variants among {', '.join(VARIANTS)}, got {variants!r}")
-    demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, variants=chosen), console)
+    try:
+        demo_cmd.run(demo_cmd.DemoConfig(out=out, fast=fast, seed=seed, variants=chosen, model=model), console)
+    except demo_cmd.DemoFolderError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -218,11 +259,14 @@ def synth_frames(
 ) -> None:
     """Write synthetic frames files covering each record's video, for trying the pipeline without real frames."""
     from pipeline import synth_frames as synth_cmd
+    from pipeline.checks import ConfigError
 
     try:
         synth_cmd.run(synth_cmd.SynthFramesConfig(dst_json, out, fps, size), console)
-    except InputFileError as exc:
+    except (ConfigError, InputFileError) as exc:
         _fail(str(exc))
+    except synth_cmd.NothingWritten as exc:
+        _fail(str(exc), 1)
 
 
 if __name__ == "__main__":

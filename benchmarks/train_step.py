@@ -1,18 +1,24 @@
 """Where a `dst train` step's time goes, and how much of each batch is padding.
 
-    python benchmarks/train_step.py [--model mid|tiny-random|256M|500M|2.2B] [--steps 30] [--full]
+    python benchmarks/train_step.py [--model mid|tiny-random|smollm2-135m|256M|500M|2.2B] [--steps 30] [--full]
+        [--tokens 4096|auto] [--memory-fraction 0.9] [--max-seq-len 1024] [--threads N] [--json]
 
 Writes synthetic shards (random float16 frame embeddings of the model's width, labels of synthetic dialogues
 through the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving it, forward +
 backward, the optimizer step; reports the share of step time outside forward + backward, the padding share of
 the packed batches, tokens/s and (on a GPU) peak memory. `mid` is a randomly initialised text model of moderate
-size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; 256M/500M/2.2B
-are randomly initialised real shapes (no download).
+size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; `smollm2-135m`
+is the real SmolLM2-135M language half (pipeline/smollm2.py); 256M/500M/2.2B are randomly initialised real shapes
+(no download). `--tokens auto` runs `dst train --batch-size auto`'s search (fp16 on a GPU, under
+`--memory-fraction` of its memory) and times steps at the budget it picks (more synthetic videos are written when
+the picked budget needs them); `--json` ends with one line `RESULT {json}`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
 import tempfile
 import time
@@ -25,18 +31,23 @@ from pipeline.records import parse_record
 from pipeline.shards import encode_sample, sample_key, sample_meta, write_shard
 from pipeline.timeline import video_labels
 
-from pipeline.smolvlm import build_random, build_tiny_random, tiny_config
+from pipeline.smolvlm import SMOLLM2, build_random, build_tiny_random, load_model, tiny_config
+from train.budget import resolve_token_budget
 from train.config import resolve
 from train.loader import TrainData
 from train.model import DSTModel, freeze_vision, wrap_lora
 from train.sequence import SequenceFormat
-from train.setup import build_optimizer
+from train.setup import Runtime, build_optimizer
 from train.shard_index import ShardIndex
 from train.step import global_counts, loss_terms, scaled_loss
 from train.windows import padding_share
 
 
 def build(name: str, lora: bool, hidden: int):
+    if name == SMOLLM2:  # the real SmolLM2-135M weights and tokenizer (pipeline/smollm2.py)
+        vlm, tokenizer = load_model(SMOLLM2)
+        freeze_vision(vlm)
+        return DSTModel(wrap_lora(vlm) if lora else vlm), tokenizer
     vlm, tokenizer = build_tiny_random()
     if name == "mid":
         from transformers import SmolVLMForConditionalGeneration
@@ -81,20 +92,37 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512, help="width of the mid model")
     parser.add_argument("--model", default="mid")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tokens", type=int, default=4096, help="token budget per micro-batch")
+    parser.add_argument("--tokens", default="4096", help="token budget per micro-batch, or auto")
+    parser.add_argument("--memory-fraction", type=float, default=0.9, help="for --tokens auto")
+    parser.add_argument("--json", action="store_true", help="end with one line `RESULT {json}`")
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = build(args.model, not args.full, args.hidden)
-    shards = synthetic_shards(Path(tempfile.mkdtemp()), args.videos, args.frames, model.lm_head.in_features)
-    index = ShardIndex.build(shards)
+    hidden = model.lm_head.in_features
     model = model.to(device).train()
-    cfg = resolve({"shards": shards, "model": args.model, "out": Path("unused"), "max_steps": args.steps,
-                   "max_seq_len": args.max_seq_len, "batch_size": str(args.tokens)})
-    fmt = SequenceFormat(tokenizer, index.tokens_per_frame)
-    data = TrainData.from_config(index, fmt, cfg, args.tokens)
+    options = {"model": args.model, "out": Path("unused"), "max_steps": args.steps, "max_seq_len": args.max_seq_len,
+               "batch_size": args.tokens, "memory_fraction": args.memory_fraction}
+    fmt = SequenceFormat(tokenizer, 5)
+    picked = None
+    if args.tokens == "auto":  # the search `dst train` runs, before any data exists
+        runtime = Runtime(0, 1, 0, device, "fp16" if device.type == "cuda" else "fp32")
+        picked = resolve_token_budget(resolve({**options, "shards": Path("unused")}), runtime, model, fmt, hidden)
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tokens_per_step = picked or int(args.tokens)
+    # enough videos for the warm-up and timed steps at this budget (a video's frames give ~10 tokens each)
+    videos = max(args.videos, math.ceil(1.3 * tokens_per_step * (args.steps + 3) / (10 * args.frames)))
+    shards = synthetic_shards(Path(tempfile.mkdtemp()), videos, args.frames, hidden)
+    index = ShardIndex.build(shards)
+    cfg = resolve({**options, "shards": shards, "batch_size": str(tokens_per_step)})
+    data = TrainData.from_config(index, fmt, cfg, tokens_per_step)
     optimizer, scheduler = build_optimizer(cfg, model)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu",
                                                                                                          enabled=False)
@@ -102,7 +130,11 @@ def main() -> None:
     loader = iter(torch.utils.data.DataLoader(data.batches_for_epoch(0), batch_size=None, num_workers=args.workers))
     times = {"total": 0.0, "fwd_bwd": 0.0}
     tokens = 0
-    steps = min(args.steps, data.steps_per_epoch)
+    steps = min(args.steps, data.steps_per_epoch - 3)
+    if steps < 1:
+        raise SystemExit(f"{data.steps_per_epoch} batches in an epoch: too few for 3 warm-up steps and one timed")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the search's
     for step in range(steps + 3):  # 3 warm-up steps are not counted
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
@@ -133,12 +165,22 @@ def main() -> None:
     outside = 1 - times["fwd_bwd"] / times["total"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name}; model {args.model} ({'full' if args.full else 'LoRA'}); {steps} steps of "
-          f"{args.tokens} tokens, max_seq_len {args.max_seq_len}, {args.workers} workers")
+          f"{tokens_per_step} tokens, max_seq_len {args.max_seq_len}, {args.workers} workers")
     print(f"step time outside forward+backward: {100 * outside:.1f}% (data, transfer, optimizer)")
     print(f"padding share of the epoch's batches: {100 * padding_share(data.rank_batches(0)):.1f}%")
     print(f"tokens/s (non-pad): {tokens / times['total']:,.0f}")
-    if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if picked is not None:
+        print(f"--batch-size auto (memory fraction {args.memory_fraction}) picked {picked} tokens per micro-batch")
+    if peak is not None:
+        print(f"peak memory: {peak:.2f} GiB")
+    if args.json:
+        print("RESULT " + json.dumps({
+            "device": name, "model": args.model, "mode": "full" if args.full else "LoRA", "steps": steps,
+            "precision": "fp16" if device.type == "cuda" else "fp32",
+            "token_budget": tokens_per_step, "auto_pick": picked, "memory_fraction": args.memory_fraction,
+            "max_seq_len": args.max_seq_len, "tokens_per_s": tokens / times["total"], "outside_share": outside,
+            "peak_gib": peak}))
 
 
 if __name__ == "__main__":

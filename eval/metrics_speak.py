@@ -13,12 +13,15 @@ Zero divisions follow ProAssist (0.0), with one exception: nothing predicted and
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+from eval.intents import intent_recall, intents_of
 
 # ProAssist's get_match_time_window, in its lookup order (a name matches by substring, e.g. "ego4d/dialog_val").
 SPEAK_WINDOWS_S = {"ego4d": (-4.0, 8.5), "epickitchens": (-1.5, 3.0), "holoassist": (-1.5, 2.5),
@@ -108,19 +111,31 @@ class Counts:
         return prf(self.tp, self.num_pred, self.num_ref)
 
 
+def to_numpy(vectors) -> np.ndarray:
+    """An embedder's output (numpy, a list, or a torch tensor on any device) as a numpy array."""
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().numpy()
+    return np.asarray(vectors)
+
+
 class EmbeddingCache:
     """Unit-normalised embeddings, each distinct text computed once, kept for the cache's lifetime (a threshold
-    sweep re-scores the same texts). Wraps `embed(list[str]) -> [n, d]` and is itself such a callable."""
+    sweep re-scores the same texts). Wraps `embed(list[str]) -> [n, d]` (the model's raw output: numpy or a torch
+    tensor) and is itself such a callable. `raw` passes a list through `embed` uncached, in one call, for
+    `speak_proassist`, which must see exactly the float32 vectors ProAssist's own batching gives."""
 
     def __init__(self, embed: Embed):
         self.embed = embed
         self.vectors: dict[str, np.ndarray] = {}
 
+    def raw(self, texts: list[str]):
+        return self.embed(list(texts))
+
     def add(self, texts) -> None:
         new = sorted({t for t in texts if t and t not in self.vectors})
         if not new:
             return
-        vectors = np.asarray(self.embed(new), dtype=np.float64)
+        vectors = to_numpy(self.embed(new)).astype(np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms > 0, norms, 1.0)  # a zero vector stays zero: cos 0
         self.vectors.update(zip(new, vectors.astype(np.float32)))  # float32 like ProAssist's; half the memory
@@ -130,6 +145,9 @@ class EmbeddingCache:
         return np.stack([self.vectors[t] for t in texts])
 
     def abs_cos(self, a: str, b: str) -> float:
+        """|cos| of two texts already added; an empty text (e.g. an empty generated summary) has cosine 0."""
+        if not a or not b:
+            return 0.0
         return abs(float(self.vectors[a].astype(np.float64) @ self.vectors[b].astype(np.float64)))
 
 
@@ -144,6 +162,13 @@ class SpeakCounts:
     time_diffs_s: list[float] = field(default_factory=list)  # |j - i| / fps of TP pairs
     matched_scores: list[float] = field(default_factory=list)  # |cos| of every prediction matched to a reference
     tp_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (generated, reference, |cos|)
+    intent_refs: Counter = field(default_factory=Counter)  # references per intent (eval/intents.py)
+    intent_tp: Counter = field(default_factory=Counter)  # of those, reached by a TP
+
+    def add_reference(self, labels: str | None, tp: bool) -> None:
+        for intent in intents_of(labels):
+            self.intent_refs[intent] += 1
+            self.intent_tp[intent] += tp
 
 
 def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: EmbeddingCache,
@@ -158,6 +183,7 @@ def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: Embedd
 
     pairs = match([frame_ids[k] for k in preds], frame_ids, l, r, content)
     reached = {t for _, t in pairs}
+    tp_refs = set()
     refs = [k for k, f in enumerate(frames) if f["ref_text"]]
     counts.num_pred += len(preds)
     counts.num_ref += len(refs)
@@ -175,8 +201,11 @@ def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: Embedd
             counts.num_matched += 1
             counts.time_diffs_s.append(abs(frame_ids[t] - frame_ids[preds[p]]) / fps)
             counts.tp_pairs.append((gen, ref, score))
+            tp_refs.add(t)
         else:
             counts.num_mismatched += 1
+    for k in refs:
+        counts.add_reference(frames[k].get("ref_labels"), k in tp_refs)
 
 
 def speak_counts(dialogues: list[dict], embed: Embed | EmbeddingCache) -> SpeakCounts:
@@ -200,4 +229,5 @@ def speak_metrics(c: SpeakCounts) -> dict:
     return {"precision": p, "recall": r, "f1": f1, "num_pred": c.num_pred, "num_ref": c.num_ref,
             "num_matched": c.num_matched, "num_mismatched": c.num_mismatched, "num_missed": c.num_missed,
             "num_redundant": c.num_redundant, "jaccard": jaccard,
-            "time_diff_s": float(np.mean(c.time_diffs_s)) if c.time_diffs_s else 0.0}
+            "time_diff_s": float(np.mean(c.time_diffs_s)) if c.time_diffs_s else 0.0,
+            "intent_recall": intent_recall(c.intent_refs, c.intent_tp)}

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from eval.intents import INTENTS
 from eval.report_svg import MATCH_STYLES, curve_svg, delta_text, esc, legend_html, match_index, timeline_svg
 
 NA = '<span class="na">not available</span>'
@@ -31,7 +32,8 @@ dl.run dt{color:#6c757d}dl.run dd{margin:0;font-family:ui-monospace,monospace;wo
 .card.mean{border-color:#1864ab;background:#f3f8fd}.card h3{margin:0 0 4px;font-size:16px}
 .card .cols{display:flex;gap:14px;flex-wrap:wrap}.card table{border-collapse:collapse;font-size:13px}
 .card th{text-align:left;color:#495057;font-weight:600;padding-top:4px}.card td{padding:0 6px 0 0}
-.card td.v{text-align:right;font-variant-numeric:tabular-nums;font-weight:600}
+.card td.v{text-align:right;font-variant-numeric:tabular-nums;font-weight:600}.card th.v{text-align:right}
+.card td.alt{color:#6c757d;font-weight:400}
 .counts{font-size:12px;color:#495057;margin-top:4px}.na{color:#adb5bd;font-weight:400;font-style:italic}
 .curves{display:flex;flex-wrap:wrap;gap:8px 18px}.curve .cline{fill:none;stroke:#1864ab;stroke-width:1.5}
 .curve .cpt{fill:#1864ab}.curve .best line{stroke:#e03131;stroke-dasharray:4 3}.curve .best text{fill:#e03131}
@@ -70,16 +72,33 @@ def _pr_title(block: dict, p_key: str | None, r_key: str | None) -> str:
     return f' title="precision {fmt(p) if p is not None else "n/a"}, recall {fmt(r) if r is not None else "n/a"}"'
 
 
+def _pair_row(label: str, a, b, title: str = "") -> str:
+    return f'<tr><td>{label}</td><td class="v"{title}>{fmt(a)}</td><td class="v alt">{fmt(b)}</td></tr>'
+
+
 def _card(name: str, m: dict, mean: bool = False) -> str:
     speak, text, dst = m.get("speak") or {}, m.get("text") or {}, m.get("dst") or {}
+    pro, never = m.get("speak_proassist"), m.get("dst_never")
 
     def rows(items, block):
         return "".join(f'<tr><td>{lab}</td><td class="v">{fmt(block.get(key))}</td></tr>' for key, lab in items)
 
-    s_tab = f'<table><tr><th colspan="2">Speaking</th></tr>{rows(SPEAK_ROWS, speak)}</table>'
-    d_tab = ('<table><tr><th colspan="2">DST</th></tr>' + "".join(
-        f'<tr><td>{lab}</td><td class="v"{_pr_title(dst, p, r)}>{fmt(dst.get(key))}</td></tr>'
-        for key, lab, p, r in DST_ROWS) + "</table>")
+    if pro is not None:  # the exact score beside ProAssist's own (the one to quote next to the paper)
+        s_tab = ('<table><tr><th>Speaking</th><th class="v">exact</th><th class="v" title="ProAssist\'s find_match, '
+                 'reproduced">ProAssist</th></tr>'
+                 + "".join(_pair_row(lab, speak.get(key), pro.get(key)) for key, lab in SPEAK_ROWS) + "</table>")
+    else:
+        s_tab = f'<table><tr><th colspan="2">Speaking</th></tr>{rows(SPEAK_ROWS, speak)}</table>'
+    if never is not None or "dst_never" in m:  # every DST number beside the never-update predictor's
+        never = never or {}
+        d_tab = ('<table><tr><th>DST</th><th class="v">model</th><th class="v" title="the never-update predictor on '
+                 'the same references">never</th></tr>'
+                 + "".join(_pair_row(lab, dst.get(key), never.get(key), _pr_title(dst, p, r))
+                           for key, lab, p, r in DST_ROWS) + "</table>")
+    else:
+        d_tab = ('<table><tr><th colspan="2">DST</th></tr>' + "".join(
+            f'<tr><td>{lab}</td><td class="v"{_pr_title(dst, p, r)}>{fmt(dst.get(key))}</td></tr>'
+            for key, lab, p, r in DST_ROWS) + "</table>")
     t_tab = f'<table><tr><th colspan="2">Text (on matched pairs)</th></tr>{rows(TEXT_ROWS, text)}</table>'
     counts = [f"{lab} {fmt(speak.get(key))}" for key, lab in (
         ("num_pred", "predicted"), ("num_ref", "reference"), ("num_matched", "matched"),
@@ -87,8 +106,42 @@ def _card(name: str, m: dict, mean: bool = False) -> str:
         ("jaccard", "Jaccard")) if key in speak]
     if "time_diff_s" in speak:
         counts.append(f"mean time offset {fmt(speak['time_diff_s'], 2)} s")
+    if pro is not None:
+        counts.append(f"ProAssist matching: exact copies {fmt(pro.get('exact_copies'))}, zero-cost pairs dropped "
+                      f"{fmt(pro.get('zero_cost_dropped'))}")
+    if m.get("summary_similarity") is not None:
+        counts.append(f"summary similarity {fmt(m['summary_similarity'])}")
+    if m.get("reseeds") is not None:
+        counts.append(f"re-seeds {fmt(m['reseeds'])}")
     return (f'<div class="card{" mean" if mean else ""}"><h3>{esc(name)}</h3>'
             f'<div class="cols">{s_tab}{d_tab}{t_tab}</div><div class="counts">{" · ".join(counts)}</div></div>')
+
+
+def _intent_cell(block: dict | None, intent: str) -> str:
+    r = ((block or {}).get("intent_recall") or {}).get(intent)
+    if not r:
+        return f"<td>{NA}</td>"
+    n = r.get("num_ref")
+    n = f"{n:g}" if isinstance(n, (int, float)) else "?"
+    return f'<td class="num">{fmt(r.get("recall"))} <span class="meta">of {esc(n)}</span></td>'
+
+
+def _intents(metrics: dict) -> str:
+    """Speaking recall per intent of the reference turn (eval/intents.py), per dataset and the mean."""
+    scopes = [("mean over datasets", metrics.get("mean") or {})] + sorted((metrics.get("datasets") or {}).items())
+    if not any((m.get("speak") or {}).get("intent_recall") for _, m in scopes):
+        return ""
+    head = "".join(f"<th>{i}</th>" for i in INTENTS)
+    body = []
+    for name, m in scopes:
+        for score, label in (("speak", "exact"), ("speak_proassist", "ProAssist")):
+            if m.get(score) is not None:
+                body.append(f"<tr><td>{esc(name)}</td><td>{label}</td>"
+                            + "".join(_intent_cell(m[score], i) for i in INTENTS) + "</tr>")
+    return ('<section id="intents"><h2>Speaking recall per intent</h2><p class="meta">Share of reference turns of '
+            'each intent that a prediction matched (a turn can count for two intents); "of n" is the number of '
+            'reference turns (the mean row averages the datasets that have the intent).</p><div class="events">'
+            f'<table><tr><th>scope</th><th>score</th>{head}</tr>{"".join(body)}</table></div></section>')
 
 
 def _summary(metrics: dict) -> str:
@@ -100,6 +153,14 @@ def _summary(metrics: dict) -> str:
 
 def _header(run_info: dict, metrics: dict, title: str) -> str:
     info = dict(run_info or {})
+    for key, label in (("protocol", "protocol"), ("variant", "variant"), ("dst_window_s", "DST window (s, each side)"),
+                       ("dialogues_without_reference", "dialogues without reference")):
+        if metrics.get(key) is not None:
+            info.setdefault(label, metrics[key])
+    if isinstance(metrics.get("reseeds"), dict):
+        info.setdefault("re-seeds", metrics["reseeds"].get("total"))
+    if metrics.get("meteor_failures"):
+        info.setdefault("METEOR failures", "; ".join(metrics["meteor_failures"]))
     info.setdefault("sentence embeddings", metrics.get("sts_model"))
     info.setdefault("METEOR", metrics.get("meteor") or "not available")
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v if isinstance(v, str) else json.dumps(v, default=str))}</dd>"
@@ -218,7 +279,7 @@ def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=
     toggles = ('<button type="button" onclick="document.querySelectorAll(\'details.dlg\').forEach(function(d)'
                '{d.open=true})">expand all</button><button type="button" onclick="document.querySelectorAll('
                '\'details.dlg\').forEach(function(d){d.open=false})">collapse all</button>')
-    body = (_header(run_info, metrics, title) + _summary(metrics) + _curves(sweep)
+    body = (_header(run_info, metrics, title) + _summary(metrics) + _intents(metrics) + _curves(sweep)
             + f'<section id="dialogues"><h2>Dialogues ({len(dialogues)})</h2>'
             '<p class="meta">Hover a mark for its text; click it to jump to its row in the table below the '
             f'timeline. Each node shows the reference state above the predicted one.</p>{legend_html()}'

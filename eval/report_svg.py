@@ -16,6 +16,7 @@ STATE_COLOURS = {"not_started": "#cfd4da", "in_progress": "#f2a900", "completed"
 MATCH_STYLES = {"matched": ("#2f9e44", "circle"), "mismatched": ("#e8590c", "diamond"),
                 "redundant": ("#7048e8", "triangle"), "missed": ("#e03131", "ring"), None: ("#495057", "circle")}
 UPDATE_COLOURS = {"ref": "#1864ab", "pred": "#0c8599"}
+RESEED_COLOUR = "#ae3ec9"
 LABEL_W = 84
 PAD = 6
 
@@ -68,6 +69,8 @@ def legend_html() -> str:
               for w, c in (("reference", UPDATE_COLOURS["ref"]), ("predicted", UPDATE_COLOURS["pred"]))]
     items.append('<svg width="14" height="12"><rect x="1" y="3" width="12" height="6" fill="#e03131"/></svg>'
                  'predicted state differs from reference')
+    items.append(f'<svg width="14" height="12"><path d="M2 1L12 1L7 9Z" fill="{RESEED_COLOUR}"/></svg>'
+                 're-seed of the context (hover: strategy, summary)')
     return '<div class="legend">' + "".join(f"<span>{i}</span>" for i in items) + "</div>"
 
 
@@ -85,7 +88,7 @@ def _clock(t: float, minutes: bool) -> str:
     return f"{m}:{s:02d}"
 
 
-def _layout(nodes: list[str], has_pu: bool, has_ps: bool, has_err: bool) -> tuple[list, int]:
+def _layout(nodes: list[str], has_pu: bool, has_ps: bool, has_err: bool, has_reseed: bool = False) -> tuple[list, int]:
     rows, y = [], PAD
 
     def add(key, label, h, gap=3):
@@ -93,6 +96,8 @@ def _layout(nodes: list[str], has_pu: bool, has_ps: bool, has_err: bool) -> tupl
         rows.append((key, label, y, h))
         y += h + gap
 
+    if has_reseed:
+        add("reseed", "re-seed", 10)
     add("user", "user", 12)
     add("ref_say", "ref speech", 14, 8)  # the gap holds the match connectors
     add("pred_say", "pred speech", 14)
@@ -141,7 +146,10 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
     pu = [f.get("p_update") for f in frames]
     ps = [f.get("p_speak") for f in frames]
     has_pu, has_ps = any(p is not None for p in pu), any(p is not None for p in ps)
-    rows, height = _layout(nodes, has_pu, has_ps, has_pred_state)
+    frame_idx = {f["frame"]: i for i, f in enumerate(frames)}
+    reseeds = [(frame_idx[r["frame"]], r) for r in d.get("reseeds") or []
+               if isinstance(r, dict) and r.get("frame") in frame_idx]
+    rows, height = _layout(nodes, has_pu, has_ps, has_pred_state, bool(reseeds))
     at = {key: (y, h) for key, _, y, h in rows}
     total_w = width + 2 * PAD
     out = [f'<svg class="timeline" width="{total_w}" height="{height}" viewBox="0 0 {total_w} {height}">']
@@ -159,7 +167,6 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
     out.append(f'<line x1="{PAD}" y1="{axis_y}" x2="{PAD + width}" y2="{axis_y}" class="axis"/>')
 
     by_pred, by_ref = match_index(matches)
-    frame_idx = {f["frame"]: i for i, f in enumerate(frames)}
 
     def anchor(i: int) -> str:  # the table rows carry the same ids
         return f"d{idx}-f{frames[i]['frame']}"
@@ -216,6 +223,8 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
                 out.append(f'<rect class="err" x="{x(a):.1f}" y="{y}" width="{x(b) - x(a):.2f}" height="{h}" '
                            f'fill="#e03131"><title>{t(a):.1f}-{t(b):.1f} s predicted state differs on '
                            f'{esc(", ".join(v))}</title></rect>')
+    for i, r in reseeds:
+        out.append(_reseed_mark(x(i), at["reseed"], axis_y, fps, r))
     out.append("</svg>")
 
     labels = [f'<svg class="labels" width="{LABEL_W}" height="{height}">']
@@ -224,6 +233,21 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
     labels.append(f'<text x="{LABEL_W - 4}" y="{axis_y + 15}" text-anchor="end">'
                   f'{"time (m:ss)" if minutes else "time (s)"}</text></svg>')
     return "".join(labels), "".join(out)
+
+
+def _reseed_mark(xr: float, slot: tuple[int, int], axis_y: float, fps: float, reseed: dict) -> str:
+    """A re-seed of the context before frame `frame` is fed: a dashed line over every lane and a marker whose hover
+    text gives the strategy and, for the summary variant, the generated summary and the reference progress."""
+    y, h = slot
+    title = (f"re-seed before frame {reseed['frame']} ({reseed['frame'] / fps:.1f} s): "
+             f"{reseed.get('strategy') or 'unknown strategy'}")
+    if reseed.get("summary") is not None:
+        title += f"\nsummary: {reseed['summary']}"
+    if reseed.get("ref_progress"):
+        title += f"\nreference progress: {reseed['ref_progress']}"
+    return (f'<g class="reseed"><line x1="{xr:.1f}" y1="{y}" x2="{xr:.1f}" y2="{axis_y}" stroke="{RESEED_COLOUR}" '
+            f'stroke-dasharray="2 2"/><path d="M{xr - 5:.1f} {y}L{xr + 5:.1f} {y}L{xr:.1f} {y + h}Z" '
+            f'fill="{RESEED_COLOUR}"><title>{esc(title)}</title></path></g>')
 
 
 def match_index(matches: list | None) -> tuple[dict, dict]:

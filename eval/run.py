@@ -9,12 +9,14 @@
 `--sweep` makes one teacher-forced pass (ground-truth context, so a decision's probability does not depend on the
 threshold), reads F1 against each threshold from it, picks the maximum per dataset and decision, and then runs the
 requested mode with those thresholds. `--thresholds-from` applies a saved thresholds.json (val -> test).
+
+`--batch-dialogues B` streams B conversations together (eval/batched.py); under `torchrun` each rank streams its
+share of the conversations and rank 0 gathers, scores and writes (eval/distributed.py): the same files as one
+process.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -26,9 +28,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from eval.distributed import Ranks, balanced_shares, broadcast_from_main, gather_to_main, process_group
+from eval.jsonio import PredictionsError, dumps
+from eval.metrics_dst import DST_WINDOW_S
 from eval.report import render_report
-from eval.scoring import DEFAULT_STS_MODEL, load_embedder, read_predictions, score, sweep_counts, write_metrics
-from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Streamer, apply_thresholds
+from eval.protocol import ScoringError
+from eval.scoring import DEFAULT_STS_MODEL, check_scorable, load_embedder, read_predictions, score, write_metrics
+from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Streamer, stream_rows
+from eval.sweep import ThresholdsError, best_from_sweep, load_thresholds, sweep_thresholds
 from train.checkpoint import DST_META, load_dst_model
 from train.sequence import VARIANTS, SequenceFormat
 from train.shard_index import ShardIndex
@@ -36,9 +43,6 @@ from train.shard_index import ShardIndex
 
 class EvalError(ValueError):
     """A user-facing problem with the eval inputs (missing checkpoint, mismatched shards)."""
-
-
-SWEEP = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
 
 
 @dataclass(frozen=True)
@@ -49,68 +53,57 @@ class EvalConfig:
     stream: StreamConfig = StreamConfig()
     variant: str | None = None  # None: the checkpoint's; given: must agree with it
     max_context: int | None = None  # None: the checkpoint's training max_seq_len (4096 without a checkpoint)
-    dst_window_s: float = 2.0
+    dst_window_s: float = DST_WINDOW_S
     sweep: bool = False
     thresholds_from: Path | None = None
     sts_model: str = DEFAULT_STS_MODEL
     max_videos: int | None = None
     device: str = "auto"
+    batch_dialogues: int = 1  # conversations streamed together per process (--batch-dialogues)
 
 
-def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str) -> list[dict]:
-    total = sum(len(index.meta(v)["conversations"]) for v in video_ids)
+def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str,
+               ranks: Ranks = Ranks()) -> list[dict] | None:
+    """Stream every conversation of `video_ids` (this rank's share, `streamer`'s slots at a time); on rank 0 all
+    records in the single-process order (video, then conversation), None on the other ranks."""
     cfg = streamer.cfg
-    out = []
+    items = [(pos, vid, c) for pos, vid in enumerate(video_ids)
+             for c in range(len(index.meta(vid)["labels"]["conversations"]))]
+    lengths = [stream_rows(index.meta(vid), c, cfg.protocol) for _, vid, c in items]
+    mine = [items[i] for i in balanced_shares(lengths, ranks.world)[ranks.rank]]
+
+    def jobs():  # lazily, so only the videos in flight hold their embeddings
+        loaded = (None, None)
+        for pos, vid, c in mine:
+            if loaded[0] != vid:
+                loaded = (vid, index.rows(vid, 0, index.num_rows(vid)))
+            meta = index.meta(vid)
+            yield (pos, c), meta, loaded[1], c, thresholds.get(meta["dataset"])
+
+    records = {}
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        for vid in video_ids:
-            meta = index.meta(vid)
-            emb = index.rows(vid, 0, index.num_rows(vid))
-            theta = thresholds.get(meta["dataset"])
-            for c, conv in enumerate(meta["labels"]["conversations"]):
-                streamed = streamer.run(meta, emb, c, theta)
-                out.append({"dataset": meta["dataset"], "video_uid": meta["video_uid"], "conversation": c,
-                            "user_type": conv["user_type"], "fps": meta["fps"], "variant": cfg.variant,
-                            "protocol": cfg.protocol, "initial_state": meta["initial_state"],
-                            "reseeds": streamed["reseeds"], "frames": streamed["frames"]})
-                progress.advance(task)
-    return out
+        task = progress.add_task(label, total=len(mine))
+        for (pos, c), streamed in streamer.run_many(jobs()):
+            meta = index.meta(video_ids[pos])
+            records[pos, c] = {"dataset": meta["dataset"], "video_uid": meta["video_uid"], "conversation": c,
+                               "user_type": meta["labels"]["conversations"][c]["user_type"], "fps": meta["fps"],
+                               "variant": cfg.variant, "protocol": cfg.protocol,
+                               "initial_state": meta["initial_state"], "reseeds": streamed["reseeds"],
+                               "frames": streamed["frames"]}
+            progress.advance(task)
+    gathered = gather_to_main(records, ranks)
+    if gathered is None:
+        return None
+    merged = {key: record for part in gathered for key, record in part.items()}
+    return [merged[key] for key in sorted(merged)]
 
 
-def sweep_thresholds(dialogues: list[dict], embed, dst_window_s=2.0, console=None) -> dict:
-    """F1 against each threshold, per dataset and decision, from teacher-forced records."""
-    result = {"datasets": {}}
-    for dataset in sorted({d["dataset"] for d in dialogues}):
-        mine = [d for d in dialogues if d["dataset"] == dataset]
-        curves = {"speak": [], "update": []}
-        for theta in SWEEP:
-            swept = copy.deepcopy(mine)
-            for d in swept:
-                apply_thresholds(d["frames"], theta, theta)
-            f1 = sweep_counts(swept, embed)
-            curves["speak"].append(f1["speak_f1"])
-            curves["update"].append(f1["update_f1"])
-        result["datasets"][dataset] = {
-            name: {"thresholds": SWEEP, "f1": values, "best": SWEEP[max(range(len(SWEEP)), key=values.__getitem__)]}
-            for name, values in curves.items()}
-    return result
-
-
-def thresholds_of(sweep: dict) -> dict[str, tuple[float, float]]:
-    return {ds: (v["update"]["best"], v["speak"]["best"]) for ds, v in sweep["datasets"].items()}
-
-
-def load_thresholds(path: Path, datasets) -> dict[str, tuple[float, float]]:  # TODO(merge): eval/sweep.py
-    return thresholds_of(json.loads(Path(path).read_text()))
-
-
-def dumps_line(d: dict) -> str:  # TODO(merge): the strict JSON writer
-    return json.dumps(d) + "\n"
-
-
-def metrics_text(m: dict) -> str:  # TODO(merge): the strict JSON writer
-    return json.dumps(m, indent=2) + "\n"
+def _load_thresholds(path: Path, datasets=None) -> dict[str, tuple[float, float]]:
+    try:
+        return load_thresholds(path, datasets)
+    except ThresholdsError as e:
+        raise EvalError(str(e)) from None
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -132,7 +125,8 @@ def check_config(cfg: EvalConfig) -> None:
             raise EvalError(f"{name} must be a finite number {'> 0' if name == '--every' else '>= 0'} (seconds), "
                             f"got {value}")
     for name, value in (("--max-new-tokens", st.max_new_tokens), ("--max-summary-tokens", st.max_summary_tokens),
-                        ("--max-context", cfg.max_context), ("--max-videos", cfg.max_videos)):
+                        ("--max-context", cfg.max_context), ("--max-videos", cfg.max_videos),
+                        ("--batch-dialogues", cfg.batch_dialogues)):
         if value is not None and value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
 
@@ -171,11 +165,21 @@ def resolve_stream(cfg: EvalConfig, meta: dict | None) -> StreamConfig:
 
 
 def run(cfg: EvalConfig, console: Console | None = None) -> dict:
+    """One process, or one rank under torchrun: every rank streams its share, rank 0 scores and writes (the
+    other ranks return an empty dict)."""
     console = console or Console()
     check_config(cfg)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+    ranks = Ranks.from_env()
+    with process_group(ranks):
+        return _run(cfg, console if ranks.main else Console(quiet=True), ranks)
+
+
+def _run(cfg: EvalConfig, console: Console, ranks: Ranks) -> dict:
+    device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     index = ShardIndex.build(cfg.shards)
+    for warning in index.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     video_ids = index.video_ids[: cfg.max_videos] if cfg.max_videos else index.video_ids
     model = fmt = meta = None
     if cfg.stream.mode in ("model", "teacher-forced") or cfg.sweep:
@@ -183,26 +187,36 @@ def run(cfg: EvalConfig, console: Console | None = None) -> dict:
             raise EvalError(f"--ckpt is required for mode {cfg.stream.mode}" + (" and --sweep" if cfg.sweep else ""))
         model, fmt, meta = load_checkpoint(cfg, index, device)
     stream = resolve_stream(cfg, meta)
-    datasets = sorted({index.dataset(v) for v in video_ids})
-    thresholds = load_thresholds(cfg.thresholds_from, datasets) if cfg.thresholds_from else {}
-    embed = load_embedder(cfg.sts_model)
+    thresholds = (_load_thresholds(cfg.thresholds_from, {index.dataset(v) for v in video_ids})
+                  if cfg.thresholds_from else {})
+    embed = load_embedder(cfg.sts_model) if ranks.main else None  # only rank 0 scores
     outputs: dict[str, str] = {}  # file name -> text; renamed into place together at the end
     sweep = None
     if cfg.sweep:
-        tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device)
-        sweep = sweep_thresholds(_dialogues(tf, index, video_ids, {}, console, "sweep"), embed,
-                                 dst_window_s=cfg.dst_window_s, console=console)
-        outputs["thresholds.json"] = json.dumps(sweep, indent=1)
-        thresholds = thresholds_of(sweep)
-    streamer = Streamer(model, fmt, stream, device)
-    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode)
-    metrics = score(dialogues, embed, cfg.sts_model)  # TODO(merge): protocol=stream.protocol, dst_window_s=
-    outputs["predictions.jsonl"] = "".join(dumps_line(d) for d in dialogues)
-    outputs["metrics.json"] = metrics_text(metrics)
+        tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device, cfg.batch_dialogues)
+        swept = _dialogues(tf, index, video_ids, {}, console, "sweep", ranks)
+        if ranks.main:
+            sweep = sweep_thresholds(swept, embed, protocol=stream.protocol, dst_window_s=cfg.dst_window_s,
+                                     console=console)
+            outputs["thresholds.json"] = dumps(sweep, indent=1)[0] + "\n"
+            thresholds = best_from_sweep(sweep)
+        thresholds = broadcast_from_main(thresholds, ranks)
+    streamer = Streamer(model, fmt, stream, device, cfg.batch_dialogues)
+    dialogues = _dialogues(streamer, index, video_ids, thresholds, console, stream.mode, ranks)
+    if not ranks.main:
+        return {}
+    metrics = score(dialogues, embed, cfg.sts_model, protocol=stream.protocol, dst_window_s=cfg.dst_window_s)
+    lines = [dumps(d) for d in dialogues]
+    non_finite = sum(n for _, n in lines)  # e.g. NaN probabilities of a broken checkpoint, written as null
+    if non_finite:
+        console.print(f"[yellow]warning:[/] {non_finite} non-finite values in the predictions (written as null)")
+    outputs["predictions.jsonl"] = "".join(text + "\n" for text, _ in lines)
+    outputs["metrics.json"] = dumps(metrics, indent=2)[0] + "\n"
     run_info = {"checkpoint": str(cfg.ckpt), "mode": stream.mode, "variant": stream.variant,
                 "protocol": stream.protocol, "shards": str(cfg.shards),
                 "thresholds": thresholds or {"all": [stream.theta_update, stream.theta_speak]},
                 "context_strategy": stream.context_strategy, "max_context": stream.max_context,
+                "non_finite_predictions": non_finite,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     outputs["report.html"] = render_report(dialogues, metrics, run_info, sweep=sweep)
     write_outputs(cfg.out, outputs)
@@ -223,22 +237,28 @@ def write_outputs(folder: Path, outputs: dict[str, str]) -> None:
 def print_metrics(metrics: dict, console: Console, title: str) -> None:
     table = Table(title=title)
     columns = [("speak", "f1", "speak F1"), ("speak", "precision", "P"), ("speak", "recall", "R"),
-               ("dst", "update_f1", "update F1"), ("dst", "joint_accuracy", "joint acc"),
-               ("dst", "transition_f1", "trans F1"), ("text", "Bleu_4", "BLEU-4")]
+               ("speak_proassist", "f1", "ProAssist F1"), ("dst", "update_f1", "update F1"),
+               ("dst_never", "update_f1", "(never)"), ("dst", "joint_accuracy", "joint acc"),
+               ("dst_never", "joint_accuracy", "(never)"), ("dst", "transition_f1", "trans F1"),
+               ("text", "Bleu_4", "BLEU-4")]
     table.add_column("dataset")
     for _, _, name in columns:
         table.add_column(name, justify="right")
     rows = [*metrics["datasets"].items(), ("mean", metrics["mean"])]
     for name, m in rows:
-        table.add_row(name, *(f"{m[group][key]:.3f}" if m[group][key] is not None else "-"
-                              for group, key, _ in columns))
+        values = [(m.get(group) or {}).get(key) for group, key, _ in columns]  # null blocks: no DST, no baseline
+        table.add_row(name, *("-" if v is None else f"{v:.3f}" for v in values))
     console.print(table)
 
 
-def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL, console: Console | None = None):
-    """`dst score`: metrics from saved predictions, no model."""
+def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL, console: Console | None = None, *,
+               protocol: str = "proassist", dst_window_s: float = DST_WINDOW_S) -> dict:
+    """`dst score`: metrics from saved predictions, no model. The predictions are read and validated before
+    anything is loaded or written: a file that cannot be scored raises PredictionsError/ScoringError and leaves an
+    existing metrics.json as it was (the new one is written atomically, only when complete)."""
     dialogues = read_predictions(predictions)
-    metrics = score(dialogues, load_embedder(sts_model), sts_model)
+    check_scorable(dialogues, protocol)
+    metrics = score(dialogues, load_embedder(sts_model), sts_model, protocol=protocol, dst_window_s=dst_window_s)
     write_metrics(out, metrics)
     print_metrics(metrics, console or Console(), title=str(out))
     return metrics

@@ -1,27 +1,46 @@
-"""`dst score`: every metric of DESIGN section 6 for a list of dialogues, per dataset and as the unweighted mean
-over datasets.
+"""`dst score`: every metric of DESIGN sections 6, 6b and 6c for a list of dialogues, per dataset and as the
+unweighted mean over datasets.
+
+metrics.json (what `score` returns):
+
+- `protocol` (which frames were scored, eval/protocol.py), `variant`, `dst_window_s`, `num_dialogues`,
+  `dialogues_without_reference` (under `proassist` these are scored over zero frames), `reseeds`
+  (`total` and per dataset, counted over the scored frames), `sts_model`, `meteor` (which METEOR, or why none),
+  `meteor_failures`, `tokenizer`, `non_finite_values` (non-finite numbers written as null; 0 normally);
+- per dataset and `mean`: `speak` (the exact min-cost matching, eval/metrics_speak.py), `speak_proassist`
+  (ProAssist's find_match reproduced, eval/metrics_proassist.py), each with `intent_recall`; `text` (on the TP
+  pairs of `speak`); `dst` and `dst_never` (the never-update predictor on the same references; null when the
+  records lack `initial_state`; every DST number null for the variants without a DST); `summary_similarity` (summary variant: mean |cos| of generated summaries to the
+  reference progress at the same re-seed; null otherwise or when there is none); `reseeds`.
+
+The mean is over datasets, unweighted, of every number (counts too); null when any dataset's value is null (e.g.
+METEOR unavailable), except intent recall and summary similarity, which average the datasets that have a value
+(a dataset without references of an intent has no recall for it, which says nothing against the model).
 
 Composable for threshold sweeps: `sweep_counts`, or `speak_counts(dialogues_of_one_dataset, embed)` and
-`update_counts(...)`, which return pooled counts (`speak_metrics` / `.prf()`) for dialogues whose texts/deltas the
-caller re-thresholded. `load_embedder` returns an `EmbeddingCache`, so each distinct text is embedded once across
-all calls.
+`update_counts(...)`. `load_embedder` returns an `EmbeddingCache`, so each distinct text is embedded once across
+all calls of the exact matcher.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
-from eval.metrics_dst import dst_metrics, update_counts
+from eval.jsonio import PredictionsError, check_dialogue, read_predictions, sanitize, write_json
+from eval.metrics_dst import DST_KEYS, DST_WINDOW_S, dst_metrics, never_update_metrics, update_counts
+from eval.metrics_proassist import proassist_counts, proassist_metrics
 from eval.metrics_speak import EmbeddingCache, Embed, speak_counts, speak_metrics
 from eval.metrics_text import MeteorScorer, text_metrics
+from eval.protocol import cut_to_protocol, dialogue_name, last_reference_row, run_variant
 
 __all__ = ["DEFAULT_STS_MODEL", "score", "sweep_counts", "mean_over_datasets", "by_dataset", "load_embedder",
-           "read_predictions", "write_metrics", "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache"]
+           "read_predictions", "write_metrics", "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache",
+           "PredictionsError"]
 
 DEFAULT_STS_MODEL = "sentence-transformers/all-mpnet-base-v2"  # ProAssist's
+PROASSIST_BATCH_SIZE = 128  # ProAssist's sts_eval_batch_size: part of what its embeddings are
+MEAN_OVER_AVAILABLE = ("intent_recall", "summary_similarity")
 
 
 def by_dataset(dialogues: list[dict]) -> dict[str, list[dict]]:
@@ -31,11 +50,15 @@ def by_dataset(dialogues: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(groups.items()))
 
 
-def _mean(values: list):
-    if isinstance(values[0], dict):
-        return {k: _mean([v[k] for v in values]) for k in values[0]}
-    if any(v is None for v in values):  # e.g. METEOR unavailable: no mean rather than a mean of fewer datasets
+def _mean(values: list, over_available: bool = False):
+    if over_available:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+    elif any(v is None for v in values):  # e.g. METEOR unavailable: no mean rather than a mean of fewer datasets
         return None
+    if isinstance(values[0], dict):
+        return {k: _mean([v[k] for v in values], over_available or k in MEAN_OVER_AVAILABLE) for k in values[0]}
     return sum(values) / len(values)
 
 
@@ -44,57 +67,92 @@ def mean_over_datasets(datasets: dict[str, dict]) -> dict:
     return _mean(list(datasets.values())) if datasets else {}
 
 
+def summary_similarity(dialogues: list[dict], cache: EmbeddingCache) -> float | None:
+    """Mean |cos| of each generated summary to the reference progress at its re-seed, over the re-seeds that have
+    a reference progress (an empty generated summary scores 0); None when there is none."""
+    pairs = [(r.get("summary") or "", r["ref_progress"]) for d in dialogues for r in d.get("reseeds") or []
+             if r.get("ref_progress")]
+    if not pairs:
+        return None
+    cache.add(t for pair in pairs for t in pair)
+    return sum(cache.abs_cos(a, b) for a, b in pairs) / len(pairs)
+
+
+def dst_blocks(group: list[dict], variant: str, dst_window_s: float) -> dict:
+    """`dst` and `dst_never`; a variant without a DST (summary, none) has every DST number null (same keys)."""
+    if variant != "dst":
+        empty = dict.fromkeys(DST_KEYS)
+        return {"dst": empty, "dst_never": dict(empty)}
+    return {"dst": dst_metrics(group, dst_window_s), "dst_never": never_update_metrics(group, dst_window_s)}
+
+
+def check_scorable(dialogues: list[dict], protocol: str) -> tuple[str, list[dict]]:
+    """(variant, the dialogues cut to `protocol`); PredictionsError/ScoringError when they cannot be scored. Cheap:
+    `dst score` calls it before loading any model."""
+    for n, d in enumerate(dialogues):
+        check_dialogue(d, f"dialogue {n} ({dialogue_name(d) if isinstance(d, dict) else '?'})")
+    return run_variant(dialogues), cut_to_protocol(dialogues, protocol)
+
+
 def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: str, *,
-          meteor: MeteorScorer | None = None) -> dict:
-    """All metrics. `embed(list[str]) -> [n, d]` is the sentence embedder named `sts_model_name`. `meteor`: an open
-    scorer to reuse; by default one METEOR process serves every dataset of this call and is closed at the end."""
+          meteor: MeteorScorer | None = None, protocol: str = "proassist",
+          dst_window_s: float = DST_WINDOW_S) -> dict:
+    """All metrics (see the module docstring). `embed(list[str]) -> [n, d]` is the sentence embedder named
+    `sts_model_name` (its raw output: `speak_proassist` needs the unnormalised float32 vectors). `meteor`: an open
+    scorer to reuse; by default one METEOR process serves every dataset of this call and is closed at the end.
+    Raises PredictionsError or ScoringError (one line) for dialogues it cannot score."""
     if meteor is None:
         with MeteorScorer() as own:
-            return score(dialogues, embed, sts_model_name, meteor=own)
+            return score(dialogues, embed, sts_model_name, meteor=own, protocol=protocol, dst_window_s=dst_window_s)
+    variant, scored = check_scorable(dialogues, protocol)
     cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(embed)
     datasets, tokenizers = {}, []
-    for name, group in by_dataset(dialogues).items():
+    for name, group in by_dataset(scored).items():
         counts = speak_counts(group, cache)
-        text, tokenizer = text_metrics(counts.tp_pairs, counts.matched_scores, meteor)
+        text, tokenizer = text_metrics(counts.tp_pairs, counts.matched_scores, meteor, name)
         tokenizers.append(tokenizer)
-        datasets[name] = {"speak": speak_metrics(counts), "text": text, "dst": dst_metrics(group)}
-    return {"sts_model": sts_model_name, "meteor": meteor.label,
-            "tokenizer": "; ".join(dict.fromkeys(tokenizers)),
-            "datasets": datasets, "mean": mean_over_datasets(datasets)}
+        datasets[name] = {
+            "speak": speak_metrics(counts), "speak_proassist": proassist_metrics(proassist_counts(group, cache.raw)),
+            "text": text, **dst_blocks(group, variant, dst_window_s),
+            "summary_similarity": summary_similarity(group, cache) if variant == "summary" else None,
+            "reseeds": sum(len(d.get("reseeds") or []) for d in group)}
+    metrics = {"protocol": protocol, "variant": variant, "dst_window_s": dst_window_s,
+               "num_dialogues": len(dialogues),
+               "dialogues_without_reference": sum(1 for d in dialogues if last_reference_row(d["frames"]) < 0),
+               "reseeds": {"total": sum(m["reseeds"] for m in datasets.values()),
+                           "datasets": {name: m["reseeds"] for name, m in datasets.items()}},
+               "sts_model": sts_model_name, "meteor": meteor.label, "meteor_failures": list(meteor.failures),
+               "tokenizer": "; ".join(dict.fromkeys(tokenizers)),
+               "datasets": datasets, "mean": mean_over_datasets(datasets)}
+    metrics, replaced = sanitize(metrics)
+    metrics["non_finite_values"] = replaced
+    return metrics
 
 
-def sweep_counts(dialogues: list[dict], embed: Embed | EmbeddingCache) -> dict:
-    """Speaking and update-decision P/R/F1 of one dataset's dialogues, re-thresholded by the caller."""
+def sweep_counts(dialogues: list[dict], embed: Embed | EmbeddingCache, dst_window_s: float = DST_WINDOW_S) -> dict:
+    """Speaking (exact `speak`) and update-decision P/R/F1 of one dataset's dialogues, re-thresholded by the
+    caller."""
     speak = speak_metrics(speak_counts(dialogues, embed))
-    up, ur, uf = update_counts(dialogues).prf()
+    up, ur, uf = update_counts(dialogues, dst_window_s).prf()
     return {"speak_precision": speak["precision"], "speak_recall": speak["recall"], "speak_f1": speak["f1"],
             "update_precision": up, "update_recall": ur, "update_f1": uf}
 
 
-def load_embedder(name_or_path: str | Path, batch_size: int = 128, device: str | None = None) -> EmbeddingCache:
-    """A SentenceTransformer (hub name or local folder) as a caching `embed(list[str]) -> [n, d]`, unit-normalised
-    (ProAssist uses batch size 128)."""
+def load_embedder(name_or_path: str | Path, batch_size: int = PROASSIST_BATCH_SIZE,
+                  device: str | None = None) -> EmbeddingCache:
+    """A SentenceTransformer (hub name or local folder) as a caching `embed(list[str]) -> [n, d]`. The embedder
+    returns the model's raw float32 output as ProAssist requests it (`encode(..., convert_to_tensor=True,
+    batch_size=128)`, no extra normalisation); the exact matcher normalises in float64 itself."""
     from sentence_transformers import SentenceTransformer  # heavy: only when an embedder is needed
 
     model = SentenceTransformer(str(name_or_path), device=device)
 
     def embed(texts: list[str]):
-        return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                            convert_to_numpy=True, show_progress_bar=False)
+        return model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
 
     return EmbeddingCache(embed)
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    """predictions.jsonl: one dialogue per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path: str | Path, metrics: dict) -> None:
-    """metrics.json, written atomically (a partial file never replaces a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def write_metrics(path: str | Path, metrics: dict) -> int:
+    """metrics.json, strict JSON (non-finite numbers as null), written atomically; returns how many were null'ed."""
+    return write_json(path, metrics)

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from eval.session import StreamSession
+from eval.batched import StreamEngine
+from eval.protocol import PROTOCOLS
+from eval.session import Model, StreamSession
 from train.sequence import (RECENT_TURNS, SequenceFormat, format_state, frame_cost, frame_segments, progress_before,
                             state_before, system_for)
 
 MODES = ("model", "teacher-forced", "oracle", "never", "periodic")
 CONTEXT_STRATEGIES = ("reseed", "drop-all", "drop-middle")
-PROTOCOLS = ("proassist", "full-video")
 PERIODIC_TEXT = "Keep going, you are doing well."
 SILENT_TEXTS = ("", ".")  # ProAssist maps a generated "." (or nothing) to silence
 
@@ -130,75 +133,100 @@ class GroundTruth:
 
 
 class Streamer:
-    """Runs the model over dialogues with one StreamSession (no model needed for the baseline modes)."""
+    """Runs the model over dialogues (no model needed for the baseline modes). `slots` dialogues stream together
+    (`dst eval --batch-dialogues`); each dialogue's code is the same generator either way."""
 
-    def __init__(self, model, fmt: SequenceFormat | None, cfg: StreamConfig, device="cpu"):
+    def __init__(self, model, fmt: SequenceFormat | None, cfg: StreamConfig, device="cpu", slots: int = 1):
         self.fmt, self.cfg = fmt, cfg
         if cfg.mode in ("model", "teacher-forced"):
             if model is None or fmt is None:
                 raise ValueError(f"mode {cfg.mode} needs a model")
             if fmt.variant != cfg.variant:
                 raise ValueError(f"the sequence format is for variant {fmt.variant}, the stream for {cfg.variant}")
-            self.session = StreamSession(model, fmt, device, use_cache=cfg.use_cache)
+            self.engine = StreamEngine(model, fmt, device, slots, use_cache=cfg.use_cache,
+                                       capacity=cfg.max_context + 64)
+            self.session = self.engine.sessions[0]  # the one `run` uses
             self.tokenizer = fmt.tokenizer
-            self.dtype = self.session.dtype
 
     def run(self, meta: dict, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None,
             force: bool = False) -> dict:
         """One dialogue: `{"frames": [...], "reseeds": [...]}`; `emb` is the video's stored embeddings (row 0 =
         first frame). `force`: model mode with ground-truth decisions and texts (the replay test)."""
-        n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         if self.cfg.mode not in ("model", "teacher-forced"):
-            return {"frames": baseline(meta, conversation, self.cfg, n_rows), "reseeds": []}
+            return self._baseline(meta, conversation)
+        self.session.reset()
+        return self.engine.drive(self.dialogue(self.session, meta, emb, conversation, thetas, force))
+
+    def run_many(self, jobs: Iterable[tuple]) -> Iterator[tuple[object, dict]]:
+        """`jobs` yields `(key, meta, emb, conversation, thetas)`; yields `(key, result)` as dialogues finish
+        (with several slots, not in job order)."""
+        if self.cfg.mode not in ("model", "teacher-forced"):
+            for key, meta, _, conversation, _ in jobs:
+                yield key, self._baseline(meta, conversation)
+            return
+        yield from self.engine.run_many(
+            (key, partial(self.dialogue, meta=meta, emb=emb, conversation=c, thetas=thetas))
+            for key, meta, emb, c, thetas in jobs)
+
+    def _baseline(self, meta: dict, conversation: int) -> dict:
+        n_rows = stream_rows(meta, conversation, self.cfg.protocol)
+        return {"frames": baseline(meta, conversation, self.cfg, n_rows), "reseeds": []}
+
+    def dialogue(self, s: StreamSession, meta: dict, emb: np.ndarray, conversation: int,
+                 thetas: tuple[float, float] | None = None, force: bool = False) -> Model:
+        """The generator of one dialogue on session `s`; returns `{"frames": [...], "reseeds": [...]}`."""
+        n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         theta_update, theta_speak = thetas or (self.cfg.theta_update, self.cfg.theta_speak)
         frames = reference_frames(meta, conversation, n_rows)
-        embeds = torch.from_numpy(emb).to(self.dtype)
+        embeds = torch.from_numpy(emb).to(s.dtype)
         nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
         if self.cfg.mode == "teacher-forced":
-            reseeds = self._teacher_forced(meta, conversation, frames, embeds, nodes, theta_update, theta_speak)
+            reseeds = yield from self._teacher_forced(s, meta, conversation, frames, embeds, nodes)
+            apply_thresholds(frames, theta_update, theta_speak)
         else:
             truth = GroundTruth(self.fmt, meta, conversation) if force else None
-            reseeds = self._model(meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth)
+            reseeds = yield from self._model(s, meta, conversation, frames, embeds, nodes, theta_update,
+                                             theta_speak, truth)
         return {"frames": frames, "reseeds": reseeds}
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _model(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth) -> list[dict]:
-        fmt, cfg, s = self.fmt, self.cfg, self.session
+    def _model(self, s, meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth) -> Model:
+        fmt, cfg = self.fmt, self.cfg
         state = dict(meta["initial_state"])
         history: list[tuple[str, str]] = []
         reseeds: list[dict] = []
         s.reset()
-        s.feed(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None))
+        yield from s.feed(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None))
         system_chunk = s.chunks[0]
         reserve = (len(fmt.frame) + generation_budget(fmt, nodes, cfg.max_new_tokens)
                    + summary_budget(fmt, cfg.max_summary_tokens))
         for row, f in enumerate(frames):
             user = fmt.user(f["user_text"]) if f["user_text"] else []
             if s.length + len(user) + reserve > cfg.max_context:
-                reseeds.append(self._make_room(meta, conversation, row, f["frame"], embeds, nodes, state, history,
-                                               system_chunk, truth))
+                record = yield from self._make_room(s, meta, conversation, row, f["frame"], embeds, nodes, state,
+                                                    history, system_chunk, truth)
+                reseeds.append(record)
                 if s.length + len(user) + reserve > cfg.max_context:
                     raise ValueError(f"{meta['video_uid']}: the system prompt ({s.length} tokens) leaves no room for "
                                      f"a frame within max_context {cfg.max_context}")
             if user:
-                s.feed(user)
+                yield from s.feed(user)
                 history.append(("User", f["user_text"]))
-            hidden = s.feed(fmt.frame, embeds[row])
+            hidden = yield from s.feed(fmt.frame, embeds[row])
             if fmt.tracks_state:
                 f["p_update"], _ = s.decisions(hidden)
                 can_change = any(v != "completed" for v in state.values())
                 fire = truth.delta(row) is not None if truth else f["p_update"] > theta_update and can_change
                 if fire:
-                    delta, text, hidden = s.update(s.feed(fmt.dst_prefix), state,
-                                                   truth.delta(row) if truth else None)
+                    delta, text, hidden = yield from s.update(state, truth.delta(row) if truth else None)
                     state.update(delta)
                     f.update(pred_dst_delta=delta, pred_dst_text=text)
             _, f["p_speak"] = s.decisions(hidden)
             forced = truth.response(row) if truth else None
             if (forced is not None) if truth else f["p_speak"] > theta_speak:
-                ids, hidden = s.greedy(s.feed(fmt.response_prefix), cfg.max_new_tokens, forced)
+                ids, hidden = yield from s.greedy(fmt.response_prefix, cfg.max_new_tokens, forced)
                 text = self._text(ids)
                 f["pred_text"] = "" if text in SILENT_TEXTS else text
                 if f["pred_text"]:
@@ -206,10 +234,10 @@ class Streamer:
             f["pred_state"] = dict(state)
         return reseeds
 
-    def _make_room(self, meta, conversation, row, frame, embeds, nodes, state, history, system_chunk,
-                   truth) -> dict:
+    def _make_room(self, s, meta, conversation, row, frame, embeds, nodes, state, history, system_chunk,
+                   truth) -> Model:
         """Apply the context strategy before frame row `row` (absolute frame `frame`); returns the re-seed record."""
-        fmt, cfg, s = self.fmt, self.cfg, self.session
+        fmt, cfg = self.fmt, self.cfg
         recent = history[-RECENT_TURNS:] if RECENT_TURNS else []  # [-0:] would be everything
         record = {"frame": frame, "row": row, "strategy": cfg.context_strategy,
                   "ref_progress": reference_progress(meta, conversation, row)}
@@ -220,11 +248,12 @@ class Streamer:
                 if row == 0:
                     raise ValueError(f"{meta['video_uid']}: no room for a summary before the first frame within "
                                      f"max_context {cfg.max_context}")
-                progress = self._summarize(row - 1, embeds, truth.summary(row) if truth else None)
+                progress = yield from self._summarize(s, row - 1, embeds, truth.summary(row) if truth else None)
                 record["summary"] = progress
-            s.refeed([(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None, recent, progress), None)])
+            yield from s.refeed([(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None, recent,
+                                             progress), None)])
         elif cfg.context_strategy == "drop-all":
-            s.refeed([system_chunk])
+            yield from s.refeed([system_chunk])
         else:  # drop-middle: the system prompt and the most recent chunks filling half the budget
             tail, used = [], len(system_chunk[0])
             for chunk in reversed(s.chunks[1:]):
@@ -232,35 +261,35 @@ class Streamer:
                     break
                 tail.append(chunk)
                 used += len(chunk[0])
-            s.refeed([system_chunk] + tail[::-1])
+            yield from s.refeed([system_chunk] + tail[::-1])
         return record
 
-    def _summarize(self, last_row: int, embeds, forced: list[int] | None) -> str:
+    def _summarize(self, s, last_row: int, embeds, forced: list[int] | None) -> Model:
         """The summary variant's closing block, as in training: the request, the last frame again, and a generated
         progress summary."""
-        fmt, s = self.fmt, self.session
-        s.feed(fmt.summary_request)
-        s.feed(fmt.frame, embeds[last_row])
-        ids, _ = s.greedy(s.feed(fmt.summary_prefix), self.cfg.max_summary_tokens, forced)
+        fmt = self.fmt
+        yield from s.feed(fmt.summary_request)
+        yield from s.feed(fmt.frame, embeds[last_row])
+        ids, _ = yield from s.greedy(fmt.summary_prefix, self.cfg.max_summary_tokens, forced)
         return self._text(ids)
 
-    def _teacher_forced(self, meta, conversation, frames, embeds, nodes, theta_update, theta_speak) -> list[dict]:
-        fmt, cfg, s = self.fmt, self.cfg, self.session
+    def _teacher_forced(self, s, meta, conversation, frames, embeds, nodes) -> Model:
+        fmt, cfg = self.fmt, self.cfg
         labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
         s.reset()
-        s.feed(system_for(fmt, meta, conversation, 0))
+        yield from s.feed(system_for(fmt, meta, conversation, 0))
         generation = generation_budget(fmt, nodes, cfg.max_new_tokens)
         reseeds = []
         for row, f in enumerate(frames):
             segments = frame_segments(fmt, meta, conversation, row)
             if s.length + frame_cost(fmt, segments) + generation > cfg.max_context:
                 # start afresh exactly as a training window starting at this frame would
-                s.refeed([(system_for(fmt, meta, conversation, row), None)])
+                yield from s.refeed([(system_for(fmt, meta, conversation, row), None)])
                 reseeds.append({"frame": f["frame"], "row": row, "strategy": "teacher-forced",
                                 "ref_progress": reference_progress(meta, conversation, row)})
             if segments["user"]:
-                s.feed(segments["user"])
-            hidden = s.feed(fmt.frame, embeds[row])
+                yield from s.feed(segments["user"])
+            hidden = yield from s.feed(fmt.frame, embeds[row])
             # Without a tracked DST the predicted state stays where the stream started (scored like never-update).
             before = state_before(meta, row) if fmt.tracks_state else dict(meta["initial_state"])
             gen_delta, gen_text = {}, ""
@@ -268,24 +297,23 @@ class Streamer:
                 f["p_update"], _ = s.decisions(hidden)
                 if f["p_update"] > cfg.generate_above and any(v != "completed" for v in before.values()):
                     mark = s.length
-                    gen_delta, gen_text, _ = s.update(s.feed(fmt.dst_prefix), before)
+                    gen_delta, gen_text, _ = yield from s.update(before)
                     s.crop(mark)
                 if labels["dst_update"][row]:
-                    s.feed(fmt.dst_prefix)
-                    hidden = s.feed(segments["dst"])
+                    yield from s.feed(fmt.dst_prefix)
+                    hidden = yield from s.feed(segments["dst"])
             _, f["p_speak"] = s.decisions(hidden)
             gen_speech = ""
             if f["p_speak"] > cfg.generate_above:
                 mark = s.length
-                ids, _ = s.greedy(s.feed(fmt.response_prefix), cfg.max_new_tokens)
+                ids, _ = yield from s.greedy(fmt.response_prefix, cfg.max_new_tokens)
                 gen_speech = self._text(ids)
                 s.crop(mark)
             if conv["speak"][row]:
-                s.feed(fmt.response_prefix)
-                s.feed(segments["response"])
+                yield from s.feed(fmt.response_prefix)
+                yield from s.feed(segments["response"])
             f.update(gen_dst_delta=gen_delta, gen_dst_text=gen_text,
                      gen_text="" if gen_speech in SILENT_TEXTS else gen_speech, state_before=before)
-        apply_thresholds(frames, theta_update, theta_speak)
         return reseeds
 
 

@@ -8,8 +8,10 @@ row `k` is frame `k` and `fps` is only recorded. A raw video is sampled by times
 on screen at time `k/fps` (the last one whose start time is <= k/fps, times counted from the first frame), and
 `num_frames = floor(duration * fps)`, duration = end of the last source frame.
 
-A picture that cannot be decoded never aborts the video: it is replaced by the nearest earlier good frame (of the
-batch or of the `LOOKBACK` frames before it in the file; black if none) and its index is reported in `bad`.
+A picture that cannot be decoded never aborts the video. `decode` returns None for it; `read` replaces it by the
+nearest earlier decodable frame among those requested, or, for frames before the first decodable one, by that first
+decodable frame (`replacement_rows`), and reports its index in `bad`; when none decodes, it raises
+NoDecodableFrame. `dst prepare` applies the same rule to a video's whole stream (see pipeline/frame_feeder.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +33,7 @@ from pipeline.frames_files import FRAME_COLUMN, FramesFileError, open_frames_str
 
 log = logging.getLogger(__name__)
 
-LOOKBACK = 8  # how many frames before a bad one are tried as its replacement (beyond the batch's own frames)
-DEFAULT_SIZE = (384, 384)  # ProAssist frame size; only used for a black arrow frame when nothing else decoded
+DEFAULT_SIZE = (384, 384)  # ProAssist frame size; the shape of an empty arrow read
 _TS_EPS = 1e-6  # float slack when comparing timestamps (k/fps vs pts * time_base)
 
 
@@ -40,8 +41,28 @@ class FrameSourceError(ValueError):
     """A whole file that cannot be opened (missing, not a video, not an Arrow stream); names the file and reason."""
 
 
+class NoDecodableFrame(FrameSourceError):
+    """None of the frames asked for (a read, or a video's whole stream) could be decoded."""
+
+
 class FrameIndexError(IndexError):
     """A frame index outside [0, num_frames); callers clamp first."""
+
+
+def replacement_rows(decodable: Sequence[bool]) -> list[int]:
+    """For rows in time order, the row whose picture each one shows: itself when decodable, else the nearest earlier
+    decodable row, else (rows before the first decodable one) the first decodable row: a stream never starts on an
+    invented picture, and looks ahead only as far as its first good frame. ValueError when no row is decodable."""
+    decodable = [bool(ok) for ok in decodable]
+    if not any(decodable):
+        raise ValueError("no decodable row to take a picture from")
+    last = decodable.index(True)
+    out = []
+    for i, ok in enumerate(decodable):
+        if ok:
+            last = i
+        out.append(last)
+    return out
 
 
 class FrameSource(ABC):
@@ -52,40 +73,41 @@ class FrameSource(ABC):
     def __init__(self, path: Path, fps: float, num_frames: int):
         self.path, self.fps, self.num_frames = path, fps, num_frames
 
+    def decode(self, indices: Iterable[int]) -> list[np.ndarray | None]:
+        """The pictures at `indices` (in that order, repeats allowed) as uint8 [H, W, 3]; None where one cannot be
+        decoded. Each distinct frame is decoded once."""
+        idx = self._checked(indices)
+        uniq = sorted(set(idx))
+        pics = dict(zip(uniq, self._decode(uniq)))
+        return [pics[i] for i in idx]
+
     def read(self, indices: Iterable[int]) -> tuple[np.ndarray, list[int]]:
         """Frames at `indices` (any order, repeats allowed) as uint8 [n, H, W, 3], plus the sorted distinct indices
         whose picture could not be decoded (replaced, see module doc). Frames of different sizes (possible only in
         odd arrow files) are resized (PIL bilinear) to the size of the first requested frame."""
-        idx = [int(i) for i in indices]
-        for i in idx:
-            if not 0 <= i < self.num_frames:
-                raise FrameIndexError(f"{self.path}: frame {i} out of range (file has {self.num_frames} frames)")
+        idx = self._checked(indices)
+        if not idx:
+            return np.zeros((0, *self._fallback_size(), 3), np.uint8), []
         uniq = sorted(set(idx))
-        pics = dict(zip(uniq, self._decode(uniq)))
-        bad = [i for i in uniq if pics[i] is None]
-        fixed = {i: self._replacement(i, pics) for i in bad}  # from the original pictures, not earlier fixes
-        pics.update(fixed)
-        out = [pics[i] for i in idx]
-        if not out:
-            return np.zeros((0, *self._fallback_size(), 3), np.uint8), bad
+        pics = self._decode(uniq)
+        bad = [i for i, p in zip(uniq, pics) if p is None]
+        if len(bad) == len(uniq):
+            raise NoDecodableFrame(f"{self.path}: none of the {len(uniq)} frames asked for ({uniq[0]} to "
+                                   f"{uniq[-1]}) could be decoded")
+        source = replacement_rows([p is not None for p in pics])
+        by_index = {i: pics[source[j]] for j, i in enumerate(uniq)}
+        out = [by_index[i] for i in idx]
         h, w = out[0].shape[:2]
         out = [p if p.shape[:2] == (h, w) else np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR))
                for p in out]
         return np.stack(out), bad
 
-    def _replacement(self, i: int, pics: dict[int, np.ndarray | None]) -> np.ndarray:
-        """The nearest earlier decodable frame: rows between the batch's last good frame before `i` and `i` (at
-        most LOOKBACK back) are decoded only here, so contiguous batches cost nothing extra."""
-        earlier = max((j for j, p in pics.items() if j < i and p is not None), default=-1)
-        gap = [j for j in range(i - 1, max(earlier, i - 1 - LOOKBACK), -1) if j not in pics]
-        for p in (self._decode(gap) if gap else []):
-            if p is not None:
-                return p
-        if earlier >= 0:
-            return pics[earlier]
-        good = [p for p in pics.values() if p is not None]
-        h, w = good[0].shape[:2] if good else self._fallback_size()
-        return np.zeros((h, w, 3), np.uint8)
+    def _checked(self, indices: Iterable[int]) -> list[int]:
+        idx = [int(i) for i in indices]
+        for i in idx:
+            if not 0 <= i < self.num_frames:
+                raise FrameIndexError(f"{self.path}: frame {i} out of range (file has {self.num_frames} frames)")
+        return idx
 
     @abstractmethod
     def _decode(self, indices: list[int]) -> list[np.ndarray | None]:

@@ -15,7 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from pipeline.names import name_problem, quoted
+
 FRAME_COLUMN = "frame"
+FRAMES_LAYOUT = "{dataset}/frames/{name}.arrow"
+VIDEOS_LAYOUT = "{dataset}/{name}.mp4"
 
 
 class FramesFileError(ValueError):
@@ -34,20 +38,39 @@ def frames_file_name(dataset: str, video_uid: str) -> str:
     return video_uid
 
 
+def _check_names(*values: str) -> None:
+    """Values from the data become path components: refuse any that could lead outside the root folder."""
+    for value in values:
+        problem = name_problem(value)
+        if problem:
+            raise FramesFileError(f"{quoted(value)} {problem}: not usable as a file name")
+
+
 def frames_file_candidates(frames_root: str | Path, dataset: str, video_uid: str) -> list[Path]:
     """Where the file may be: under `{root}/{dataset}/frames/` (ProAssist's processed_data layout), or under
-    `{root}/frames/` when the root already is one dataset's folder."""
+    `{root}/frames/` when the root already is one dataset's folder. Always inside `frames_root`."""
     root = Path(frames_root)
-    name = frames_file_name(dataset, video_uid) + ".arrow"
-    return [root / dataset / "frames" / name, root / "frames" / name]
+    name = frames_file_name(dataset, video_uid)
+    _check_names(dataset, name)
+    return [root / dataset / "frames" / f"{name}.arrow", root / "frames" / f"{name}.arrow"]
+
+
+def _first_file(candidates: list[Path]) -> Path | None:
+    for path in candidates:
+        try:
+            if path.is_file():
+                return path
+        except OSError:  # e.g. a name too long for this file system: no such file
+            continue
+    return None
 
 
 def find_frames_file(frames_root: str | Path, dataset: str, video_uid: str) -> Path:
     candidates = frames_file_candidates(frames_root, dataset, video_uid)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FramesFileError("no frames file (looked for " + ", ".join(str(p) for p in candidates) + ")")
+    path = _first_file(candidates)
+    if path is None:
+        raise FramesFileError("no frames file (looked for " + ", ".join(str(p) for p in candidates) + ")")
+    return path
 
 
 def open_frames_stream(path: Path) -> ipc.RecordBatchStreamReader:
@@ -82,11 +105,15 @@ def write_frames_file(path: str | Path, jpeg_frames: list[bytes], batch_rows: in
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([(FRAME_COLUMN, pa.string())])
     tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_stream(sink, schema) as writer:
-        for i in range(0, len(jpeg_frames), batch_rows):
-            chunk = [base64.b64encode(b).decode("ascii") for b in jpeg_frames[i : i + batch_rows]]
-            writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
-    tmp.replace(path)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_stream(sink, schema) as writer:
+            for i in range(0, len(jpeg_frames), batch_rows):
+                chunk = [base64.b64encode(b).decode("ascii") for b in jpeg_frames[i : i + batch_rows]]
+                writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def synthetic_jpegs(n_frames: int, size: int = 64, seed: int = 0) -> list[bytes]:
@@ -118,10 +145,11 @@ def find_video_file(videos_root: str | Path, dataset: str, video_uid: str) -> Pa
     video_uid or its frames-file name (so assembly_X and disassembly_X may share `X.mp4`)."""
     root = Path(videos_root)
     names = dict.fromkeys([video_uid, frames_file_name(dataset, video_uid)])
+    _check_names(dataset, *names)
     candidates = [folder / (name + ext) for folder in (root / dataset, root) for name in names
                   for ext in VIDEO_SUFFIXES]
-    for path in candidates:
-        if path.is_file():
-            return path
+    path = _first_file(candidates)
+    if path is not None:
+        return path
     raise FramesFileError(f"no video file (looked for {root / dataset / video_uid}.* and {root / video_uid}.*, "
                           f"extensions {', '.join(VIDEO_SUFFIXES)})")

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.frames_files import FramesFileError, count_frames, find_frames_file
+from pipeline.checks import ConfigError, fps_problem
+from pipeline.frames_files import FRAMES_LAYOUT, FramesFileError, count_frames, find_frames_file
 from pipeline.records import RecordError, VideoRecord, load_record_list, parse_record
 from pipeline.timeline import DEFAULT_FPS, VideoLabels, point_time, video_labels
 
@@ -45,6 +46,15 @@ class LabelsConfig:
     out: Path
     fps: float = DEFAULT_FPS
     strict: bool = False
+
+    def __post_init__(self):
+        problem = fps_problem(self.fps)
+        if problem:
+            raise ConfigError(problem)
+
+
+class NoUsableRecords(RuntimeError):
+    """Every record was skipped (or there were none): the run cannot do its job (exit 1); nothing is written."""
 
 
 @dataclass
@@ -116,17 +126,24 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
                       console: Console) -> Iterator[VideoLabels]:
     """Labels of every usable record, in input order, with a progress bar; each unusable record is reported on one
     line (video_uid and reason) and recorded in `report`, never raised."""
+    first_of: dict[tuple[str, str], int] = {}  # (dataset, video_uid) -> position of the record that is used
     with _progress(console) as progress:
         task = progress.add_task("labels", total=len(raws))
         for index, raw in enumerate(raws):
             progress.advance(task)
             try:
                 record = parse_record(raw, index)
+                key = (record.dataset, record.video_uid)
+                if key in first_of:
+                    copy = "an exact copy" if _same(raws[first_of[key]], raw) else "different content"
+                    raise RecordError(record.video_uid, f"duplicate video_uid in dataset {record.dataset}: record "
+                                                        f"#{first_of[key]} has it too and is used ({copy})")
                 try:
                     n_frames = count_frames_of(record)
                 except FramesFileError as exc:
                     raise RecordError(record.video_uid, str(exc)) from None
                 labels = video_labels(record, n_frames, fps)
+                first_of[key] = index
             except RecordError as exc:
                 report.skipped.append((exc.video_uid, exc.reason))
                 progress.console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}",
@@ -139,6 +156,13 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
             report.empty_turns += labels.empty_turns
             report.dropped_transitions += labels.dst.dropped
             yield labels
+
+
+def _same(a, b) -> bool:
+    try:
+        return a == b
+    except RecursionError:  # deeply nested values in fields the records do not use
+        return False
 
 
 def write_labels(videos: Iterable[VideoLabels], out: Path, report: LabelsReport) -> Path:
@@ -168,15 +192,37 @@ def fail_if_strict(strict: bool, report: LabelsReport, console: Console, *leftov
         raise SystemExit(1)
 
 
+def fail_if_nothing_usable(report: LabelsReport, layout_hint: str, *leftovers: Path) -> None:
+    """No record could be used: raise `NoUsableRecords` with the first skip reason and where the frames (or videos)
+    are looked for, since a wrong root folder is the usual cause; remove what was written."""
+    if report.written_videos:
+        return
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if not report.skipped:
+        raise NoUsableRecords("the input holds no records; nothing written")
+    uid, reason = report.skipped[0]
+    missing = any(r.startswith(("no frames file", "no video file")) for _, r in report.skipped)
+    raise NoUsableRecords(f"no usable record: all {len(report.skipped)} were skipped (the first, {uid}: {reason}); "
+                          f"{layout_hint if missing else 'see the skip lines above'}; nothing written")
+
+
+def frames_layout_hint(frames_root: Path) -> str:
+    return (f"frames files are expected at {frames_root}/{FRAMES_LAYOUT} (--frames-root is ProAssist's "
+            "processed_data folder, or one dataset's folder)")
+
+
 def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
     """Write `cfg.out`; print one line per skipped record and a summary. With `strict`, any skipped record makes
-    the run fail (raises `SystemExit(1)`) and nothing is written."""
+    the run fail (raises `SystemExit(1)`) and nothing is written; so does a run where no record is usable
+    (`NoUsableRecords`)."""
     console = console or Console()
     raws = load_record_list(cfg.dst_json)
     report = LabelsReport(records=len(raws))
     videos = iter_video_labels(raws, arrow_frame_counter(cfg.frames_root), cfg.fps, report, console)
     tmp = write_labels(videos, cfg.out, report)
     fail_if_strict(cfg.strict, report, console, tmp)
+    fail_if_nothing_usable(report, frames_layout_hint(cfg.frames_root), tmp)
     tmp.replace(cfg.out)
     print_summary(cfg.out, report, console)
     return report

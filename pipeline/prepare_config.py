@@ -21,14 +21,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import ConfigError, fps_problem, number_problem
 from pipeline.embeddings import DEFAULT_TOKENS_PER_FRAME, parse_tokens_per_frame
 from pipeline.timeline import DEFAULT_FPS
 
 DEFAULT_CONFIG = Path("configs/data.toml")
 
 
-class ConfigError(ValueError):
-    """A missing or inconsistent setting; the message says which and where."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,7 @@ class PrepareConfig:
     shard_size_mb: float = 1024.0
     strict: bool = False
     max_videos: int | None = None
+    workers: int | None = None  # decoding processes beside the encoder; None: min(4, CPUs - 1); 0: in-process
 
 
 _PATHS = {"frames_root", "videos_root", "out"}
@@ -104,9 +104,12 @@ def resolve(split: str, options: dict[str, Any], config_path: Path | None = None
         values["tokens_per_frame"] = parse_tokens_per_frame(values.get("tokens_per_frame", DEFAULT_TOKENS_PER_FRAME))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if values.get("batch_size", 1) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {values['batch_size']}")
-    for key in ("shard_size_mb", "fps"):
-        if values.get(key, 1) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {values[key]}")
-    return PrepareConfig(**values)
+    cfg = PrepareConfig(**values)
+    problem = (fps_problem(cfg.fps) or number_problem("batch_size", cfg.batch_size, minimum=1, integer=True)
+               or number_problem("shard_size_mb", cfg.shard_size_mb, minimum=0, above_minimum=True)
+               or (cfg.max_videos is not None and number_problem("max_videos", cfg.max_videos, minimum=1,
+                                                                 integer=True))
+               or (cfg.workers is not None and number_problem("workers", cfg.workers, minimum=0, integer=True)))
+    if problem:
+        raise ConfigError(problem)
+    return cfg

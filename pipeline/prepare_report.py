@@ -20,12 +20,15 @@ def write_manifest(out: Path, config: dict, plan: dict, report: LabelsReport, vi
     """Merge every shard's per-video status (written by whichever rank made it) into `out/manifest.json`.
     Deterministic: the same run gives the same manifest."""
     statuses: dict[str, dict] = {}
+    shard_samples: dict[str, int] = {}  # what each shard holds, so that readers detect a shard cut short
     for i in range(len(plan["shards"])):
         shard = out / SHARD_PATTERN.format(i)
         status = out / STATE_DIR / f"{shard.stem}.json"
         if not shard.exists() or not status.exists():
             raise RuntimeError(f"{shard} or its status is missing after prepare (did a rank fail?); rerun to resume")
-        statuses.update(json.loads(status.read_text()))
+        here = json.loads(status.read_text())
+        shard_samples[shard.name] = sum(s["status"] == "written" for s in here.values())
+        statuses.update(here)
     per_video = {v.record.video_uid: statuses[v.record.video_uid] for v in videos}
     skipped = [{"video_uid": uid, "reason": reason} for uid, reason in report.skipped]
     skipped += [{"video_uid": uid, "reason": s["reason"]} for uid, s in per_video.items() if s["status"] != "written"]
@@ -51,6 +54,7 @@ def write_manifest(out: Path, config: dict, plan: dict, report: LabelsReport, vi
             "dropped_transitions": sum(s["dropped_transitions"] for s in written),
         },
         "shards": [SHARD_PATTERN.format(i) for i in range(len(plan["shards"]))],
+        "shard_samples": shard_samples,
         "videos": per_video,
         "skipped": skipped,
     }

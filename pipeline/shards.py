@@ -8,6 +8,7 @@ so that rerunning the same command reproduces them byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -19,15 +20,23 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.labels import label_columns, state_json
+from pipeline.shard_meta import ShardFormatError, validate_meta
 from pipeline.timeline import VideoLabels
 
 EMB, META = "emb.npy", "json"
 SHARD_PATTERN = "shard-{:06d}.tar"
+MANIFEST = "manifest.json"
+KEY_TEXT = 80  # characters of readable text in a key; the hash keeps longer uids apart
 
 
 def sample_key(dataset: str, video_uid: str) -> str:
-    """A tar-safe, unique key: WebDataset splits member names at the first dot, so keys carry no dots."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{dataset}__{video_uid}")
+    """A tar-safe key, unique by construction: the readable `{dataset}__{video_uid}` with every character outside
+    [A-Za-z0-9_-] replaced by `_` (WebDataset splits member names at the first dot) and cut to KEY_TEXT characters,
+    plus a hash of the exact (dataset, video_uid), so `a.b` and `a_b` (or two non-ASCII uids) get different keys.
+    Readers treat keys as opaque strings: shards written with older keys load as they are."""
+    text = re.sub(r"[^A-Za-z0-9_-]", "_", f"{dataset}__{video_uid}")[:KEY_TEXT]
+    exact = f"{dataset}\0{video_uid}".encode("utf-8", "surrogatepass")
+    return f"{text}-{hashlib.blake2b(exact, digest_size=6).hexdigest()}"
 
 
 def sample_meta(labels: VideoLabels, model: str, tokens_per_frame: int | str) -> dict:
@@ -104,22 +113,72 @@ def write_shard(path: Path, samples: Iterable[dict]) -> None:
 
 def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray, dict]]:
     """(key, embeddings, meta) for every sample of a shard, in order, reading the whole shard (tests and tools;
-    training reads rows by offset through train/shard_index.py)."""
-    with tarfile.open(path) as tar:
-        members: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        for member in tar:
-            key, _, suffix = member.name.partition(".")
-            if key not in members:
-                members[key] = {}
-                order.append(key)
-            members[key][suffix] = tar.extractfile(member).read()
+    training reads rows by offset through train/shard_index.py). A shard that is not what `dst prepare` writes
+    raises `ShardFormatError` naming the file and the sample."""
+    members: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                if not member.isfile() or suffix not in (EMB, META):
+                    raise ShardFormatError(f"{path}: unexpected member {member.name!r}")
+                if key not in members:
+                    members[key] = {}
+                    order.append(key)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise ShardFormatError(f"{path}: sample {key}: {suffix} is cut short (truncated file)")
+                members[key][suffix] = data
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardFormatError(f"{path}: not a readable tar ({exc})") from None
     for key in order:
+        where = f"{path}: sample {key}"
         parts = members[key]
         if set(parts) != {EMB, META}:
-            raise ValueError(f"{path}: sample {key} has members {sorted(parts)}, expected {[EMB, META]}")
-        emb = np.load(io.BytesIO(parts[EMB]), allow_pickle=False)
-        yield key, emb, json.loads(parts[META])
+            raise ShardFormatError(f"{where} has members {sorted(parts)}, expected {[EMB, META]}")
+        try:
+            emb = np.load(io.BytesIO(parts[EMB]), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise ShardFormatError(f"{where}: unreadable {EMB}: {exc}") from None
+        if emb.dtype != np.float16 or emb.ndim != 3:
+            raise ShardFormatError(f"{where}: {EMB} must be float16 [frames, tokens, hidden], got {emb.dtype} "
+                                   f"{list(emb.shape)}")
+        meta = validate_meta(parse_meta(parts[META], where), where)
+        if len(meta["labels"]["frame"]) != emb.shape[0]:
+            raise ShardFormatError(f"{where}: {emb.shape[0]} embedding rows for {len(meta['labels']['frame'])} "
+                                   "label points")
+        yield key, emb, meta
+
+
+def parse_meta(data: bytes, where: str) -> object:
+    """The `json` member's value; `ShardFormatError` when it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ShardFormatError(f"{where}: unreadable {META}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+
+
+def expected_samples(shard_dir: Path) -> tuple[dict[str, int] | None, str | None]:
+    """(samples per shard file name, None) from the folder's manifest.json, or (None, a warning) for shard folders
+    written before manifests counted them (or copied without their manifest): truncation at a sample boundary
+    cannot be detected there."""
+    path = shard_dir / MANIFEST
+    if not path.is_file():
+        return None, f"{shard_dir} has no {MANIFEST}: cannot check that every shard holds all its samples"
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ShardFormatError(f"{path}: unreadable ({exc})") from None
+    counts = manifest.get("shard_samples") if isinstance(manifest, dict) else None
+    if counts is None:
+        return None, (f"{path} has no per-shard sample counts (written by an older dst prepare): cannot check that "
+                      "every shard holds all its samples")
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                               for v in counts.values()):
+        raise ShardFormatError(f"{path}: 'shard_samples' is not an object of counts")
+    return counts, None
 
 
 def plan_shards(sizes: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:

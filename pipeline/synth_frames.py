@@ -2,7 +2,8 @@
 
 For trying the pipeline end to end where the real frames are not at hand (the demo, tests, a new machine). Each
 file covers the record's video up to `video_start_time + duration` at `fps`, so the labels come out as they would
-on real data of that length.
+on real data of that length. Files are only ever written inside `out`: a record whose `video_uid` or dataset is not
+a plain file name (`../x`, `/abs`, `a/b`, NUL) is refused with its reason.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
-from pipeline.records import RecordError, load_record_list, parse_record
+from pipeline.checks import ConfigError, fps_problem, number_problem
+from pipeline.frames_files import FramesFileError, frames_file_candidates, synthetic_jpegs, write_frames_file
+from pipeline.records import MAX_SECONDS, RecordError, VideoRecord, load_record_list, parse_record
 from pipeline.timeline import DEFAULT_FPS, frame_at
+
+MAX_FRAMES = 100_000  # per file: about 14 hours at 2 fps, some 200 MB of 64-pixel pictures
+
+
+class NothingWritten(RuntimeError):
+    """No record gave a frames file (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -26,23 +34,49 @@ class SynthFramesConfig:
     size: int = 64
     default_duration: float = 60.0  # seconds after the start, for records without `duration`
 
+    def __post_init__(self):
+        problem = (fps_problem(self.fps) or number_problem("size", self.size, minimum=8, maximum=1024, integer=True)
+                   or number_problem("default_duration", self.default_duration, minimum=0, maximum=MAX_SECONDS,
+                                     above_minimum=True))
+        if problem:
+            raise ConfigError(problem)
+
+
+def _frames_path(cfg: SynthFramesConfig, record: VideoRecord) -> tuple[Path, int]:
+    """Where the record's file goes and how many frames it needs; `RecordError` when it cannot be written."""
+    duration = record.duration if record.duration is not None else cfg.default_duration
+    n_frames = frame_at(record.video_start_time + duration, cfg.fps)
+    if not 1 <= n_frames <= MAX_FRAMES:
+        raise RecordError(record.video_uid, f"its video needs {n_frames} frames at {cfg.fps:g} fps (start "
+                                            f"{record.video_start_time:g} s + {duration:g} s); at most {MAX_FRAMES}")
+    try:
+        path = frames_file_candidates(cfg.out, record.dataset, record.video_uid)[0]
+    except FramesFileError as exc:
+        raise RecordError(record.video_uid, str(exc)) from None
+    return path, n_frames
+
 
 def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
     console = console or Console()
-    written = []
-    for index, raw in enumerate(load_record_list(cfg.dst_json)):
+    written: list[Path] = []
+    raws = load_record_list(cfg.dst_json)
+    for index, raw in enumerate(raws):
         try:
             record = parse_record(raw, index)
+            path, n_frames = _frames_path(cfg, record)
+            if path in written:  # assembly_X and disassembly_X share a file
+                continue
+            try:
+                write_frames_file(path, synthetic_jpegs(n_frames, size=cfg.size, seed=index))
+            except OSError as exc:
+                raise RecordError(record.video_uid, f"cannot write {path}: {exc.strerror or exc}") from None
         except RecordError as exc:
             console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False,
                           soft_wrap=True)
             continue
-        duration = record.duration if record.duration is not None else cfg.default_duration
-        n_frames = frame_at(record.video_start_time + duration, cfg.fps)
-        path = frames_file_candidates(cfg.out, record.dataset, record.video_uid)[0]
-        if path in written:  # assembly_X and disassembly_X share a file
-            continue
-        write_frames_file(path, synthetic_jpegs(n_frames, size=cfg.size, seed=index))
         written.append(path)
         console.print(f"wrote {path} ({n_frames} frames)", highlight=False, soft_wrap=True)
+    if not written:
+        raise NothingWritten(f"no frames file written: {cfg.dst_json} has "
+                             f"{'no usable record (see the skip lines above)' if raws else 'no records'}")
     return written

@@ -81,3 +81,12 @@ def tiny_run(tiny_shards, tmp_path_factory) -> Path:
     train_run.run(resolve({"shards": tiny_shards, "model": "tiny-random", "out": out, "max_steps": 8,
                            "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "lr": 3e-3}))
     return out / "checkpoints" / "last"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of `smollm2-135m`: the real SmolLM2-135M-Instruct in a SmolVLM2-256M shape. The first run
+    on a machine converts the GGUF once (about 30 s) into the user's cache; later runs load it in about a second."""
+    from pipeline.smolvlm import load_model
+
+    return load_model("smollm2-135m")

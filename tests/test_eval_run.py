@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from eval.demo import offline_sts_model
+from eval.sweep import THRESHOLDS, best_threshold
 
 STS = offline_sts_model()
 
@@ -43,8 +44,9 @@ def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     sweep = json.loads((out / "thresholds.json").read_text())
     for decisions in sweep["datasets"].values():
         for curve in decisions.values():
-            assert len(curve["thresholds"]) == len(curve["f1"]) == 19
-            assert curve["best"] == curve["thresholds"][curve["f1"].index(max(curve["f1"]))]
+            assert curve["thresholds"] == THRESHOLDS and len(curve["f1"]) == len(THRESHOLDS)
+            assert curve["best"] == best_threshold(curve["thresholds"], curve["f1"])
+    assert isinstance(sweep["warnings"], list)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sts_model"] == STS and metrics["meteor"]
     # dst score reproduces metrics.json from predictions.jsonl, with no model

@@ -53,16 +53,33 @@ def test_arrow_corrupt_rows_are_reported_and_replaced(tmp_path):
     strings[3] = base64.b64encode(jpegs[3][: len(jpegs[3]) // 2]).decode()  # truncated JPEG
     strings[5] = base64.b64encode(b"not a jpeg").decode()
     src = open_frames(_write_strings(tmp_path / "c.arrow", strings))
+    assert [p is None for p in src.decode([5, 1, 0])] == [True, False, True]  # decode replaces nothing
     frames, bad = src.read(range(7))
     assert bad == [0, 3, 5]
-    assert not frames[0].any()  # nothing earlier: black
     for k in (1, 2, 4, 6):
         assert np.array_equal(frames[k], _pil(jpegs[k]))
+    assert np.array_equal(frames[0], frames[1])  # nothing earlier: the first decodable frame
     assert np.array_equal(frames[3], frames[2]) and np.array_equal(frames[5], frames[4])
-    # Alone in a batch, a bad row takes the nearest earlier good row of the file.
-    frames, bad = src.read([5, 3])
+    # Replacements come from the frames asked for only.
+    frames, bad = src.read([5, 3, 6])
     assert bad == [3, 5]
-    assert np.array_equal(frames[0], _pil(jpegs[4])) and np.array_equal(frames[1], _pil(jpegs[2]))
+    assert np.array_equal(frames[0], _pil(jpegs[6])) and np.array_equal(frames[1], _pil(jpegs[6]))
+    with pytest.raises(fs.NoDecodableFrame, match=r"c.arrow: none of the 2 frames asked for \(3 to 5\)"):
+        src.read([5, 3])
+
+
+@pytest.mark.parametrize("decodable, rows", [
+    ([True, False, False, True, False], [0, 0, 0, 3, 3]),  # the nearest earlier decodable row
+    ([False, False, True, False, True], [2, 2, 2, 2, 4]),  # before the first decodable row: that row
+    ([True], [0]),
+])
+def test_replacement_rows(decodable, rows):
+    assert fs.replacement_rows(decodable) == rows
+
+
+def test_replacement_rows_needs_a_decodable_row():
+    with pytest.raises(ValueError, match="no decodable row"):
+        fs.replacement_rows([False, False])
 
 
 def test_arrow_frames_of_different_sizes_take_the_first_size(tmp_path):

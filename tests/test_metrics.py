@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from eval import metrics_text
-from eval.metrics_dst import dst_metrics, transition_counts, update_counts, validity_counts
+from eval.metrics_dst import dst_metrics, never_update_metrics, transition_counts, update_counts, validity_counts
 from eval.metrics_speak import (DIST_FACTOR, EmbeddingCache, SPEAK_WINDOWS_S, match, speak_counts, speak_metrics,
                                 window_frames)
 from eval.metrics_text import MeteorScorer, java_missing_reason, text_metrics
@@ -212,13 +212,17 @@ def test_without_java_meteor_is_none_and_tokenizer_falls_back(monkeypatch, caplo
 # ----------------------------------------------------------------------------------------------- DST metrics
 
 
-def test_update_timing_inside_and_outside_the_window():
-    pred = {5: {"S1": "in_progress"}, 20: {"S2": "in_progress"}, 30: {"S3": "in_progress"}}
-    ref = {13: {"S1": "in_progress"}, 15: {"S2": "in_progress"}, 40: {"S3": "in_progress"}}
-    d = dialogue([frame(k, pred_delta=pred.get(k), ref_delta=ref.get(k)) for k in range(45)])
-    c = update_counts([d])  # 5 -> 13 (+8 ok); 20 -> 15 (-5: too late); 30 -> 40 (+10: too early)
-    assert (c.tp, c.num_pred, c.num_ref) == (1, 3, 3)
-    assert dst_metrics([d])["update_f1"] == 1 / 3
+def test_update_timing_in_the_symmetric_dst_window():
+    # default 2 s each side at 2 fps: 4 frames early or late, the speaking window (assembly101 -4/+8) is not used
+    pred = {5: {"S1": "in_progress"}, 20: {"S2": "in_progress"}, 30: {"S3": "in_progress"}, 50: {"S4": "in_progress"}}
+    ref = {9: {"S1": "in_progress"}, 16: {"S2": "in_progress"}, 35: {"S3": "in_progress"}, 45: {"S4": "in_progress"}}
+    d = dialogue([frame(k, pred_delta=pred.get(k), ref_delta=ref.get(k)) for k in range(55)])
+    c = update_counts([d])  # 5 -> 9 (+4 ok); 20 -> 16 (-4 ok); 30 -> 35 (+5: too early); 50 -> 45 (-5: too late)
+    assert (c.tp, c.num_pred, c.num_ref) == (2, 4, 4)
+    assert dst_metrics([d])["update_f1"] == 0.5
+    assert update_counts([d], dst_window_s=2.5).tp == 4  # int(2.5 * 2) = 5 frames
+    assert update_counts([d], dst_window_s=0.0).tp == 0  # the same frame only
+    assert transition_counts([d]).tp == 2 and dst_metrics([d], dst_window_s=2.5)["transition_f1"] == 1.0
 
 
 def test_transitions_match_only_equal_node_and_state():
@@ -254,6 +258,43 @@ def test_validity_with_one_invalid_text():
     assert dst_metrics([dialogue([frame(0)])])["validity"] == 1.0  # no generated update
 
 
+def test_teacher_forced_validity_checks_against_state_before():
+    """Teacher-forced: each update was generated from the ground-truth state (`state_before`), which the
+    previous predicted state need not equal (here the model missed the reference update at frame 0)."""
+    before = [{"S1": "in_progress", "S2": "not_started"}, {"S1": "completed", "S2": "not_started"},
+              {"S1": "completed", "S2": "not_started"}]
+    frames = [frame(0, pred_state=before[0]),
+              frame(1, pred_dst_text="S1=completed", pred_state=before[1]),  # no change from the truth: invalid
+              frame(2, pred_delta={"S2": "in_progress"}, pred_dst_text="S2=in_progress",
+                    pred_state={"S1": "completed", "S2": "in_progress"})]
+    for f, b in zip(frames, before):
+        f["state_before"] = b
+    d = {**dialogue(frames), "initial_state": before[0]}
+    assert validity_counts([d]) == (1, 2)
+    for f in frames:
+        del f["state_before"]
+    # against the previous predicted state (S1 still in_progress) the first would pass: the old, wrong answer
+    assert validity_counts([d]) == (2, 2)
+
+
+def test_never_update_baseline_by_hand():
+    s = {"S1": "not_started", "S2": "not_started"}
+    ref_deltas = {3: {"S1": "in_progress"}, 7: {"S1": "completed", "S2": "in_progress"}}
+    frames, state = [], dict(s)
+    for k in range(10):
+        state = {**state, **ref_deltas.get(k, {})}
+        frames.append(frame(k, ref_delta=ref_deltas.get(k), ref_state=dict(state), pred_state=dict(state),
+                            pred_delta=ref_deltas.get(k), pred_dst_text=format_state(ref_deltas.get(k, {}))))
+    d = {**dialogue(frames), "initial_state": s}
+    never = never_update_metrics([d])
+    # nodes: frames 0-2 both right (6), 3-6 S2 right (4), 7-9 none (0) -> 10/20; joint 3/10
+    assert never == {"update_precision": 0.0, "update_recall": 0.0, "update_f1": 0.0, "node_accuracy": 0.5,
+                     "joint_accuracy": 0.3, "transition_precision": 0.0, "transition_recall": 0.0,
+                     "transition_f1": 0.0, "validity": 1.0}
+    assert all(v == 1.0 for v in dst_metrics([d]).values())  # the predictions themselves are the oracle
+    assert never_update_metrics([dialogue(frames)]) is None  # no initial_state (an old file): no baseline
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 
@@ -262,8 +303,12 @@ TEXTS = ["Pick up the red screwdriver.", "Now attach the wheel to the base.", "G
          "Rinse the knife under the tap.", "Cut the onion into thin slices.", "Heat the pan before adding oil."]
 
 
+LABELS = ["initiative|instruction", "initiative|instruction,feedback", "responsive|info_sharing", ""]
+INITIAL = {"S1": "completed", "S2": "not_started", "S3": "not_started", "S4": "not_started"}
+
+
 def oracle_dialogue(dataset: str, start: int, n: int, speak_at: list[int], updates: dict[int, dict]) -> dict:
-    state = {"S1": "completed", "S2": "not_started", "S3": "not_started", "S4": "not_started"}
+    state = dict(INITIAL)
     frames = []
     for k in range(n):
         delta = updates.get(k, {})
@@ -273,27 +318,52 @@ def oracle_dialogue(dataset: str, start: int, n: int, speak_at: list[int], updat
             text = "Good, keep going." if k in (1, 2) else TEXTS[speak_at.index(k) % len(TEXTS)]
         frames.append(frame(start + k, text, text, delta, delta, dict(state), dict(state),
                             format_state(delta) if delta else ""))
-    return dialogue(frames, dataset)
+        frames[-1]["ref_labels"] = LABELS[k % len(LABELS)] if text else ""
+    return {**dialogue(frames, dataset), "initial_state": dict(INITIAL)}
 
 
-def test_oracle_scores_exactly_one(minilm, meteor, tmp_path):
+METRICS_KEYS = {"protocol", "variant", "dst_window_s", "num_dialogues", "dialogues_without_reference", "reseeds",
+                "sts_model", "meteor", "meteor_failures", "tokenizer", "datasets", "mean", "non_finite_values"}
+
+
+@pytest.mark.parametrize("protocol", ["proassist", "full-video"])
+def test_oracle_scores_exactly_one(minilm, meteor, tmp_path, protocol):
     updates = {0: {"S2": "in_progress"}, 6: {"S2": "completed", "S3": "in_progress"}, 7: {"S4": "in_progress"},
                39: {"S3": "completed", "S4": "completed"}}
     dialogues = [oracle_dialogue("assembly101", 0, 40, [0, 1, 2, 3, 7, 12, 13, 20, 39], updates),
                  oracle_dialogue("assembly101", 57, 40, [0, 5, 6, 30, 31, 32, 38, 39], updates),
                  oracle_dialogue("ego4d", 3, 40, [0, 1, 2, 4, 8, 9, 10, 25, 39], updates),
-                 oracle_dialogue("wtag", 0, 40, [2, 3, 39], {})]
-    metrics = score(dialogues, minilm, "all-MiniLM-L6-v2", meteor=meteor)
-    assert set(metrics) == {"sts_model", "meteor", "tokenizer", "datasets", "mean"}
+                 oracle_dialogue("wtag", 0, 40, [2, 3, 39], {}),
+                 oracle_dialogue("wtag", 0, 40, [2, 3], updates),  # proassist: cut after frame 3
+                 oracle_dialogue("wtag", 0, 30, [], updates)]  # proassist: zero frames
+    metrics = score(dialogues, minilm, "all-MiniLM-L6-v2", meteor=meteor, protocol=protocol)
+    assert set(metrics) == METRICS_KEYS
+    assert (metrics["protocol"], metrics["variant"], metrics["dst_window_s"]) == (protocol, "dst", 2.0)
+    assert (metrics["num_dialogues"], metrics["dialogues_without_reference"]) == (6, 1)
+    assert metrics["non_finite_values"] == 0 and metrics["meteor_failures"] == []
     assert list(metrics["datasets"]) == ["assembly101", "ego4d", "wtag"]
     for result in [*metrics["datasets"].values(), metrics["mean"]]:
-        speak, dst = result["speak"], result["dst"]
-        assert len(speak) == 11 and len(result["text"]) == 7 and len(dst) == 9
+        speak, dst, pro = result["speak"], result["dst"], result["speak_proassist"]
+        assert len(speak) == 12 and len(result["text"]) == 7 and len(dst) == 9 and set(pro) == set(speak) | {
+            "exact_copies", "zero_cost_dropped", "no_full_matching"}
         assert all(speak[k] == 1.0 for k in ("precision", "recall", "f1", "jaccard"))
         assert speak["num_mismatched"] == speak["num_missed"] == speak["num_redundant"] == speak["time_diff_s"] == 0
         assert all(v == 1.0 for v in dst.values()), dst
+        assert set(result["dst_never"]) == set(dst) and result["dst_never"]["update_f1"] == 0.0
         assert result["text"]["Bleu_1"] == pytest.approx(1.0)
-    assert metrics["datasets"]["wtag"]["dst"]["update_f1"] == 1.0  # no updates at all: vacuously perfect
+        assert all(r["recall"] == 1.0 for r in speak["intent_recall"].values() if r["num_ref"])
+        # ProAssist's matching on the oracle: every prediction is an exact copy; those whose float32 cost is
+        # exactly 0 lose their own frame (how many depends on the embedding's last bits), the others are TPs
+        assert pro["exact_copies"] == pro["num_ref"] == pro["num_pred"] == speak["num_ref"]
+        assert pro["no_full_matching"] == 0 and 0 <= pro["zero_cost_dropped"] <= pro["exact_copies"]
+        assert pro["f1"] == 1.0 or pro["zero_cost_dropped"] > 0
+    assert metrics["datasets"]["wtag"]["dst"]["update_f1"] == 1.0
+    assert metrics["mean"]["speak"]["intent_recall"]["responsive"]["num_ref"] == pytest.approx(
+        sum(m["speak"]["intent_recall"]["responsive"]["num_ref"] for m in metrics["datasets"].values()) / 3)
+    # never-update on wtag: right on every frame of the dialogue without updates (40), wrong on every frame of the
+    # two whose first update is at frame 0 (4 + 0 frames under proassist, 40 + 30 under full-video)
+    wtag_frames = 40 + 4 + 0 if protocol == "proassist" else 40 + 40 + 30
+    assert metrics["datasets"]["wtag"]["dst_never"]["joint_accuracy"] == 40 / wtag_frames
     write_metrics(tmp_path / "m" / "metrics.json", metrics)
     assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
 
@@ -302,7 +372,7 @@ def test_mean_is_unweighted_over_datasets(meteor):
     embed = StubEmbed({"a": (1, 0), "b": (0, 1)})
     one = speech(20, {5: "a"}, {5: "a"}, dataset="holoassist")  # P = 1 from 1 prediction
     many = [speech(20, {1: "b", 9: "b", 15: "b"}, {5: "a"}, dataset="wtag")] * 3  # P = 0 from 9 predictions
-    metrics = score([one, *many], embed, "stub", meteor=meteor)
+    metrics = score([one, *many], embed, "stub", meteor=meteor, protocol="full-video")
     assert metrics["mean"]["speak"]["precision"] == 0.5  # pooled over everything it would be 1/10
     assert metrics["mean"]["speak"]["num_pred"] == 5.0
     per = metrics["datasets"]

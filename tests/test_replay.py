@@ -42,7 +42,7 @@ def replay(model, fmt, index, vid: str, conversation: int):
 
     def watched_refeed(chunks):
         contexts.append(list(session.ids))
-        return refeed(chunks)
+        return (yield from refeed(chunks))
 
     def watched_decisions(hidden):
         update, speak = model.decision_logits(hidden)

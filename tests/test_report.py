@@ -228,3 +228,56 @@ def test_threshold_lines_on_probability_strips(sample, thresholds, lines):
     dialogues, metrics, _, matches, _ = sample
     page = render_report(dialogues, metrics, {"thresholds": thresholds}, matches)
     assert page.count('class="theta"') == lines
+
+
+# ----------------------------------------------------------------------------------------------- round 2 additions
+
+
+def full_block(f1: float, pro_f1: float, never_joint: float, responsive=None) -> dict:
+    b = block(f1)
+    intents = {"instruction": {"recall": 0.75, "num_ref": 4, "num_matched": 3},
+               "feedback": {"recall": 0.5, "num_ref": 2, "num_matched": 1},
+               "responsive": {"recall": responsive, "num_ref": 0 if responsive is None else 3, "num_matched": 0},
+               "other": {"recall": 0.0, "num_ref": 1, "num_matched": 0}}
+    b["speak"]["intent_recall"] = intents
+    b["speak_proassist"] = {**b["speak"], "f1": pro_f1, "exact_copies": 7, "zero_cost_dropped": 5,
+                            "no_full_matching": 0, "intent_recall": {**intents, "instruction": {
+                                "recall": 0.25, "num_ref": 4, "num_matched": 1}}}
+    b["dst_never"] = {**{k: 0.0 for k in b["dst"]}, "joint_accuracy": never_joint, "validity": 1.0}
+    b["summary_similarity"], b["reseeds"] = 0.4321, 3
+    return b
+
+
+def test_round_two_metrics_protocol_variant_never_intents_and_reseeds(sample):
+    dialogues, _, run_info, matches, sweep = sample
+    metrics = {"protocol": "proassist", "variant": "summary", "dst_window_s": 2.0, "dialogues_without_reference": 1,
+               "reseeds": {"total": 3, "datasets": {"wtag": 3}}, "meteor_failures": ["wtag: no answer within 120 s"],
+               "sts_model": "m", "meteor": "pycocoevalcap METEOR 1.5",
+               "datasets": {"wtag": full_block(0.3642, 0.2913, 0.0417)},
+               "mean": full_block(0.3642, 0.2913, 0.0417, responsive=0.6667)}
+    dialogues[0]["reseeds"] = [{"frame": 14, "row": 4, "strategy": "summary", "summary": EVIL,
+                                "ref_progress": "The user opened the lid."},
+                               {"frame": 99, "row": 89, "strategy": "summary", "summary": "beyond the frames"}]
+    page = render_report(dialogues, metrics, run_info, matches, sweep)
+    check_well_formed(page)
+    header = page[:page.index('<section id="summary">')]
+    for text in ("protocol", "proassist", "variant", "summary", "DST window", "re-seeds", "METEOR failures",
+                 "wtag: no answer within 120 s"):
+        assert text in header, text
+    assert "0.364" in page and "0.291" in page  # speak and speak_proassist F1 side by side
+    assert "0.042" in page and "never" in page  # the never-update joint accuracy beside the model's
+    assert "exact copies 7" in page and "zero-cost pairs dropped 5" in page and "summary similarity 0.432" in page
+    intents = page[page.index('<section id="intents">'):]
+    intents = intents[:intents.index("</section>")]
+    assert intents.count("<tr>") == 1 + 4  # header + (mean, wtag) x (exact, ProAssist)
+    assert "0.750" in intents and "0.250" in intents and "of 4" in intents and "0.667" in intents
+    first = timelines(page)[0]
+    assert first.count('<g class="reseed">') == 1  # the re-seed at frame 99 lies outside the dialogue's frames
+    assert "re-seed before frame 14 (7.0 s): summary" in first
+    assert "&lt;script&gt;" in first and "<script>" not in first and "reference progress: The user opened" in first
+
+
+def test_old_metrics_without_round_two_keys_still_render(sample):
+    page = render_report(*sample)
+    assert 'id="intents"' not in page and '<g class="reseed">' not in page and "never" not in page
+    check_well_formed(page)

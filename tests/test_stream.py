@@ -66,10 +66,10 @@ def test_context_strategies(setup, strategy, monkeypatch):
 
     def watched_refeed(chunks):
         prefixes.append(chunks)
-        return refeed(chunks)
+        return (yield from refeed(chunks))
 
-    def watched_feed(ids, embeds=None):
-        hidden = feed(ids, embeds)
+    def watched_feed(ids, embeds=None, logits=False):
+        hidden = yield from feed(ids, embeds, logits)
         longest[0] = max(longest[0], session.length)
         return hidden
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from eval.session import StreamSession
+from eval.batched import StreamEngine
 from pipeline.smolvlm import build_tiny_random
 from train.checkpoint import load_dst_model
 from train.loader import collate
@@ -151,7 +151,11 @@ def test_streaming_replay_reproduces_training_sequence(parts, index):
     batch = collate(index, fmt, windows, epoch_seed=0)
     with torch.no_grad():
         out = model(batch)
-    session = StreamSession(model, fmt)
+    engine = StreamEngine(model, fmt)
+    session = engine.sessions[0]
+
+    def feed(ids, embeds=None):
+        return engine.drive(session.feed(ids, embeds))
     for row_in_batch, w in enumerate(windows):
         meta = index.meta(w.video_id)
         expected = build_window(fmt, meta, w.conversation, w.start, w.end)
@@ -159,24 +163,24 @@ def test_streaming_replay_reproduces_training_sequence(parts, index):
         session.reset()
         from train.sequence import system_for
 
-        session.feed(system_for(fmt, meta, w.conversation, w.start))
+        feed(system_for(fmt, meta, w.conversation, w.start))
         logits_a, logits_b = [], []
         for row in range(w.start, w.end):
             segments = frame_segments(fmt, meta, w.conversation, row)
             if segments["user"]:
-                session.feed(segments["user"])
+                feed(segments["user"])
             frame = torch.from_numpy(index.rows(w.video_id, row, row + 1)[0]).float()
-            hidden = session.feed(fmt.frame, frame)
+            hidden = feed(fmt.frame, frame)
             logits_a.append(model.decision_logits(hidden)[0])
             if labels["dst_update"][row]:
-                session.feed(fmt.dst_prefix)
+                feed(fmt.dst_prefix)
                 for token in segments["dst"]:  # as generation feeds them
-                    hidden = session.feed([token])
+                    hidden = feed([token])
             logits_b.append(model.decision_logits(hidden)[1])
             if conv["speak"][row]:
-                session.feed(fmt.response_prefix)
+                feed(fmt.response_prefix)
                 for token in segments["response"]:
-                    session.feed([token])
+                    feed([token])
         assert session.ids == expected.input_ids
         mine = batch.update_index[:, 0] == row_in_batch
         torch.testing.assert_close(torch.stack(logits_a), out["update"][mine], atol=1e-4, rtol=1e-4)

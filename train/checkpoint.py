@@ -86,13 +86,20 @@ def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer,
                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta}
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer))
     (tmp / DST_META).write_text(json.dumps(dst_meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
+    # The same step saved again (a resumed run): move the old folder aside first, so `last` never points at a
+    # half-deleted checkpoint; it is removed once the new one is in place.
+    replaced = folder.with_name(folder.name + ".old") if folder.exists() else None
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+        folder.rename(replaced)
     tmp.rename(folder)
     link = run / "checkpoints" / "last"
     tmp_link = link.with_name("last.tmp")
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(folder.name)
     os.replace(tmp_link, link)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     _prune(run / "checkpoints", keep, folder)
     return folder
 

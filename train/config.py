@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import number_problem
+from train.losses import DECISION_LOSSES
+from train.sequence import VARIANTS
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-DECISION_LOSSES = ("focal", "balanced_bce", "bce")
-VARIANTS = ("dst", "summary", "none")  # DESIGN 6c; train.sequence.VARIANTS is the same list
 
 
 class TrainConfigError(ValueError):
@@ -25,7 +27,8 @@ class TrainConfig:
     max_steps: int = 1000
     seed: int = 0
     variant: str = "dst"  # dst (DST memory) | summary (ProAssist's progress summary) | none
-    resume: bool = False
+    resume: bool = False  # continue from out/checkpoints/last; start from step 0 when there is none yet
+    allow_other_model: bool = False  # train with another --model than the shards were prepared with
     lora: bool = True
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -85,6 +88,9 @@ def resolve(options: dict[str, Any], config_path: Path | None = None) -> TrainCo
         unknown = set(table) - set(_KNOWN)
         if unknown:
             raise TrainConfigError(f"config file {config_path}: unknown [train] settings {sorted(unknown)}")
+        for key in _PATHS & set(table):
+            if not isinstance(table[key], str):
+                raise TrainConfigError(f"config file {config_path}: {key} must be a path string, got {table[key]!r}")
         values = {k: (config_path.parent / v if k in _PATHS else v) for k, v in table.items()}
     values.update({k: v for k, v in options.items() if v is not None})
     for key in ("shards", "model", "out"):
@@ -97,7 +103,55 @@ def resolve(options: dict[str, Any], config_path: Path | None = None) -> TrainCo
     return cfg
 
 
+# Numeric settings: (minimum, maximum, integer, minimum excluded). NaN, infinities and wrong types are refused too.
+_NUMBERS = {
+    "max_steps": (1, None, True, False), "seed": (0, 2**63 - 1, True, False), "lora_rank": (1, None, True, False),
+    "lora_alpha": (0, None, False, True), "memory_fraction": (0, 1, False, True), "max_seq_len": (1, None, True, False),
+    "lr": (0, None, False, True), "weight_decay": (0, None, False, False), "warmup_steps": (0, None, True, False),
+    "grad_clip": (0, None, False, True), "accumulation": (1, None, True, False), "focal_alpha": (0, 1, False, False),
+    "focal_gamma": (0, None, False, False), "rho": (0, 1, False, True), "w_upd": (0, None, False, False),
+    "w_dst": (0, None, False, False), "w_spk": (0, None, False, False), "w_rsp": (0, None, False, False),
+    "w_sum": (0, None, False, False),
+    "positive_strength": (0, None, False, False), "num_workers": (0, None, True, False),
+    "log_every": (1, None, True, False), "eval_every": (1, None, True, False), "save_every": (1, None, True, False),
+    "keep_checkpoints": (0, None, True, False),
+}
+_BOOLS = ("resume", "allow_other_model", "lora", "load_in_4bit", "frame_adapter", "gradient_checkpointing",
+          "tensorboard", "wandb")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Types and ranges of every setting (a config file can hold anything): the first problem, as one line."""
+    for name, (lo, hi, integer, above) in _NUMBERS.items():
+        problem = number_problem(name, getattr(cfg, name), lo, hi, integer=integer, above_minimum=above)
+        if problem:
+            raise TrainConfigError(problem)
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise TrainConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.conversations_per_video is not None:
+        problem = number_problem("conversations_per_video", cfg.conversations_per_video, 1, integer=True)
+        if problem:
+            raise TrainConfigError(problem)
+    if not isinstance(cfg.dataset_weights, dict):
+        raise TrainConfigError(f"dataset_weights must be a table of dataset = weight, got {cfg.dataset_weights!r}")
+    for name, weight in cfg.dataset_weights.items():
+        problem = number_problem(f"dataset_weights.{name}", weight, 0)
+        if problem:
+            raise TrainConfigError(problem)
+    # only the terms the variant has: w_sum > 0 trains nothing in a dst model
+    used = {"dst": ("w_upd", "w_dst", "w_spk", "w_rsp"), "summary": ("w_spk", "w_rsp", "w_sum"),
+            "none": ("w_spk", "w_rsp")}.get(cfg.variant, ("w_upd", "w_dst", "w_spk", "w_rsp", "w_sum"))
+    if all(getattr(cfg, name) == 0 for name in used):
+        raise TrainConfigError(f"the loss weights {', '.join(used)} are all 0: nothing to train "
+                               f"(variant {cfg.variant})")
+    for name in ("model", "device", "variant"):
+        if not isinstance(getattr(cfg, name), str):
+            raise TrainConfigError(f"{name} must be a string, got {getattr(cfg, name)!r}")
+
+
 def _check(cfg: TrainConfig) -> None:
+    _check_values(cfg)
     if cfg.precision not in PRECISIONS:
         raise TrainConfigError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.variant not in VARIANTS:
@@ -106,9 +160,3 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"decision_loss must be one of {DECISION_LOSSES}, got {cfg.decision_loss!r}")
     if cfg.batch_size != "auto" and not (str(cfg.batch_size).isdigit() and int(cfg.batch_size) > 0):
         raise TrainConfigError(f"--batch-size must be 'auto' or a positive token budget, got {cfg.batch_size!r}")
-    if not 0 < cfg.rho <= 1:
-        raise TrainConfigError(f"rho must be in (0, 1], got {cfg.rho}")
-    if not 0 < cfg.memory_fraction <= 1:
-        raise TrainConfigError(f"--memory-fraction must be in (0, 1], got {cfg.memory_fraction}")
-    if cfg.accumulation < 1 or cfg.max_steps < 1:
-        raise TrainConfigError("accumulation and max_steps must be >= 1")

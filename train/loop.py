@@ -4,65 +4,63 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
+import math
 import time
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from train.checkpoint import save_checkpoint
+from train.fp16_monitor import TrainingMonitor
+from train.guards import NonFiniteGuard, check_weights
 from train.losses import LOSS_WEIGHT_NAMES, TERMS
+from train.preemption import Preemption, ignore_sigterm_in_worker, sigterm_blocked, write_marker
 from train.step import global_counts, loss_terms, loss_weights, scaled_loss, validate
 
 
 def micro_batches(data, epoch: int, start: int, workers: int):
-    """(epoch, index in epoch, Batch) forever, from a data position; each epoch is a fresh deterministic draw."""
+    """(epoch, index in epoch, Batch) forever, from a data position; each epoch is a fresh deterministic draw.
+    Workers ignore SIGTERM (see train/preemption.py)."""
     while True:
         batches = data.batches_for_epoch(epoch, start=start)
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers)
-        for i, batch in enumerate(loader, start):
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+                                             worker_init_fn=ignore_sigterm_in_worker if workers else None)
+        with sigterm_blocked():
+            iterator = iter(loader)  # starts the workers
+        for i, batch in enumerate(iterator, start):
             yield epoch, i, batch
         epoch, start = epoch + 1, 0
 
 
-class Preemption:
-    """SIGTERM (a cluster preempting the job) sets a flag; the loop saves a checkpoint and stops."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def requested_anywhere(self, runtime) -> bool:
-        """Under DDP every rank must stop at the same step, even if only one got the signal."""
-        if runtime.world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=runtime.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log, console,
-               dst_meta) -> int:
+               dst_meta, preemption: Preemption | None = None) -> int:
     """Run from `state` ({"step", "position": {"epoch", "batch"}}) to cfg.max_steps; return the last step."""
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
                                                      else None) if runtime.world > 1 else model)
     params = [p for p in model.parameters() if p.requires_grad]
     step, position = state["step"], state["position"]
     stream = micro_batches(data, position["epoch"], position["batch"], cfg.num_workers)
-    preemption = Preemption()
+    own_preemption = preemption is None
+    preemption = preemption or Preemption()
+    guard = NonFiniteGuard(data.index)  # non-finite inputs, losses, gradients, weights: stop naming the sample
+    monitor = TrainingMonitor(model, scaler, runtime)  # skipped steps, non-finite forwards, overflow stop
+    saved = [None]  # the newest checkpoint folder written by this process
 
     def checkpoint():
+        # Every rank checks (the weights are the same on all): all raise together, none waits in the barrier.
+        check_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad), step,
+                      str(cfg.out / "checkpoints" / "last"))
         if runtime.is_main:
-            save_checkpoint(cfg.out, step, model, tokenizer, optimizer, scheduler, scaler, position, dst_meta,
-                            keep=cfg.keep_checkpoints)
+            saved[0] = save_checkpoint(cfg.out, step, model, tokenizer, optimizer, scheduler, scaler, position,
+                                       dst_meta, keep=cfg.keep_checkpoints)
         if runtime.world > 1:
             torch.distributed.barrier()
+
+    def stop_for_signal(reason: str) -> int:
+        console.print(f"SIGTERM: {reason}; --resume continues", highlight=False)
+        if runtime.is_main:
+            write_marker(cfg.out, step, saved[0])
+        return step
 
     progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
@@ -70,6 +68,8 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
     task = progress.add_task("train", total=cfg.max_steps, completed=step, loss=float("nan"), tps=0.0)
     try:
         with progress:
+            if step < cfg.max_steps and preemption.requested_anywhere(runtime):  # signalled during set-up
+                return stop_for_signal(f"stopped before step {step + 1}, nothing new to save")
             while step < cfg.max_steps:
                 started = time.perf_counter()
                 window = [next(stream) for _ in range(cfg.accumulation)]
@@ -78,6 +78,8 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                 total = global_counts(batches, runtime.device, runtime.world)
                 sums = torch.zeros(len(TERMS), dtype=torch.float64)
                 for i, batch in enumerate(batches):
+                    windows = (lambda e=window[i][0], j=window[i][1]: data.rank_batches(e)[j])
+                    guard.inputs(batch, windows, f"step {step + 1}")
                     last = i == len(batches) - 1
                     sync = contextlib.nullcontext() if last or runtime.world == 1 else ddp.no_sync()
                     with sync:
@@ -85,16 +87,25 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                             out = ddp(batch)
                         terms, here = loss_terms(out, batch, cfg)
                         loss = scaled_loss(terms, here, total, cfg, runtime.world)
+                        if guard.problem is None:  # non-finite inputs are the guard's to report, not an overflow
+                            monitor.check_forward(loss, batch, step, i)
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                    sums += torch.tensor([float(terms[t].detach()) * here[t] for t in TERMS], dtype=torch.float64)
+                    values = {t: float(terms[t].detach()) for t in TERMS}
+                    guard.loss(values, windows, step + 1)
+                    sums += torch.tensor([values[t] * here[t] for t in TERMS], dtype=torch.float64)
+                monitor.stop_if_overflowed()  # names the layer whose activations overflowed
+                guard.stop_if_any(runtime)  # names the shard and sample
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                guard.gradients(norm, scaler, lambda: [w for e, j, _ in window for w in data.rank_batches(e)[j]],
+                                step + 1)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
+                monitor.after_optimizer_step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
@@ -112,20 +123,29 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                     weights = loss_weights(cfg)
                     loss_value = sum(getattr(weights, w) * values[t] for t, w in zip(TERMS, LOSS_WEIGHT_NAMES))
                     log({"step": step, "loss": loss_value, **values, "lr": lr, "tokens_per_s": tokens / step_s,
-                         "epoch": epoch, "data_s": data_s, "step_s": step_s})
+                         "epoch": epoch, "data_s": data_s, "step_s": step_s, **monitor.metrics()})
                     progress.update(task, loss=loss_value, tps=tokens / step_s)
                 progress.update(task, completed=step)
                 if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    log({"step": step, **validate(model, val_data, cfg, runtime)})
-                if preemption.requested_anywhere(runtime):
-                    console.print(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                    metrics = validate(model, guard.checked(val_data, f"validation at step {step}"), cfg, runtime)
+                    guard.stop_if_any(runtime)
+                    log({"step": step, **metrics})
+                if step < cfg.max_steps and preemption.requested_anywhere(runtime):  # at the end: just finish
+                    console.print(f"SIGTERM: saving a checkpoint at step {step} and stopping", highlight=False)
                     checkpoint()
-                    return step
+                    return stop_for_signal(f"saved {saved[0] or 'a checkpoint'} at step {step}")
                 if step % cfg.save_every == 0 or step == cfg.max_steps:
                     checkpoint()
     finally:
-        preemption.restore()
+        stream.close()  # shuts the DataLoader workers down now, not whenever the generator is collected
+        if own_preemption:
+            preemption.restore()
     return step
+
+
+def _json_value(value):
+    """NaN and infinities are not JSON: written as null (strict JSON readers would reject the whole file)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def jsonl_logger(path, enabled: bool, extra_sinks=()):
@@ -134,7 +154,7 @@ def jsonl_logger(path, enabled: bool, extra_sinks=()):
         if not enabled:
             return
         with open(path, "a") as f:
-            f.write(json.dumps(values) + "\n")
+            f.write(json.dumps({k: _json_value(v) for k, v in values.items()}, allow_nan=False) + "\n")
         for sink in extra_sinks:
             sink(values)
     return log

@@ -19,6 +19,8 @@ from train.checkpoint import load_training_state, load_weights
 from train.config import TrainConfig, TrainConfigError
 from train.loader import TrainData
 from train.loop import jsonl_logger, train_loop
+from train.preemption import PREEMPTED, Preemption
+from train.resume import set_aside, start_point
 from train.sequence import SequenceFormat
 from train.setup import build_model, build_optimizer, build_scaler, init_runtime
 from train.shard_index import ShardIndex
@@ -31,6 +33,12 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None  # not a git checkout (e.g. an installed copy): recorded as null
     return out.stdout.strip()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _sinks(cfg: TrainConfig, run: Path) -> list:
@@ -61,21 +69,48 @@ def check_shards_fit_variant(index: ShardIndex, where: Path, variant: str) -> No
                                "the summary variant, or train --variant dst / none on these shards")
 
 
+def check_shards(cfg: TrainConfig, index: ShardIndex, model, what: str) -> None:
+    """The shards must come from the model being trained: same hidden size, and (unless allowed) the same --model
+    name; `dst prepare`'s manifest and every sample record the model."""
+    hidden = model.text_model.config.hidden_size
+    if index.hidden_size != hidden:
+        raise TrainConfigError(f"{what} {index.shards[0].parent} hold embeddings of hidden size {index.hidden_size} "
+                               f"(prepared with {index.model}), the model {cfg.model} has text hidden size {hidden}; "
+                               "prepare the shards with the same --model")
+    if index.model is not None and not cfg.allow_other_model and _model_name(index.model) != _model_name(cfg.model):
+        raise TrainConfigError(f"{what} {index.shards[0].parent} were prepared with --model {index.model}, this run "
+                               f"trains {cfg.model}; use the same model (or allow_other_model = true if it is the "
+                               "same one under another name)")
+
+
+def _model_name(model: str) -> str:
+    """A hub id and a local copy of it compare equal: `HuggingFaceTB/SmolVLM2-256M-Video-Instruct` and
+    `/models/SmolVLM2-256M-Video-Instruct/`."""
+    return Path(model.rstrip("/")).name.lower()
+
+
 def run(cfg: TrainConfig, console: Console | None = None) -> Path:
-    console = console or Console()
+    preemption = Preemption()  # first: a SIGTERM during set-up also ends the run cleanly
+    try:
+        return _run(cfg, console or Console(), preemption)
+    finally:
+        preemption.restore()
+
+
+def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
     runtime = init_runtime(cfg)
     if not runtime.is_main:
         console = Console(quiet=True)
+    if runtime.is_main:  # first: a run that fails from here on must not be requeued by the job script
+        (cfg.out / PREEMPTED).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
-    last = cfg.out / "checkpoints" / "last"
-    if cfg.resume and not last.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-    if not cfg.resume and (cfg.out / "metrics.jsonl").exists():
-        raise FileExistsError(f"{cfg.out} already holds a run; pass --resume to continue it or pick another --out")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    start = start_point(cfg.out, cfg.resume)
 
-    model, tokenizer = build_model(cfg, runtime)
     index = ShardIndex.build(cfg.shards)
+    for warning in index.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    model, tokenizer = build_model(cfg, runtime)
+    check_shards(cfg, index, model, "the shards")
     check_shards_fit_variant(index, cfg.shards, cfg.variant)
     fmt = SequenceFormat(tokenizer, index.tokens_per_frame, cfg.variant)
     budget = resolve_token_budget(cfg, runtime, model, fmt, index.hidden_size)
@@ -83,38 +118,52 @@ def run(cfg: TrainConfig, console: Console | None = None) -> Path:
         shared = torch.tensor([budget], device=runtime.device)
         torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MIN)
         budget = int(shared.item())
-    data = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world)
+    try:  # windows that cannot fit max_seq_len, too few batches for the ranks: a setting to change
+        data = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world)
+    except ValueError as exc:
+        raise TrainConfigError(f"{cfg.shards}: {exc}") from None
     val_data = None
     if cfg.val_shards is not None:
         val_index = ShardIndex.build(cfg.val_shards)
+        check_shards(cfg, val_index, model, "the validation shards")
         check_shards_fit_variant(val_index, cfg.val_shards, cfg.variant)
-        val_data = TrainData.from_config(val_index, fmt, cfg, budget, runtime.rank, runtime.world,
-                                         validation=True).batches_for_epoch(0)
+        if val_index.tokens_per_frame != index.tokens_per_frame:
+            raise TrainConfigError(f"the validation shards hold {val_index.tokens_per_frame} tokens per frame, the "
+                                   f"training shards {index.tokens_per_frame}")
+        try:
+            val_data = TrainData.from_config(val_index, fmt, cfg, budget, runtime.rank, runtime.world,
+                                             validation=True).batches_for_epoch(0)
+        except ValueError as exc:
+            raise TrainConfigError(f"{cfg.val_shards}: {exc}") from None
     optimizer, scheduler = build_optimizer(cfg, model)
     scaler = build_scaler(runtime)
     state = {"step": 0, "position": {"epoch": 0, "batch": 0}}
-    if cfg.resume:
-        folder = last.resolve()
-        load_weights(model, folder)
-        state = load_training_state(folder, optimizer, scheduler, scaler)
-        console.print(f"resumed from {folder} at step {state['step']}")
+    if start.checkpoint is not None:
+        load_weights(model, start.checkpoint)
+        state = load_training_state(start.checkpoint, optimizer, scheduler, scaler)
+        console.print(f"resumed from {start.checkpoint} at step {state['step']}")
 
     dst_meta = {"base_model": cfg.model, "variant": cfg.variant, "lora": cfg.lora, "frame_adapter": cfg.frame_adapter,
                 "tokens_per_frame": index.tokens_per_frame, "hidden_size": index.hidden_size,
                 "max_seq_len": cfg.max_seq_len}
-    if runtime.is_main:
-        (cfg.out / "config.json").write_text(json.dumps({
+    if runtime.is_main:  # the inputs were accepted: only now is anything written
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        for line in set_aside(cfg.out, start, state["step"]):
+            console.print(line, highlight=False)
+        _atomic_write_text(cfg.out / "config.json", json.dumps({
             "config": cfg.to_json(), "git_commit": git_commit(), "precision": runtime.precision,
             "world_size": runtime.world, "device": str(runtime.device), "token_budget": budget,
             "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in dst_meta.items()},
         }, indent=1))
+    if runtime.world > 1:  # the run folder exists before any rank writes to it
+        torch.distributed.barrier()
     log = jsonl_logger(cfg.out / "metrics.jsonl", runtime.is_main, _sinks(cfg, cfg.out) if runtime.is_main else ())
     console.print(f"training {cfg.model}, variant {cfg.variant} ({'LoRA' if cfg.lora else 'full'}, "
                   f"{runtime.precision}) on "
                   f"{runtime.device} x{runtime.world}: {data.steps_per_epoch} micro-batches per epoch per rank, "
                   f"{budget} tokens each", highlight=False, soft_wrap=True)
     step = train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log,
-                      console, dst_meta)
+                      console, dst_meta, preemption)
     if runtime.world > 1:
         torch.distributed.destroy_process_group()
     console.print(f"done at step {step}: {cfg.out}", highlight=False)

@@ -11,7 +11,7 @@ thousands of long videos and is cheap to send to workers.
 
 from __future__ import annotations
 
-import json
+import math
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from pipeline.shards import EMB, META
+from pipeline.shard_meta import ShardFormatError, validate_meta
+from pipeline.shards import EMB, META, expected_samples, parse_meta
+
+__all__ = ["ShardIndex", "ShardFormatError"]
 
 META_CACHE = 64  # parsed metas kept per process; a batch touches at most a few videos
 OPEN_SHARDS = 64  # memory maps kept open per process (each holds a file descriptor)
-
-
-class ShardFormatError(ValueError):
-    """A shard that does not hold what `dst prepare` writes; the message names the shard and the sample key."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,10 @@ def _npy_header(f, offset: int, where: str) -> tuple[int, tuple, np.dtype]:
         if read is None:
             raise ValueError(f".npy format version {version} (np.save writes 1.0 or 2.0)")
         shape, fortran, dtype = read(f)
-    except ValueError as exc:
-        raise ShardFormatError(f"{where}: unreadable {EMB} header: {exc}") from None
+    except (ValueError, TypeError, SyntaxError, EOFError, OSError, MemoryError, RecursionError) as exc:
+        # numpy parses the header with ast.literal_eval: random bytes there can raise any of these
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ShardFormatError(f"{where}: unreadable {EMB} header: {first}") from None
     if fortran:
         raise ShardFormatError(f"{where}: {EMB} is Fortran-ordered; expected C order")
     return f.tell(), shape, dtype
@@ -59,11 +60,14 @@ def _npy_header(f, offset: int, where: str) -> tuple[int, tuple, np.dtype]:
 class ShardIndex:
     """Where every video's embeddings and metadata sit in the shards; `build` it, then `meta` and `rows`."""
 
-    def __init__(self, shards: list[Path], samples: dict[str, _Sample], tokens_per_frame: int, hidden_size: int):
+    def __init__(self, shards: list[Path], samples: dict[str, _Sample], tokens_per_frame: int, hidden_size: int,
+                 model: str | None = None, warnings: tuple[str, ...] = ()):
         self.shards = shards
         self._samples = samples
         self.tokens_per_frame = tokens_per_frame
         self.hidden_size = hidden_size
+        self.model = model  # the --model the shards were prepared with (None if the samples do not say)
+        self.warnings = warnings  # for the caller to show: e.g. no per-shard sample counts to check against
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._metas: OrderedDict[str, dict] = OrderedDict()
 
@@ -71,35 +75,62 @@ class ShardIndex:
 
     @classmethod
     def build(cls, shard_dir: str | Path) -> "ShardIndex":
-        shards = sorted(Path(shard_dir).glob("shard-*.tar"))
+        """Index every `shard-*.tar` of `shard_dir`, checking each sample; any problem raises `ShardFormatError`
+        naming the shard file. With the folder's manifest.json the sample count of every shard is checked too
+        (a shard cut at a sample boundary is otherwise a valid, shorter tar)."""
+        shard_dir = Path(shard_dir)
+        if not shard_dir.is_dir():
+            raise FileNotFoundError(f"shard folder {shard_dir} does not exist")
+        shards = sorted(shard_dir.glob("shard-*.tar"))
         if not shards:
             raise FileNotFoundError(f"no shard-*.tar in {shard_dir}")
+        expected, warning = expected_samples(shard_dir)
+        warnings = [warning] if warning else []
+        if expected is not None:
+            missing = sorted(set(expected) - {p.name for p in shards})
+            if missing:
+                raise ShardFormatError(f"{shard_dir / missing[0]} is listed in manifest.json but missing "
+                                       f"({len(missing)} missing shard(s))")
+            extra = [p.name for p in shards if p.name not in expected]
+            if extra:
+                warnings.append(f"{shard_dir / extra[0]} is not in manifest.json ({len(extra)} such shard(s)): "
+                                "its samples are used but cannot be checked")
         samples: dict[str, _Sample] = {}
         shapes: dict[tuple[int, int], str] = {}
+        models: dict[str, str] = {}
         for i, path in enumerate(shards):
+            found = 0
             for key, sample, meta in _scan(path, i):
-                where = f"{path.name}: sample {key}"
+                where = f"{path}: sample {key}"
                 if key in samples:
-                    raise ShardFormatError(f"{where}: key also in {shards[samples[key].shard].name}")
-                try:
-                    n_points = len(meta["labels"]["frame"])
-                except (KeyError, TypeError):
-                    raise ShardFormatError(f"{where}: {META} has no labels.frame list") from None
+                    raise ShardFormatError(f"{where}: key also in {shards[samples[key].shard]}")
+                n_points = len(meta["labels"]["frame"])
                 if sample.shape[0] != n_points:
                     raise ShardFormatError(f"{where}: {sample.shape[0]} embedding rows for {n_points} label points")
                 shapes.setdefault(sample.shape[1:], where)
+                if isinstance(meta.get("model"), str):
+                    models.setdefault(meta["model"], where)
                 samples[key] = sample
+                found += 1
+            if expected is not None and expected.get(path.name, found) != found:
+                raise ShardFormatError(f"{path}: holds {found} samples, manifest.json says {expected[path.name]} "
+                                       "(truncated or replaced shard: prepare it again)")
+        if not samples:
+            raise ShardFormatError(f"{shard_dir}: the shards hold no samples")
         if len(shapes) > 1:
             raise ShardFormatError("samples disagree on [tokens_per_frame, hidden]: "
                                    + "; ".join(f"{list(s)} in {w}" for s, w in shapes.items()))
+        if len(models) > 1:
+            raise ShardFormatError("samples were prepared with different models: "
+                                   + "; ".join(f"{m} in {w}" for m, w in models.items()))
         (tokens, hidden), = shapes
-        return cls(shards, samples, tokens, hidden)
+        return cls(shards, samples, tokens, hidden, next(iter(models), None), tuple(warnings))
 
     # ------------------------------------------------------------------------------------------------ access
 
     @property
     def video_ids(self) -> list[str]:
-        """Sample keys (`{dataset}__{video_uid}`, unique across datasets) in shard order."""
+        """Sample keys (opaque strings, unique across datasets) in shard order."""
         return list(self._samples)
 
     def __len__(self) -> int:
@@ -111,13 +142,23 @@ class ShardIndex:
     def dataset(self, video_id: str) -> str:
         return self._sample(video_id).dataset
 
+    def shard_path(self, video_id: str) -> Path:
+        return self.shards[self._sample(video_id).shard]
+
+    def describe(self, video_id: str) -> str:
+        """`shard file: sample key` for messages."""
+        return f"{self.shard_path(video_id)}: sample {video_id}"
+
     def meta(self, video_id: str) -> dict:
         """The sample's parsed `json` (shared and cached: do not modify it)."""
         if video_id in self._metas:
             self._metas.move_to_end(video_id)
             return self._metas[video_id]
         s = self._sample(video_id)
-        meta = json.loads(self._map(s.shard)[s.meta_offset:s.meta_offset + s.meta_size].tobytes())
+        data = self._map(s.shard)[s.meta_offset:s.meta_offset + s.meta_size].tobytes()
+        if len(data) != s.meta_size:
+            raise ShardFormatError(f"{self.describe(video_id)}: {META} cut short (the file shrank after indexing)")
+        meta = parse_meta(data, self.describe(video_id))
         self._metas[video_id] = meta
         if len(self._metas) > META_CACHE:
             self._metas.popitem(last=False)
@@ -131,6 +172,8 @@ class ShardIndex:
         row_bytes = s.shape[1] * s.shape[2] * 2
         lo = s.emb_offset + start * row_bytes
         data = self._map(s.shard)[lo:lo + (end - start) * row_bytes]
+        if data.size != (end - start) * row_bytes:
+            raise ShardFormatError(f"{self.describe(video_id)}: {EMB} cut short (the file shrank after indexing)")
         return np.array(data.view("<f2").reshape(end - start, *s.shape[1:]), dtype=np.float16)  # plain ndarray
 
     def _sample(self, video_id: str) -> _Sample:
@@ -154,38 +197,49 @@ class ShardIndex:
 
 
 def _scan(path: Path, shard: int):
-    """(key, _Sample, meta) per sample of one tar, in order, checking its members."""
+    """(key, _Sample, meta) per sample of one tar, in order, checking its members; `ShardFormatError` naming the
+    file for anything that is not what `dst prepare` writes (empty, truncated, corrupt headers or members)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ShardFormatError(f"{path}: empty file (0 bytes)")
+    try:
+        pending, order = _members(path, size)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardFormatError(f"{path}: not a readable tar ({exc})") from None
+    for key in order:
+        parts = pending[key]
+        if EMB not in parts or META not in parts:
+            raise ShardFormatError(f"{path}: sample {key} has members {sorted(set(parts) - {'meta'})}, "
+                                   f"expected {[EMB, META]}")
+        meta = validate_meta(parts["meta"], f"{path}: sample {key}")
+        yield key, _Sample(shard, meta["dataset"], parts[EMB][0], parts[EMB][1], *parts[META]), meta
+
+
+def _members(path: Path, size: int) -> tuple[dict[str, dict], list[str]]:
     pending: dict[str, dict] = {}
     order: list[str] = []
     with open(path, "rb") as raw, tarfile.open(path, mode="r:") as tar:
         for member in tar:
             key, _, suffix = member.name.partition(".")
-            where = f"{path.name}: sample {key}"
+            where = f"{path}: sample {key}"
             if not member.isfile() or suffix not in (EMB, META):
                 raise ShardFormatError(f"{where}: unexpected member {member.name!r}")
+            if member.offset_data + member.size > size:
+                raise ShardFormatError(f"{where}: {suffix} runs past the end of the file (truncated shard)")
             parts = pending.setdefault(key, {})
             if not parts:
                 order.append(key)
             if suffix in parts:
                 raise ShardFormatError(f"{where}: member {suffix} twice")
             if suffix == META:
-                try:
-                    parts["meta"] = json.loads(tar.extractfile(member).read())
-                except ValueError as exc:
-                    raise ShardFormatError(f"{where}: unreadable {META}: {exc}") from None
+                parts["meta"] = parse_meta(tar.extractfile(member).read(), where)
                 parts[META] = (member.offset_data, member.size)
             else:
                 data, shape, dtype = _npy_header(raw, member.offset_data, where)
-                if dtype != np.dtype("<f2") or len(shape) != 3:
+                if dtype != np.dtype("<f2") or len(shape) != 3 or min(shape) < 0:
                     raise ShardFormatError(f"{where}: {EMB} must be float16 [frames, tokens, hidden], "
                                            f"got {dtype} {list(shape)}")
-                if data - member.offset_data + int(np.prod(shape)) * 2 != member.size:
+                if data - member.offset_data + math.prod(shape) * 2 != member.size:
                     raise ShardFormatError(f"{where}: {EMB} size does not match its header")
                 parts[EMB] = (data, tuple(int(x) for x in shape))
-    for key in order:
-        parts = pending[key]
-        if EMB not in parts or META not in parts:
-            raise ShardFormatError(f"{path.name}: sample {key} has members {sorted(set(parts) - {'meta'})}, "
-                                   f"expected {[EMB, META]}")
-        meta = parts["meta"]
-        yield key, _Sample(shard, meta.get("dataset", ""), parts[EMB][0], parts[EMB][1], *parts[META]), meta
+    return pending, order
