@@ -238,13 +238,16 @@ def experiment(
     fast: bool = typer.Option(False, help="The config's [fast] sizes: a smoke test in minutes."),
     threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice). On a CPU shared with "
                                            "other jobs, 1 avoids thread oversubscription."),
+    rescore: bool = typer.Option(False, help="Score every finished cell again from its saved predictions with "
+                                             "this version's metrics (nothing is trained or streamed)."),
 ) -> None:
     """Prepare once, train and evaluate every cell of a grid over seeds; results.jsonl, summary.md, report.html."""
     from eval import experiment as experiment_cmd
     from eval.experiment_config import ExperimentConfigError
 
     try:
-        experiment_cmd.run(experiment_cmd.ExperimentRunConfig(config=config, out=out, fast=fast, threads=threads),
+        experiment_cmd.run(experiment_cmd.ExperimentRunConfig(config=config, out=out, fast=fast, threads=threads,
+                                                                  rescore=rescore),
                            console)
     except (ExperimentConfigError, experiment_cmd.ExperimentError) as exc:
         _fail(str(exc))

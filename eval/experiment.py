@@ -9,6 +9,12 @@
     OUT/baselines/<mode>/                    test-only baselines ([experiment] baselines)
     OUT/results.jsonl, OUT/summary.md, OUT/report.html   rewritten (atomically) after every finished cell
 
+Re-scoring (`--rescore`): every finished cell and baseline is scored again from its saved predictions with this
+code's metrics (what `dst score` does), its metrics.json and results line replaced, and the reports rewritten;
+nothing is trained or streamed, so predictions and the thresholds picked on val stay as they were. For results
+streamed by an earlier commit whose metric definitions have changed since (the line keeps the `git_commit` that
+streamed it and gains `rescored`: the commit that scored it).
+
 Resuming: a killed grid is rerun with the same command. Finished cells are skipped; a training run with a
 checkpoint resumes from it (`dst train --resume`, exact), one without is started over; an eval split without its
 done marker is run again (eval writes its outputs atomically, so nothing half-written is ever read).
@@ -52,6 +58,7 @@ class ExperimentRunConfig:
     out: Path
     fast: bool = False
     threads: int | None = None  # torch CPU threads; None: torch's default
+    rescore: bool = False  # score the finished cells again from their predictions; nothing else runs
 
 
 def _read(path: Path) -> dict | None:
@@ -256,9 +263,44 @@ def run(rc: ExperimentRunConfig, console: Console | None = None) -> list[dict]:
     if rc.threads is not None:
         torch.set_num_threads(rc.threads)
     try:
-        return _run_grid(cfg, rc.out, console)
+        return _rescore(cfg, rc.out, console) if rc.rescore else _run_grid(cfg, rc.out, console)
     finally:
         torch.set_num_threads(threads)
+
+
+def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
+    from eval.scoring import check_scorable, load_embedder, read_predictions, score, write_metrics
+
+    if not (out / "experiment.json").is_file():
+        raise ExperimentError(f"{out}: no experiment has run here; nothing to re-score")
+    folders = [out / "cells" / c.slug / f"seed-{s}" for c in cfg.cells for s in cfg.seeds]
+    folders += [out / "baselines" / mode for mode in cfg.baselines]
+    finished = [f for f in folders if (f / "result.json").is_file()]
+    embedders: dict[str, object] = {}
+    commit = train_run.git_commit()
+    for n, folder in enumerate(finished, 1):
+        result = json.loads((folder / "result.json").read_text())
+        e = result["config"]["eval"]
+        sts = e["sts_model"] or _offline_sts()
+        if sts not in embedders:
+            embedders[sts] = load_embedder(sts)
+        splits = {"test": folder} if result["seed"] is None else {s: folder / s for s in ("val", "test")}
+        metrics = {}
+        for split, where in splits.items():
+            dialogues = read_predictions(where / "predictions.jsonl")
+            check_scorable(dialogues, e["protocol"])
+            metrics[split] = score(dialogues, embedders[sts], sts, protocol=e["protocol"],
+                                   dst_window_s=e["dst_window"])
+            write_metrics(where / "metrics.json", metrics[split])
+        result["metrics"] = flatten(metrics)
+        result["rescored"] = {"git_commit": commit}
+        atomic_write(folder / "result.json", json.dumps(result))
+        console.print(f"[{n}/{len(finished)}] re-scored {folder.relative_to(out)}", highlight=False)
+    lines = collect(cfg, out)
+    write_reports(cfg, out, lines)
+    console.print(f"re-scored {len(finished)} results of {len(folders)} cell runs and baselines: "
+                  f"{out / 'results.jsonl'}, {out / 'summary.md'}", highlight=False)
+    return lines
 
 
 def _run_grid(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:

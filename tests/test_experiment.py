@@ -44,7 +44,7 @@ def write(tmp_path: Path, text: str) -> Path:
     (("[train]", "[train]\nseed = 3"), "train.seed: is set by the runner"),
     (("max_steps = 5", "max_steps = \"many\""), "train.max_steps: expected int, got 'many'"),
     (("[train]", "[train]\ndecision_loss = \"hinge\""), "decision_loss must be one of"),
-    (("[train]", "[train]\nrho = 0.0"), "rho must be in (0, 1]"),
+    (("[train]", "[train]\nrho = 0.0"), "rho must be > 0, got 0.0"),
     (("variant = [\"dst\", \"none\"]", "variant = [\"dst\", \"ips\"]"), "--variant must be one of"),
     (("variant = [\"dst\", \"none\"]", "variant = \"dst\""), "grid[0].variant: must be a non-empty list"),
     (("variant = [\"dst\", \"none\"]", "temperature = [1]"), "grid[0].temperature: unknown setting"),
@@ -281,3 +281,17 @@ max_new_tokens = 3
     assert lines[0]["config"]["train"]["seed"] == 0 and lines[1]["config"]["train"]["seed"] == 1
     assert "| context_strategy=reseed | 2 |" in (out / "summary.md").read_text()
     assert "<svg" in (out / "report.html").read_text()
+    # --rescore: metrics come back from the predictions alone (a tampered line is restored), nothing else runs
+    cell = out / "cells" / "context_strategy-reseed" / "seed-0"
+    before = json.loads((cell / "result.json").read_text())
+    (cell / "result.json").write_text(json.dumps({**before, "metrics": {"test.mean.speak.f1": -1.0}}))
+    (cell / "test" / "metrics.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("predictions.jsonl")}
+    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out), "--fast",
+                                      "--rescore"])
+    assert result.exit_code == 0, result.output
+    after = json.loads((cell / "result.json").read_text())
+    assert after["metrics"] == before["metrics"] and after["rescored"]["git_commit"] == before["git_commit"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("predictions.jsonl")} == stamps
+    assert [json.loads(x)["metrics"] for x in (out / "results.jsonl").read_text().splitlines()] == \
+        [x["metrics"] for x in lines]
