@@ -92,13 +92,32 @@ def nodes_and_state(n: int, seed: int) -> dict[str, str]:
     return {f"S{i}": rng.choice(STATES) for i in range(1, n + 1)}
 
 
+class ScriptedEngine:
+    """Serves a StreamSession's feed requests with ScriptedModel, one at a time, as StreamEngine.drive does."""
+
+    def __init__(self, model: ScriptedModel, fmt):
+        self.model, self.fmt, self.dtype = model, fmt, torch.float32
+
+    def drive(self, steps):
+        try:
+            request = next(steps)
+            while True:
+                ids = torch.tensor([request.ids])
+                hidden, _ = self.model.hidden_states(ids, ids == self.fmt.image_id, request.embeds)
+                if request.logits:
+                    request.session.next_logits = self.model.lm_head(hidden[0, -1])
+                request = steps.send(hidden[0, -1])
+        except StopIteration as done:
+            return done.value
+
+
 def forced_update(fmt, state: dict[str, str], delta: dict[str, str]) -> tuple[dict, str, list[int]]:
     model = ScriptedModel(len(fmt.tokenizer))
-    session = StreamSession(model, fmt)
-    hidden = session.feed(fmt.dst_prefix)
-    model.force(fmt.dst_body(delta))
-    got, text, _ = session.update(hidden, state)
-    return got, text, model.fed[model.mark:]
+    engine = ScriptedEngine(model, fmt)
+    session = StreamSession(engine, 0)
+    model.force(fmt.dst_prefix + fmt.dst_body(delta))  # update() feeds the prefix itself
+    got, text, _ = engine.drive(session.update(state))
+    return got, text, model.fed[model.mark + len(fmt.dst_prefix):]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -184,7 +203,7 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
     ids = torch.tensor([seq.input_ids + [fmt.eos_id]])
     frames = torch.from_numpy(emb[seq.frame_rows]).float().reshape(-1, 576)
     with torch.no_grad():
-        cached = streamer.session.feed([fmt.eos_id])  # one more token through the cache ...
+        cached = streamer.engine.drive(streamer.session.feed([fmt.eos_id]))  # one more token through the cache ...
         full, _ = model.hidden_states(ids, ids == fmt.image_id, frames)
     assert torch.allclose(cached, full[0, -1], atol=2e-3, rtol=1e-3)  # ... equals the full recompute
 
