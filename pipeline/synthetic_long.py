@@ -29,15 +29,13 @@ disc; events sit on frame boundaries and frame k shows the scene at the end of i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.frames_files import frames_file_candidates, write_frames_file
 from pipeline.synthetic_tasks import (DATASETS, FINAL, FIRST_INSTRUCTION, FLICKER_LEVEL, FLICKER_PROB, INSTRUCTIONS,
-                                      NOISE_SIGMA, SPLITS, USER_TYPES, _jpeg, _time, frames_root, render_frame,
-                                      splits)
+                                      NOISE_SIGMA, USER_TYPES, _jpeg, _time, frames_root, render_frame, splits,
+                                      write_splits)
 
 __all__ = ["generate", "make_video", "LONG_MAX_CONTEXT", "LONG_TASKS", "MIN_FRAMES", "QUESTIONS", "splits", "frames_root"]
 
@@ -277,27 +275,15 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 def generate(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0,
              size: int = 64) -> dict:
     """Write the three splits; videos alternate between the datasets. Returns a summary with paths and counts."""
-    out_dir = Path(out_dir)
-    paths, root = splits(out_dir), frames_root(out_dir)
-    summary = {"out_dir": str(out_dir), "frames_root": str(root), "fps": fps, "size": size, "seed": seed,
-               "setting": "long", "max_context": LONG_MAX_CONTEXT, "datasets": list(DATASETS), "splits": {}}
-    for split_index, (split, count) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
-        records, frames, turns = [], 0, 0
-        for i in range(count):
-            dataset = list(DATASETS)[i % len(DATASETS)]
-            uid = f"long-{split}-{dataset}-{i:04d}"
-            # One conversation per val/test video (user types in turn): a long video costs minutes to stream on a
-            # CPU, and one dialogue each from more videos is the better sample for the same time.
-            user_types = USER_TYPES if split == "train" else (EVAL_USER_TYPES[i % len(EVAL_USER_TYPES)],)
-            # stream 7 keeps these draws apart from the demo generator's [seed, split, i]
-            record, jpegs = make_video(dataset, uid, np.random.default_rng([seed, 7, split_index, i]), fps, size,
-                                       user_types)
-            write_frames_file(frames_file_candidates(root, dataset, uid)[0], jpegs)
-            records.append(record)
-            frames += len(jpegs)
-            turns += sum(len(c["conversation"]) for c in record["conversations"])
-        paths[split].parent.mkdir(parents=True, exist_ok=True)
-        paths[split].write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-        summary["splits"][split] = {"json": str(paths[split]), "videos": count, "frames": frames,
-                                    "steps": sum(len(r["dst"]) for r in records), "turns": turns}
-    return summary
+    def video(split: str, split_index: int, i: int, dataset: str):
+        uid = f"long-{split}-{dataset}-{i:04d}"
+        # One conversation per val/test video (user types in turn): a long video costs minutes to stream on a
+        # CPU, and one dialogue each from more videos is the better sample for the same time.
+        user_types = USER_TYPES if split == "train" else (EVAL_USER_TYPES[i % len(EVAL_USER_TYPES)],)
+        # stream 7 keeps these draws apart from the demo generator's [seed, split, i]
+        return (uid, *make_video(dataset, uid, np.random.default_rng([seed, 7, split_index, i]), fps, size,
+                                 user_types))
+
+    return write_splits(Path(out_dir), (n_train, n_val, n_test), video,
+                        {"fps": fps, "size": size, "seed": seed, "setting": "long",
+                         "max_context": LONG_MAX_CONTEXT})

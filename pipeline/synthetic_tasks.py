@@ -291,16 +291,25 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 def generate(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0,
              size: int = 64) -> dict:
     """Write the three splits; videos alternate between the datasets. Returns a summary with paths and counts."""
-    out_dir = Path(out_dir)
+    def video(split: str, split_index: int, i: int, dataset: str):
+        uid = f"{split}-{dataset}-{i:04d}"  # the split in the name keeps splits disjoint
+        return (uid, *make_video(dataset, uid, np.random.default_rng([seed, split_index, i]), fps, size))
+
+    return write_splits(Path(out_dir), (n_train, n_val, n_test), video,
+                        {"fps": fps, "size": size, "seed": seed})
+
+
+def write_splits(out_dir: Path, counts: tuple[int, int, int], video, settings: dict) -> dict:
+    """The splits' records and frames files: `video(split, split_index, i, dataset)` makes `(uid, record, jpegs)`
+    for the i-th video of a split; videos alternate between the datasets. Returns the summary (`settings` first)."""
     paths, root = splits(out_dir), frames_root(out_dir)
-    summary = {"out_dir": str(out_dir), "frames_root": str(root), "fps": fps, "size": size, "seed": seed,
-               "datasets": list(DATASETS), "splits": {}}
-    for split_index, (split, count) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
+    summary = {"out_dir": str(out_dir), "frames_root": str(root), **settings, "datasets": list(DATASETS),
+               "splits": {}}
+    for split_index, (split, count) in enumerate(zip(SPLITS, counts)):
         records, frames, turns = [], 0, 0
         for i in range(count):
             dataset = list(DATASETS)[i % len(DATASETS)]
-            uid = f"{split}-{dataset}-{i:04d}"  # the split in the name keeps splits disjoint
-            record, jpegs = make_video(dataset, uid, np.random.default_rng([seed, split_index, i]), fps, size)
+            uid, record, jpegs = video(split, split_index, i, dataset)
             write_frames_file(frames_file_candidates(root, dataset, uid)[0], jpegs)
             records.append(record)
             frames += len(jpegs)
@@ -310,7 +319,6 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: i
         summary["splits"][split] = {"json": str(paths[split]), "videos": count, "frames": frames,
                                     "steps": sum(len(r["dst"]) for r in records), "turns": turns}
     return summary
-
 
 if __name__ == "__main__":
     import argparse
