@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.synthetic_tasks import (DATASETS, FINAL, FIRST_INSTRUCTION, FLICKER_LEVEL, FLICKER_PROB, INSTRUCTIONS,
-                                      NOISE_SIGMA, USER_TYPES, _jpeg, _time, frames_root, render_frame, splits,
-                                      write_splits)
+                                      NOISE_SIGMA, USER_TYPES, _jpeg, _time, frames_root, question_frames,
+                                      render_frame, splits, write_splits)
 
 __all__ = ["generate", "make_video", "LONG_MAX_CONTEXT", "LONG_TASKS", "MIN_FRAMES", "QUESTIONS", "splits", "frames_root"]
 
@@ -213,11 +213,7 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 
     conversations = []
     for user_type in user_types:
-        lo, hi = QUESTIONS_PER_TYPE[user_type]
-        want, picked = int(rng.integers(lo, hi + 1)), []
-        for b in rng.permutation(free).tolist():
-            if len(picked) < want and all(abs(b - p) >= 3 for p in picked):
-                picked.append(b)
+        picked = question_frames(rng, free, QUESTIONS_PER_TYPE[user_type])
         turns = [(opening, {"role": "user", "time": t(opening), "content": f"I want to {goal}.", "labels": ""})]
         for b, (content, labels) in said.items():
             turns.append((b, {"role": "assistant", "time": t(b), "content": content, "labels": labels,

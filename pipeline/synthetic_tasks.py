@@ -188,6 +188,17 @@ def _state_text(order: list[int], names: list[str], spans: list[tuple[int, int]]
     return where, nxt, f"Steps left: {n - done} of {n}."
 
 
+def question_frames(rng: np.random.Generator, free: list[int], count_range: tuple[int, int]) -> list[int]:
+    """Frames for one conversation's user questions: a count drawn from `count_range` (inclusive), taken in random
+    order from the `free` frames, at least 3 frames apart."""
+    lo, hi = count_range
+    want, picked = int(rng.integers(lo, hi + 1)), []
+    for b in rng.permutation(free).tolist():
+        if len(picked) < want and all(abs(b - p) >= 3 for p in picked):
+            picked.append(b)
+    return picked
+
+
 def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, size: int) -> tuple[dict, list[bytes]]:
     domain, knowledge_type, _, tasks = DATASETS[dataset]
     task = int(rng.integers(len(tasks)))
@@ -231,11 +242,7 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 
     conversations = []
     for user_type in USER_TYPES:
-        lo, hi = QUESTIONS_PER_TYPE[user_type]
-        want, picked = int(rng.integers(lo, hi + 1)), []
-        for b in rng.permutation(free).tolist():
-            if len(picked) < want and all(abs(b - p) >= 3 for p in picked):
-                picked.append(b)
+        picked = question_frames(rng, free, QUESTIONS_PER_TYPE[user_type])
         turns = [(opening, {"role": "user", "time": t(opening), "content": f"I want to {goal}.", "labels": ""})]
         for b, (content, labels) in said.items():
             turns.append((b, {"role": "assistant", "time": t(b), "content": content, "labels": labels,
