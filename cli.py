@@ -213,7 +213,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the synthetic data and training."),
     variants: str = typer.Option("dst", help="Comma-separated variants to train and compare: dst, summary, none."),
     model: str = typer.Option("tiny-random", help="tiny-random (minutes) or smollm2-135m (real SmolLM2 language "
-                                                  "weights, LoRA; under an hour on a 2-core CPU)."),
+                                                  "weights, LoRA; 111 min on a busy 2-core CPU, see README)."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
     from eval import demo as demo_cmd
