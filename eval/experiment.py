@@ -269,7 +269,7 @@ def run(rc: ExperimentRunConfig, console: Console | None = None) -> list[dict]:
 
 
 def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
-    from eval.scoring import check_scorable, load_embedder, read_predictions, score, write_metrics
+    from eval.scoring import load_embedder
 
     if not (out / "experiment.json").is_file():
         raise ExperimentError(f"{out}: no experiment has run here; nothing to re-score")
@@ -286,12 +286,10 @@ def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
             embedders[sts] = load_embedder(sts)
         splits = {"test": folder} if result["seed"] is None else {s: folder / s for s in ("val", "test")}
         metrics = {}
-        for split, where in splits.items():
-            dialogues = read_predictions(where / "predictions.jsonl")
-            check_scorable(dialogues, e["protocol"])
-            metrics[split] = score(dialogues, embedders[sts], sts, protocol=e["protocol"],
-                                   dst_window_s=e["dst_window"])
-            write_metrics(where / "metrics.json", metrics[split])
+        for split, where in splits.items():  # what `dst score` does, with the embedder loaded once
+            metrics[split] = eval_run.score_file(where / "predictions.jsonl", where / "metrics.json", sts,
+                                                 Console(quiet=True), protocol=e["protocol"],
+                                                 dst_window_s=e["dst_window"], embed=embedders[sts])
         result["metrics"] = flatten(metrics)
         result["rescored"] = {"git_commit": commit}
         atomic_write(folder / "result.json", json.dumps(result))

@@ -252,13 +252,15 @@ def print_metrics(metrics: dict, console: Console, title: str) -> None:
 
 
 def score_file(predictions: Path, out: Path, sts_model: str = DEFAULT_STS_MODEL, console: Console | None = None, *,
-               protocol: str = "proassist", dst_window_s: float = DST_WINDOW_S) -> dict:
+               protocol: str = "proassist", dst_window_s: float = DST_WINDOW_S, embed=None) -> dict:
     """`dst score`: metrics from saved predictions, no model. The predictions are read and validated before
     anything is loaded or written: a file that cannot be scored raises PredictionsError/ScoringError and leaves an
     existing metrics.json as it was (the new one is written atomically, only when complete)."""
     dialogues = read_predictions(predictions)
     check_scorable(dialogues, protocol)
-    metrics = score(dialogues, load_embedder(sts_model), sts_model, protocol=protocol, dst_window_s=dst_window_s)
+    # `embed`: an embedder of `sts_model` already loaded (re-scoring many files loads it once)
+    metrics = score(dialogues, embed or load_embedder(sts_model), sts_model, protocol=protocol,
+                    dst_window_s=dst_window_s)
     write_metrics(out, metrics)
     print_metrics(metrics, console or Console(), title=str(out))
     return metrics
