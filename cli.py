@@ -64,7 +64,7 @@ def prepare(
 ) -> None:
     """Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json."""
     from pipeline import prepare as prepare_cmd
-    from pipeline.prepare_config import ConfigError, resolve
+    from pipeline.config import ConfigError, resolve
 
     options = dict(dst_json=tuple(dst_json or ()), frames_root=frames_root, videos_root=videos_root, model=model,
                    out=out, tokens_per_frame=tokens_per_frame, fps=fps, batch_size=batch_size, device=device,
@@ -111,8 +111,8 @@ def train(
     from train import run as train_cmd
     from train.config import TrainConfigError, resolve
     from train.guards import NonFiniteError
-    from train.resume import RunFolderError
-    from train.shard_index import ShardFormatError
+    from train.run_folder import RunFolderError
+    from pipeline.shard_index import ShardFormatError
 
     options = dict(shards=shards, val_shards=val_shards, model=model, out=out, max_steps=max_steps, seed=seed,
                    variant=variant, resume=resume, lora=lora, load_in_4bit=load_in_4bit or None, precision=precision,
@@ -159,7 +159,7 @@ def evaluate(
 ) -> None:
     """Stream videos through a trained model with a KV cache and score it with ProAssist's metrics.
     Under `torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations."""
-    from eval import run as eval_cmd
+    from eval import evaluate as eval_cmd
     from eval.scoring import DEFAULT_STS_MODEL
     from eval.stream import StreamConfig
 
@@ -170,7 +170,7 @@ def evaluate(
                               max_context=max_context, dst_window_s=dst_window, sweep=sweep,
                               thresholds_from=thresholds_from, sts_model=sts_model or DEFAULT_STS_MODEL,
                               max_videos=max_videos, device=device, batch_dialogues=batch_dialogues)
-    from train.shard_index import ShardFormatError
+    from pipeline.shard_index import ShardFormatError
 
     try:
         eval_cmd.run(cfg, console)
@@ -191,7 +191,7 @@ def score(
     """Re-score saved predictions without a model."""
     import math
 
-    from eval import run as eval_cmd
+    from eval import evaluate as eval_cmd
     from eval.protocol import PROTOCOLS, ScoringError
     from eval.scoring import DEFAULT_STS_MODEL, PredictionsError
 
@@ -216,7 +216,7 @@ def demo(
                                                   "weights, LoRA; 111 min on a busy 2-core CPU, see README)."),
 ) -> None:
     """Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines."""
-    from eval import demo as demo_cmd
+    from experiments import demo as demo_cmd
     from train.sequence import VARIANTS
 
     if model not in demo_cmd.MODELS:
@@ -242,8 +242,8 @@ def experiment(
                                              "this version's metrics (nothing is trained or streamed)."),
 ) -> None:
     """Prepare once, train and evaluate every cell of a grid over seeds; results.jsonl, summary.md, report.html."""
-    from eval import experiment as experiment_cmd
-    from eval.experiment_config import ExperimentConfigError
+    from experiments import runner as experiment_cmd
+    from experiments.grid import ExperimentConfigError
 
     try:
         experiment_cmd.run(experiment_cmd.ExperimentRunConfig(config=config, out=out, fast=fast, threads=threads,
@@ -261,7 +261,7 @@ def synth_frames(
     size: int = typer.Option(64, help="Picture side in pixels (ProAssist's are 384)."),
 ) -> None:
     """Write synthetic frames files covering each record's video, for trying the pipeline without real frames."""
-    from pipeline import synth_frames as synth_cmd
+    from synthetic import frames as synth_cmd
     from pipeline.checks import ConfigError
 
     try:

@@ -30,7 +30,7 @@ import torch
 from train_step import build, synthetic_shards  # same folder: run as `python benchmarks/eval_throughput.py`
 from eval.stream import StreamConfig, Streamer
 from train.sequence import SequenceFormat
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 
 
 def jobs(index: ShardIndex):

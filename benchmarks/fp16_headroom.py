@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from pipeline import prepare
-from pipeline.prepare_config import PrepareConfig
-from pipeline.realistic_record import realistic_meta
+from pipeline.config import PrepareConfig
+from synthetic.realistic_record import realistic_meta
 from pipeline.smollm2 import token_embedding_rms
 from pipeline.smolvlm import SMOLLM2, load_model
-from pipeline.synthetic_tasks import generate
+from synthetic.tasks import generate
 from train import run as train_run
 from train.checkpoint import load_dst_model
 from train.config import TrainConfig

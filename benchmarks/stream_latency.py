@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from train_step import build  # same folder: run as `python benchmarks/stream_latency.py`
-from eval.batched import StreamEngine
+from eval.engine import StreamEngine
 from train.sequence import SequenceFormat
 
 NODES = [(f"S{i}", f"step number {i}") for i in range(1, 7)]

@@ -37,8 +37,8 @@ from train.config import resolve
 from train.loader import TrainData
 from train.model import DSTModel, freeze_vision, wrap_lora
 from train.sequence import SequenceFormat
-from train.setup import Runtime, build_optimizer
-from train.shard_index import ShardIndex
+from train.build import Runtime, build_optimizer
+from pipeline.shard_index import ShardIndex
 from train.step import global_counts, loss_terms, scaled_loss
 from train.windows import padding_share
 

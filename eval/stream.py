@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from eval.batched import StreamEngine
+from eval.engine import StreamEngine
 from eval.protocol import PROTOCOLS
 from eval.session import Model, StreamSession
 from train.sequence import (RECENT_TURNS, SequenceFormat, format_state, frame_cost, frame_segments, progress_before,

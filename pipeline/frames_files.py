@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.names import name_problem, quoted
+from core.safe_names import name_problem, quoted
 
 FRAME_COLUMN = "frame"
 FRAMES_LAYOUT = "{dataset}/frames/{name}.arrow"

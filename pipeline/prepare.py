@@ -27,7 +27,7 @@ from pipeline.frame_sources import FrameSourceError, NoDecodableFrame, open_fram
 from pipeline.frames_files import VIDEOS_LAYOUT, FramesFileError, find_frames_file, find_video_file
 from pipeline.labels import (LabelsReport, NoUsableRecords, arrow_frame_counter, fail_if_nothing_usable,
                              fail_if_strict, frames_layout_hint, iter_video_labels, write_labels)
-from pipeline.prepare_config import PrepareConfig
+from pipeline.config import PrepareConfig
 from pipeline.prepare_report import STATE_DIR, print_summary, write_manifest
 from pipeline.records import VideoRecord, load_record_list
 from pipeline.shards import SHARD_PATTERN, encode_sample, npy_bytes, plan_shards, sample_key, sample_meta, write_shard

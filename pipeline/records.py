@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import name_problem, quoted, shown
+from core.safe_names import name_problem, quoted, shown
 
 ROLES = ("user", "assistant")
 NODE_STATES = ("not_started", "in_progress", "completed")

@@ -60,7 +60,7 @@ def tiny_record(uid: str, dataset: str, start: float, n_turns: int) -> dict:
 def tiny_shards(tmp_path_factory) -> Path:
     """Shards of TINY_VIDEOS prepared with the tiny model (5 tokens per frame, several shards)."""
     from pipeline import prepare
-    from pipeline.prepare_config import PrepareConfig
+    from pipeline.config import PrepareConfig
 
     tmp = tmp_path_factory.mktemp("tiny-shards")
     for i, (uid, dataset, _, n, _) in enumerate(TINY_VIDEOS):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.batched import StreamEngine
+from eval.engine import StreamEngine
 from eval.stream import StreamConfig, Streamer
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 
 # Low thresholds: the barely trained model updates and speaks often, so generation, constrained decoding, rollback
 # and re-seeds (small contexts) all happen while other dialogues feed frames in the same rounds.
@@ -117,7 +117,7 @@ def test_eval_batch_dialogues_option(tiny_run, tiny_shards, tmp_path):
     from typer.testing import CliRunner
 
     from cli import app
-    from eval.demo import offline_sts_model
+    from experiments.demo import offline_sts_model
 
     def lines(batch: int) -> list[dict]:
         out = tmp_path / str(batch)

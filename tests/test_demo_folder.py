@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from eval.demo import DEMO_MARKER, DemoFolderError, start_clean
+from experiments.demo import DEMO_MARKER, DemoFolderError, start_clean
 
 
 def test_new_and_empty_folders_are_used_and_marked(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from eval import experiment as ex
-from eval import experiment_report as rep
-from eval.experiment_config import ExperimentConfigError, load
+from experiments import runner as ex
+from experiments import report as rep
+from experiments.grid import ExperimentConfigError, load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 BASE = """

@@ -17,7 +17,7 @@ from train import run as train_run
 from train.config import resolve
 from train.fp16_monitor import ActivationOverflow, TrainingMonitor, first_nonfinite_module
 from train.model import DSTModel
-from train.setup import Runtime
+from train.build import Runtime
 
 CPU = Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), precision="fp32")
 
@@ -51,7 +51,7 @@ def test_skipped_steps_are_the_scale_decreases():
 def tiny_batch(tiny_shards):
     from train.loader import TrainData
     from train.sequence import SequenceFormat
-    from train.shard_index import ShardIndex
+    from pipeline.shard_index import ShardIndex
 
     vlm, tokenizer = build_tiny_random()
     torch.manual_seed(0)

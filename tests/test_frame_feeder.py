@@ -23,7 +23,7 @@ from pipeline import frame_feeder, prepare
 from pipeline.frame_feeder import FrameFeedError, FrameFeeder, default_workers
 from pipeline.frame_sources import FrameSourceError, open_frames
 from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
-from pipeline.prepare_config import ConfigError, resolve
+from pipeline.config import ConfigError, resolve
 from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
 

@@ -24,7 +24,7 @@ from pipeline.shards import read_shard, sample_key, sample_meta
 from pipeline.timeline import video_labels
 from test_labels_cli import good
 from test_shard_integrity import boundaries, sample, write_folder
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,11 +15,11 @@ import torch
 
 from pipeline.shards import encode_sample, npy_bytes, read_shard, write_shard
 from pipeline.smolvlm import build_tiny_tokenizer
-from train import shard_index
+from pipeline import shard_index
 from train.batch import Batch
 from train.loader import EpochBatches, TrainData, collate
 from train.sequence import SequenceFormat, build_window
-from train.shard_index import ShardFormatError, ShardIndex
+from pipeline.shard_index import ShardFormatError, ShardIndex
 from train.windows import Window, cut_windows, epoch_windows, pack_batches, padding_share, rank_batches
 
 SMALL = 200  # max_seq_len that splits every conversation into several windows

@@ -22,7 +22,7 @@ from pipeline.frame_sources import open_frames
 from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.labels import LabelsConfig
 from pipeline.labels import run as labels_run
-from pipeline.prepare_config import ConfigError, resolve
+from pipeline.config import ConfigError, resolve
 from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
 from pipeline.smolvlm import load_model

@@ -15,7 +15,7 @@ import torch
 
 from eval.session import StreamSession
 from eval.stream import StreamConfig, Streamer
-from pipeline.realistic_record import SECONDS, realistic_meta
+from synthetic.realistic_record import SECONDS, realistic_meta
 from pipeline.smolvlm import ADDED_TOKENS, build_tiny_tokenizer
 from pipeline.timeline import STATE_RANK
 from train.model import DSTModel

@@ -16,7 +16,7 @@ from pipeline.smolvlm import build_tiny_random
 from train.loader import collate
 from train.model import DSTModel
 from train.sequence import VARIANTS, SequenceFormat, build_window
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 from train.windows import Window
 
 # Small enough for several re-seeds on the tiny videos, large enough for a few frames after a prompt with recent turns.

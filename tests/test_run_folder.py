@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.resume import RunFolderError, StartPoint, set_aside, start_point
+from train.run_folder import RunFolderError, StartPoint, set_aside, start_point
 
 
 def checkpoint(run: Path, step: int, link: bool = True) -> Path:

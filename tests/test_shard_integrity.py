@@ -19,7 +19,7 @@ from pipeline.shards import (MANIFEST, SHARD_PATTERN, encode_sample, read_shard,
                              write_shard)
 from pipeline.timeline import video_labels
 from test_labels_cli import good
-from train.shard_index import ShardFormatError, ShardIndex
+from pipeline.shard_index import ShardFormatError, ShardIndex
 
 TOKENS, HIDDEN = 5, 8
 

@@ -76,8 +76,8 @@ def test_vision_tower_emits_text_width_frames_at_token_scale(smollm2):
 
 def test_prepare_with_smollm2(tmp_path):
     from pipeline import prepare
-    from pipeline.prepare_config import PrepareConfig
-    from train.shard_index import ShardIndex
+    from pipeline.config import PrepareConfig
+    from pipeline.shard_index import ShardIndex
 
     uid, dataset, start, n, turns = TINY_VIDEOS[0]
     write_frames_file(frames_file_candidates(tmp_path / "frames", dataset, uid)[0], synthetic_jpegs(n, 32, seed=0))

@@ -9,7 +9,7 @@ from eval.stream import StreamConfig, Streamer, apply_thresholds
 from pipeline.timeline import STATE_RANK
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat, format_state, parse_update
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from eval import run as eval_run
+from eval import evaluate as eval_run
 from eval.sweep import (THRESHOLDS, ThresholdsError, best_from_sweep, best_threshold, curve_warnings,
                         load_thresholds, sweep_thresholds, write_thresholds)
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import synthetic_long as sl
+from synthetic import long_videos as sl
 from pipeline.frames_files import count_frames, find_frames_file
 from pipeline.records import parse_record
-from pipeline.synthetic_tasks import DATASETS, USER_TYPES
+from synthetic.tasks import DATASETS, USER_TYPES
 from pipeline.timeline import COMPLETED, IN_PROGRESS, NOT_STARTED, video_labels
 
 SIZES = (2, 3, 1)
@@ -143,7 +143,7 @@ def test_pause_frames_differ_from_idle_and_steps():
     rng = np.random.default_rng(0)
     dataset = "synth_cooking"
     pause = sl.render_pause(dataset, 3, 64, rng, None, 0.0).astype(float)
-    from pipeline.synthetic_tasks import render_frame
+    from synthetic.tasks import render_frame
 
     idle = render_frame(dataset, 3, None, 0.0, 64).astype(float)
     steps = [render_frame(dataset, 3, s, 0.5, 64).astype(float) for s in range(7)]

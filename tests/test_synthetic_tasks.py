@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import synthetic_tasks as st
+from synthetic import tasks as st
 from pipeline.frames_files import count_frames, find_frames_file, open_frames_stream
 from pipeline.records import parse_record
 from pipeline.timeline import COMPLETED, IN_PROGRESS, transition_point, video_labels

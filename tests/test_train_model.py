@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from eval.batched import StreamEngine
+from eval.engine import StreamEngine
 from pipeline.smolvlm import build_tiny_random
 from train.checkpoint import load_dst_model
 from train.loader import collate
 from train.losses import decision_loss, lm_loss
 from train.model import DSTModel, freeze_vision, wrap_lora
 from train.sequence import SequenceFormat, build_window, format_state, frame_segments, parse_update
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 from train.windows import cut_windows
 
 

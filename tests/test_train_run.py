@@ -18,7 +18,7 @@ from cli import app
 from train import run as train_run
 from train.budget import search_budget
 from train.config import TrainConfigError, resolve
-from train.setup import resolve_precision
+from train.build import resolve_precision
 
 DST = str(Path(sys.executable).with_name("dst"))
 BASE = {"model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "log_every": 1,

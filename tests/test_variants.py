@@ -11,13 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from eval.demo import offline_sts_model
+from experiments.demo import offline_sts_model
 from eval.stream import stream_rows
 from pipeline.smolvlm import build_tiny_tokenizer
 from train import run as train_run
 from train.config import TrainConfigError, resolve
 from train.sequence import SequenceFormat, build_window, progress_before, system_for
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 from train.windows import cut_windows
 
 NODES = [("S1", "open"), ("S2", "screw")]

@@ -16,7 +16,7 @@ import torch
 
 from train.batch import Batch
 from train.sequence import SequenceFormat, build_window
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 from train.windows import Window, cut_windows, epoch_windows, pack_batches, rank_batches
 
 

@@ -20,10 +20,10 @@ from train.config import TrainConfig, TrainConfigError
 from train.loader import TrainData
 from train.loop import jsonl_logger, train_loop
 from train.preemption import PREEMPTED, Preemption
-from train.resume import set_aside, start_point
+from train.run_folder import set_aside, start_point
 from train.sequence import SequenceFormat
-from train.setup import build_model, build_optimizer, build_scaler, init_runtime
-from train.shard_index import ShardIndex
+from train.build import build_model, build_optimizer, build_scaler, init_runtime
+from pipeline.shard_index import ShardIndex
 
 
 def git_commit() -> str | None:

@@ -19,12 +19,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from eval import run as eval_run
+from eval import evaluate as eval_run
 from eval.scoring import DEFAULT_STS_MODEL
 from eval.stream import StreamConfig
 from pipeline import prepare
-from pipeline.prepare_config import PrepareConfig
-from pipeline.synthetic_tasks import generate
+from pipeline.config import PrepareConfig
+from synthetic.tasks import generate
 from train import run as train_run
 from train.config import TrainConfig
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.synthetic_tasks import (DATASETS, FINAL, FIRST_INSTRUCTION, FLICKER_LEVEL, FLICKER_PROB, INSTRUCTIONS,
+from synthetic.tasks import (DATASETS, FINAL, FIRST_INSTRUCTION, FLICKER_LEVEL, FLICKER_PROB, INSTRUCTIONS,
                                       NOISE_SIGMA, USER_TYPES, _jpeg, _time, frames_root, question_frames,
                                       render_frame, splits, write_splits)
 

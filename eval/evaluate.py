@@ -38,7 +38,7 @@ from eval.stream import CONTEXT_STRATEGIES, MODES, PROTOCOLS, StreamConfig, Stre
 from eval.sweep import ThresholdsError, best_from_sweep, load_thresholds, sweep_thresholds
 from train.checkpoint import DST_META, load_dst_model
 from train.sequence import VARIANTS, SequenceFormat
-from train.shard_index import ShardIndex
+from pipeline.shard_index import ShardIndex
 
 
 class EvalError(ValueError):

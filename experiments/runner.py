@@ -34,17 +34,18 @@ from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from eval import run as eval_run
-from eval.experiment_config import Cell, ExperimentConfig, load
-from eval.experiment_report import atomic_write, flatten, write_reports
+from eval import evaluate as eval_run
+from experiments.grid import Cell, ExperimentConfig, load
+from experiments.report import atomic_write, flatten, write_reports
 from eval.stream import StreamConfig
-from pipeline import prepare, synthetic_long, synthetic_tasks
-from pipeline.prepare_config import PrepareConfig
+from pipeline import prepare
+from synthetic import long_videos, tasks
+from pipeline.config import PrepareConfig
 from train import run as train_run
 from train.checkpoint import TRAINER_STATE
 from train.config import resolve as resolve_train
 
-GENERATORS = {"demo": synthetic_tasks.generate, "long": synthetic_long.generate}
+GENERATORS = {"demo": tasks.generate, "long": long_videos.generate}
 SPLITS = ("train", "val", "test")
 
 
@@ -162,7 +163,7 @@ def eval_split(cell: Cell, folder: Path, shards: Path, ckpt: Path | None, consol
 
 
 def _offline_sts() -> str:
-    from eval.demo import offline_sts_model
+    from experiments.demo import offline_sts_model
 
     return offline_sts_model()
 
