@@ -26,11 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_step import (  # same folder: run as `python benchmarks/eval_throughput.py`
+    build,
+    synthetic_shards,
+)
 
-from train_step import build, synthetic_shards  # same folder: run as `python benchmarks/eval_throughput.py`
 from eval.stream import StreamConfig, Streamer
-from train.sequence import SequenceFormat
 from pipeline.shard_index import ShardIndex
+from train.sequence import SequenceFormat
 
 
 def jobs(index: ShardIndex):

@@ -36,9 +36,10 @@ import torch
 
 from pipeline import prepare
 from pipeline.config import PrepareConfig
-from synthetic.realistic_record import realistic_meta
+from pipeline.models import load_model
 from pipeline.smollm2 import token_embedding_rms
-from pipeline.smolvlm import SMOLLM2, load_model
+from pipeline.smolvlm import SMOLLM2
+from synthetic.realistic_record import realistic_meta
 from synthetic.tasks import generate
 from train import run as train_run
 from train.checkpoint import load_dst_model

@@ -34,7 +34,8 @@ from pipeline.embeddings import encode_frames
 from pipeline.frame_feeder import FrameFeeder
 from pipeline.frame_sources import open_frames
 from pipeline.frames_files import synthetic_jpegs, write_frames_file
-from pipeline.smolvlm import build_random, build_tiny_tokenizer, load_model, tiny_config, vision_spec
+from pipeline.models import load_model
+from pipeline.smolvlm import build_random, build_tiny_tokenizer, tiny_config, vision_spec
 
 PROASSIST_FRAMES = 3.4e6
 

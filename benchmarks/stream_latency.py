@@ -24,9 +24,11 @@ import statistics
 import time
 
 import torch
+from train_step import (
+    build,  # same folder: run as `python benchmarks/stream_latency.py`
+)
 from transformers import DynamicCache
 
-from train_step import build  # same folder: run as `python benchmarks/stream_latency.py`
 from eval.engine import StreamEngine
 from train.sequence import SequenceFormat
 

@@ -27,18 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.models import load_model
 from pipeline.records import parse_record
-from pipeline.shards import encode_sample, sample_key, sample_meta, write_shard
+from pipeline.shard_index import ShardIndex
+from pipeline.shards import VideoMeta, encode_sample, sample_key, write_shard
+from pipeline.smolvlm import SMOLLM2, build_random, build_tiny_random, tiny_config
 from pipeline.timeline import video_labels
-
-from pipeline.smolvlm import SMOLLM2, build_random, build_tiny_random, load_model, tiny_config
 from train.budget import resolve_token_budget
+from train.build import Runtime, build_optimizer
 from train.config import resolve
 from train.loader import TrainData
 from train.model import DSTModel, freeze_vision, wrap_lora
 from train.sequence import SequenceFormat
-from train.build import Runtime, build_optimizer
-from pipeline.shard_index import ShardIndex
 from train.step import global_counts, loss_terms, scaled_loss
 from train.windows import padding_share
 
@@ -80,7 +80,7 @@ def synthetic_shards(folder: Path, videos: int, frames: int, hidden: int, tokens
                     "content": "now attach the wheel to the chassis and tighten the screw"} for t in turns]}]}
         labels = video_labels(parse_record(raw), frames, 2.0)
         emb = np.random.default_rng(v).standard_normal((frames, tokens, hidden)).astype(np.float16)
-        samples.append(encode_sample(sample_key("wtag", f"v{v}"), emb, sample_meta(labels, "synthetic", tokens)))
+        samples.append(encode_sample(sample_key("wtag", f"v{v}"), emb, VideoMeta.from_labels(labels, "synthetic", tokens)))
     write_shard(folder / "shard-000000.tar", samples)
     return folder
 

@@ -102,6 +102,8 @@ def _type_problem(name: str, value: Any, tp) -> str | None:
         return f"{name} must be a number, got {value!r}"
     if kinds == [Path]:
         return f"{name} must be a path string, got {value!r}"
+    if kinds == [str]:
+        return f"{name} must be a string, got {value!r}"
     return f"{name} must be {' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}, got {value!r}"
 
 
@@ -120,17 +122,17 @@ def problem(name: str, value: Any, tp, meta) -> str | None:
     return None
 
 
-def check(cfg) -> None:
-    """Every declared field of `cfg` (and of the dataclasses nested in it): the first problem as a ConfigError."""
+def check(cfg, error: type[ConfigError] = ConfigError) -> None:
+    """Every declared field of `cfg` (and of the dataclasses nested in it): the first problem as `error`."""
     types_ = hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            check(value)
+            check(value, error)
         elif "help" in f.metadata:
             found = problem(f.name, value, types_[f.name], f.metadata)
             if found:
-                raise ConfigError(found)
+                raise error(found)
 
 
 def required(cls) -> list[str]:
@@ -182,7 +184,7 @@ def options(cls, prefix: tuple[str, ...] = ()) -> list[Option]:
         else:
             cli_type = base
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = "" if default is None or default == () else f" [default: {_show(default)}]"
+        shown = "" if default is None or default == () else f" (default: {_show(default)})"
         out.append(Option(f.name, cli_type, f.metadata["help"] + shown, f.metadata.get("flag"), prefix + (f.name,)))
     return out
 

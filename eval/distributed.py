@@ -9,42 +9,9 @@ device, with a long timeout: ranks finish their shares minutes apart.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
-
 import torch
 
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@contextmanager
-def process_group(ranks: Ranks):
-    """A gloo group for the run when there are several ranks and none exists yet."""
-    own = ranks.world > 1 and not torch.distributed.is_initialized()
-    if own:
-        torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
-    try:
-        yield
-    finally:
-        if own:
-            torch.distributed.destroy_process_group()
+from core.runtime import Ranks
 
 
 def balanced_shares(lengths: list[int], world: int) -> list[list[int]]:

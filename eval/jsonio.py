@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from core.errors import InputError
+from core.files import write_atomic
+from eval.protocol import PROTOCOLS
 
-class PredictionsError(ValueError):
+
+class PredictionsError(InputError):
     """predictions.jsonl cannot be scored: the one-line message names the file, the line and the reason."""
 
 
@@ -54,20 +57,10 @@ def dumps(obj: Any, **kwargs) -> tuple[str, int]:
     return json.dumps(clean, allow_nan=False, **kwargs), count
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> int:
     """One JSON document, atomically; returns the number of non-finite floats written as null."""
     text, count = dumps(obj, indent=indent)
-    _atomic_write(Path(path), text + "\n")
+    write_atomic(Path(path), text + "\n")
     return count
 
 
@@ -78,7 +71,7 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
         text, count = dumps(record)
         lines.append(text)
         total += count
-    _atomic_write(Path(path), "".join(line + "\n" for line in lines))
+    write_atomic(Path(path), "".join(line + "\n" for line in lines))
     return total
 
 
@@ -98,9 +91,11 @@ def check_dialogue(d: Any, where: str) -> None:
     """Raise PredictionsError naming `where` unless `d` is a dialogue record the scorer can use."""
     if not isinstance(d, dict):
         raise PredictionsError(f"{where}: a dialogue record must be a JSON object, got {type(d).__name__}")
-    for key in ("dataset", "fps", "frames"):
+    for key in ("dataset", "fps", "frames", "variant", "protocol"):
         if key not in d:
             raise PredictionsError(f"{where}: the record lacks '{key}'")
+    if d["protocol"] not in PROTOCOLS:
+        raise PredictionsError(f"{where}: 'protocol' must be one of {', '.join(PROTOCOLS)}, got {d['protocol']!r}")
     if not isinstance(d["dataset"], str) or not d["dataset"]:
         raise PredictionsError(f"{where}: 'dataset' must be a non-empty string")
     fps = d["fps"]

@@ -1,8 +1,8 @@
-"""DST metrics of one dataset (DESIGN section 6), pooled over its dialogues.
+"""DST metrics of one dataset (docs/design.md §8), pooled over its dialogues.
 
 - Update decision P/R/F1: frames with a non-empty `pred_dst_delta` vs frames with a non-empty `ref_dst_delta`,
   matched one-to-one inside a symmetric window of `dst_window_s` seconds each side (default 2.0; `int(s * fps)`
-  frames), timing only (cost D); the most pairs, then the least D. Not the speaking windows (DESIGN 6b): those
+  frames), timing only (cost D); the most pairs, then the least D. Not the speaking windows (docs/design.md §8): those
   allow early speech, but an early "completed" is a state-tracking error.
 - Node accuracy: share of (frame, node) with `pred_state[node] == ref_state[node]`, nodes = the union of both
   states' keys (a node only one side has is wrong). Joint accuracy: share of frames with `pred_state == ref_state`.
@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from eval.config import DST_WINDOW_S
 from eval.metrics_speak import Counts, match
 from pipeline.timeline import NOT_STARTED
 from train.sequence import parse_update
 
-
-DST_WINDOW_S = 2.0
 DST_KEYS = ("update_precision", "update_recall", "update_f1", "node_accuracy", "joint_accuracy",
             "transition_precision", "transition_recall", "transition_f1", "validity")
 

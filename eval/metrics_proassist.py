@@ -1,4 +1,4 @@
-"""`speak_proassist`: ProAssist's own speaking score, reproduced to the float (DESIGN 6b), beside the exact `speak`.
+"""`speak_proassist`: ProAssist's own speaking score, reproduced to the float (docs/design.md §8), beside the exact `speak`.
 
 ProAssist (`mmassist/eval/evaluators/pred_match.py: find_match`, pooled by `stream_evaluator.compute_metrics`)
 matches each dialogue on a float32 cost matrix over the list positions of its frames, rows = frames with generated
@@ -41,8 +41,14 @@ import torch.nn.functional as F
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from eval.metrics_speak import (DIST_FACTOR, DIST_POWER, MATCH_THRESHOLD, SpeakCounts, speak_metrics,
-                                window_frames)
+from eval.metrics_speak import (
+    DIST_FACTOR,
+    DIST_POWER,
+    MATCH_THRESHOLD,
+    SpeakCounts,
+    speak_metrics,
+    window_frames,
+)
 
 # Raw embedder: list of texts -> [n, d] (numpy or a torch tensor), the model's output before any normalisation.
 RawEmbed = Callable[[list[str]], object]

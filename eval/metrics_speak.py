@@ -1,4 +1,4 @@
-"""ProAssist's speaking metrics (DESIGN section 6), and the window matching that the DST metrics reuse.
+"""ProAssist's speaking metrics (docs/design.md §8), and the window matching that the DST metrics reuse.
 
 A prediction at frame `i` may match frame `j` only if `l <= j - i <= r` (`[l, r]` = the dataset's window in seconds
 x fps, `int()`-truncated). Cost = `C + D`: `C = 1 - |cos(e(g_i), e(r_j))|` for a non-empty reference, 1 for a

@@ -11,16 +11,23 @@ import json
 import math
 from pathlib import Path
 
+from core.files import write_atomic
+from eval.columns import block_rows
 from eval.intents import INTENTS
-from eval.report_svg import MATCH_STYLES, curve_svg, delta_text, esc, legend_html, match_index, timeline_svg
+from eval.report_svg import (
+    MATCH_STYLES,
+    curve_svg,
+    delta_text,
+    esc,
+    legend_html,
+    match_index,
+    timeline_svg,
+)
 
 NA = '<span class="na">not available</span>'
-SPEAK_ROWS = (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
-DST_ROWS = (("update_f1", "update F1", "update_precision", "update_recall"),
-            ("joint_accuracy", "joint accuracy", None, None), ("node_accuracy", "node accuracy", None, None),
-            ("transition_f1", "transition F1", "transition_precision", "transition_recall"),
-            ("validity", "validity", None, None))
-TEXT_ROWS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("METEOR", "METEOR"), ("semantic_score", "semantic score"))
+SPEAK_ROWS = tuple((c.key, c.label.removeprefix("speaking ")) for c in block_rows("speak"))
+DST_ROWS = tuple((c.key, c.label, *(c.detail or (None, None))) for c in block_rows("dst"))
+TEXT_ROWS = tuple((c.key, c.label) for c in block_rows("text"))
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:16px 24px;color:#212529}
@@ -292,8 +299,5 @@ def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=
 def write_report(path: str | Path, dialogues: list[dict], metrics: dict, run_info: dict, matches=None,
                  sweep: dict | None = None, **kwargs) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(render_report(dialogues, metrics, run_info, matches, sweep, **kwargs), encoding="utf-8")
-    tmp.replace(path)  # atomic: a half-written report never replaces a good one
+    write_atomic(path, render_report(dialogues, metrics, run_info, matches, sweep, **kwargs))
     return path

@@ -11,6 +11,8 @@ import math
 import re
 from html import escape
 
+from train.sequence import format_state
+
 STATE_COLOURS = {"not_started": "#cfd4da", "in_progress": "#f2a900", "completed": "#2f9e44"}
 # Match classes of the speaking matcher; shapes differ as well as colours so the lanes read in greyscale too.
 MATCH_STYLES = {"matched": ("#2f9e44", "circle"), "mismatched": ("#e8590c", "diamond"),
@@ -31,7 +33,8 @@ def node_key(node: str):
 
 
 def delta_text(delta: dict | None) -> str:
-    return "; ".join(f"{k}={v}" for k, v in sorted((delta or {}).items(), key=lambda kv: node_key(kv[0])))
+    """An update or state in the DST grammar (train/sequence.py), nodes in natural order."""
+    return format_state(dict(sorted((delta or {}).items(), key=lambda kv: node_key(kv[0]))))
 
 
 def runs(values: list) -> list[tuple[int, int, object]]:

@@ -1,4 +1,4 @@
-"""`dst score`: every metric of DESIGN sections 6, 6b and 6c for a list of dialogues, per dataset and as the
+"""`dst score`: every metric of docs/design.md §8 for a list of dialogues, per dataset and as the
 unweighted mean over datasets.
 
 metrics.json (what `score` returns):
@@ -27,18 +27,35 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from eval.jsonio import PredictionsError, check_dialogue, read_predictions, sanitize, write_json
-from eval.metrics_dst import DST_KEYS, DST_WINDOW_S, dst_metrics, never_update_metrics, update_counts
+from eval.config import DEFAULT_STS_MODEL, DST_WINDOW_S
+from eval.jsonio import (
+    PredictionsError,
+    check_dialogue,
+    read_predictions,
+    sanitize,
+    write_json,
+)
+from eval.metrics_dst import (
+    DST_KEYS,
+    dst_metrics,
+    never_update_metrics,
+    update_counts,
+)
 from eval.metrics_proassist import proassist_counts, proassist_metrics
-from eval.metrics_speak import EmbeddingCache, Embed, speak_counts, speak_metrics
+from eval.metrics_speak import Embed, EmbeddingCache, speak_counts, speak_metrics
 from eval.metrics_text import MeteorScorer, text_metrics
-from eval.protocol import cut_to_protocol, dialogue_name, last_reference_row, run_variant
+from eval.protocol import (
+    cut_to_protocol,
+    dialogue_name,
+    last_reference_row,
+    run_variant,
+)
+from train.variants import get_variant
 
 __all__ = ["DEFAULT_STS_MODEL", "score", "sweep_counts", "mean_over_datasets", "by_dataset", "load_embedder",
            "read_predictions", "write_metrics", "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache",
            "PredictionsError"]
 
-DEFAULT_STS_MODEL = "sentence-transformers/all-mpnet-base-v2"  # ProAssist's
 PROASSIST_BATCH_SIZE = 128  # ProAssist's sts_eval_batch_size: part of what its embeddings are
 MEAN_OVER_AVAILABLE = ("intent_recall", "summary_similarity")
 
@@ -80,7 +97,7 @@ def summary_similarity(dialogues: list[dict], cache: EmbeddingCache) -> float | 
 
 def dst_blocks(group: list[dict], variant: str, dst_window_s: float) -> dict:
     """`dst` and `dst_never`; a variant without a DST (summary, none) has every DST number null (same keys)."""
-    if variant != "dst":
+    if not get_variant(variant).tracks_state:
         empty = dict.fromkeys(DST_KEYS)
         return {"dst": empty, "dst_never": dict(empty)}
     return {"dst": dst_metrics(group, dst_window_s), "dst_never": never_update_metrics(group, dst_window_s)}
@@ -114,7 +131,7 @@ def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: 
         datasets[name] = {
             "speak": speak_metrics(counts), "speak_proassist": proassist_metrics(proassist_counts(group, cache.raw)),
             "text": text, **dst_blocks(group, variant, dst_window_s),
-            "summary_similarity": summary_similarity(group, cache) if variant == "summary" else None,
+            "summary_similarity": summary_similarity(group, cache) if get_variant(variant).writes_summary else None,
             "reseeds": sum(len(d.get("reseeds") or []) for d in group)}
     metrics = {"protocol": protocol, "variant": variant, "dst_window_s": dst_window_s,
                "num_dialogues": len(dialogues),
@@ -143,7 +160,9 @@ def load_embedder(name_or_path: str | Path, batch_size: int = PROASSIST_BATCH_SI
     """A SentenceTransformer (hub name or local folder) as a caching `embed(list[str]) -> [n, d]`. The embedder
     returns the model's raw float32 output as ProAssist requests it (`encode(..., convert_to_tensor=True,
     batch_size=128)`, no extra normalisation); the exact matcher normalises in float64 itself."""
-    from sentence_transformers import SentenceTransformer  # heavy: only when an embedder is needed
+    from sentence_transformers import (
+        SentenceTransformer,  # heavy: only when an embedder is needed
+    )
 
     model = SentenceTransformer(str(name_or_path), device=device)
 

@@ -10,89 +10,67 @@ Modes:
   generate wherever a decision's probability exceeds `generate_above`) are recorded but never enter the context,
   so thresholds can be swept after one pass.
 - `oracle` (references as predictions), `never` (silent, no updates), `periodic` (a fixed sentence every
-  `every_s` seconds): baselines that need no model.
+  `every` seconds): baselines that need no model.
 
-Protocols (DESIGN 6b): `proassist` streams a conversation up to the decision point of its last assistant turn, as
+Protocols (docs/design.md §8): `proassist` streams a conversation up to the decision point of its last assistant turn, as
 ProAssist's evaluation does; `full-video` to the last frame.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
+from eval.config import StreamConfig
 from eval.engine import StreamEngine
-from eval.protocol import PROTOCOLS
+from eval.protocol import protocol_rows
 from eval.session import Model, StreamSession
-from train.sequence import (RECENT_TURNS, SequenceFormat, format_state, frame_cost, frame_segments, progress_before,
-                            state_before, system_for)
+from pipeline.shards import VideoMeta
+from train.sequence import (
+    RECENT_TURNS,
+    SequenceFormat,
+    format_state,
+    frame_cost,
+    frame_segments,
+    progress_before,
+    state_before,
+    system_for,
+)
 
-MODES = ("model", "teacher-forced", "oracle", "never", "periodic")
-CONTEXT_STRATEGIES = ("reseed", "drop-all", "drop-middle")
 PERIODIC_TEXT = "Keep going, you are doing well."
 SILENT_TEXTS = ("", ".")  # ProAssist maps a generated "." (or nothing) to silence
 
 
-@dataclass(frozen=True)
-class StreamConfig:
-    mode: str = "model"
-    variant: str = "dst"  # the checkpoint's (dst | summary | none); baselines record it as given
-    theta_update: float = 0.5
-    theta_speak: float = 0.5
-    max_new_tokens: int = 48
-    max_summary_tokens: int = 160  # a generated progress summary (summary variant, on overflow)
-    max_context: int = 4096
-    context_strategy: str = "reseed"
-    protocol: str = "proassist"
-    every_s: float = 10.0
-    generate_above: float = 0.05  # teacher-forced: generate wherever p exceeds this, for post-hoc sweeps
-    use_cache: bool = True  # False recomputes the whole context every step (reference and benchmark only)
+def stream_rows(meta: VideoMeta, conversation: int, protocol: str) -> int:
+    """How many frame rows of this conversation are streamed (eval/protocol.py's rule on its speaking labels)."""
+    return protocol_rows(meta.conversations[conversation].speak, protocol)
 
 
-def stream_rows(meta: dict, conversation: int, protocol: str) -> int:
-    """How many frame rows of this conversation are streamed: up to its last assistant turn (`proassist`; none
-    when it has no assistant turn) or every row (`full-video`)."""
-    speak = meta["labels"]["conversations"][conversation]["speak"]
-    if protocol == "full-video":
-        return len(speak)
-    if protocol != "proassist":
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return next((row + 1 for row in range(len(speak) - 1, -1, -1) if speak[row]), 0)
-
-
-def reference_frames(meta: dict, conversation: int, n_rows: int) -> list[dict]:
+def reference_frames(meta: VideoMeta, conversation: int, n_rows: int) -> list[dict]:
     """Per frame: the inputs and the references, with empty predictions."""
-    labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
-    intents = conv.get("response_labels") or [""] * len(conv["speak"])  # shards prepared before they were kept
-    return [{"frame": labels["frame"][row], "time": labels["time"][row], "user_text": conv["user_text"][row],
+    conv = meta.conversations[conversation]
+    return [{"frame": meta.frame[row], "time": meta.time[row], "user_text": conv.user_text[row],
              "p_update": None, "p_speak": None, "pred_dst_delta": {},
-             "ref_dst_delta": json.loads(labels["dst_delta"][row]) if labels["dst_delta"][row] else {},
-             "pred_state": {}, "ref_state": json.loads(labels["dst_state"][row]), "pred_text": "",
-             "ref_text": conv["response"][row], "ref_labels": intents[row], "pred_dst_text": ""}
+             "ref_dst_delta": json.loads(meta.dst_delta[row]) if meta.dst_delta[row] else {},
+             "pred_state": {}, "ref_state": json.loads(meta.dst_state[row]), "pred_text": "",
+             "ref_text": conv.response[row], "ref_labels": conv.response_labels[row], "pred_dst_text": ""}
             for row in range(n_rows)]
 
 
-def reference_progress(meta: dict, conversation: int, row: int) -> str:
-    """The reference summary a re-seed at `row` is compared with ("" for shards without progress summaries)."""
-    return progress_before(meta, conversation, row) if "progress" in meta["labels"]["conversations"][conversation] \
-        else ""
-
-
-def baseline(meta: dict, conversation: int, cfg: StreamConfig, n_rows: int) -> list[dict]:
+def baseline(meta: VideoMeta, conversation: int, cfg: StreamConfig, n_rows: int) -> list[dict]:
     frames = reference_frames(meta, conversation, n_rows)
-    every = max(1, round(cfg.every_s * meta["fps"]))
+    every = max(1, round(cfg.every * meta.fps))
     for row, f in enumerate(frames):
         if cfg.mode == "oracle":
             f.update(p_update=float(bool(f["ref_dst_delta"])), p_speak=float(bool(f["ref_text"])),
                      pred_dst_delta=f["ref_dst_delta"], pred_state=f["ref_state"], pred_text=f["ref_text"],
                      pred_dst_text=format_state(f["ref_dst_delta"]))
         else:  # never / periodic: no DST updates, the state stays where the stream started
-            f.update(pred_state=dict(meta["initial_state"]))
+            f.update(pred_state=dict(meta.initial_state))
             if cfg.mode == "periodic" and (row + 1) % every == 0:
                 f["pred_text"] = PERIODIC_TEXT
     return frames
@@ -101,7 +79,7 @@ def baseline(meta: dict, conversation: int, cfg: StreamConfig, n_rows: int) -> l
 def generation_budget(fmt: SequenceFormat, nodes: list[tuple[str, str]], max_new_tokens: int) -> int:
     """Most tokens one frame's generated update and response can add (EOS included)."""
     budget = len(fmt.response_prefix) + max_new_tokens + 1
-    if fmt.tracks_state:
+    if fmt.variant.tracks_state:
         clause = max(len(fmt.clause(n, v)) for n, _ in nodes for v in ("in_progress", "completed"))
         budget += len(fmt.dst_prefix) + (clause + len(fmt.clause_separator)) * len(nodes) + 1
     return budget
@@ -109,7 +87,7 @@ def generation_budget(fmt: SequenceFormat, nodes: list[tuple[str, str]], max_new
 
 def summary_budget(fmt: SequenceFormat, max_summary_tokens: int) -> int:
     """Tokens the summary variant must keep free to close its context with a summary (request, frame, summary)."""
-    if fmt.variant != "summary":
+    if not fmt.variant.writes_summary:
         return 0
     return len(fmt.summary_request) + len(fmt.frame) + len(fmt.summary_prefix) + max_summary_tokens + 1
 
@@ -117,16 +95,16 @@ def summary_budget(fmt: SequenceFormat, max_summary_tokens: int) -> int:
 class GroundTruth:
     """Decisions and texts from the references, for forcing through the model-mode code (the replay test)."""
 
-    def __init__(self, fmt: SequenceFormat, meta: dict, conversation: int):
+    def __init__(self, fmt: SequenceFormat, meta: VideoMeta, conversation: int):
         self.fmt, self.meta, self.conversation = fmt, meta, conversation
-        self.labels, self.conv = meta["labels"], meta["labels"]["conversations"][conversation]
+        self.conv = meta.conversations[conversation]
 
     def delta(self, row: int) -> dict[str, str] | None:
-        d = self.labels["dst_delta"][row]
+        d = self.meta.dst_delta[row]
         return json.loads(d) if d else None
 
     def response(self, row: int) -> list[int] | None:
-        return self.fmt.response_body(self.conv["response"][row]) if self.conv["speak"][row] else None
+        return self.fmt.response_body(self.conv.response[row]) if self.conv.speak[row] else None
 
     def summary(self, row: int) -> list[int]:
         return self.fmt.response_body(progress_before(self.meta, self.conversation, row))
@@ -141,14 +119,14 @@ class Streamer:
         if cfg.mode in ("model", "teacher-forced"):
             if model is None or fmt is None:
                 raise ValueError(f"mode {cfg.mode} needs a model")
-            if fmt.variant != cfg.variant:
-                raise ValueError(f"the sequence format is for variant {fmt.variant}, the stream for {cfg.variant}")
+            if fmt.variant.name != cfg.variant:
+                raise ValueError(f"the sequence format is for variant {fmt.variant.name}, the stream for {cfg.variant}")
             self.engine = StreamEngine(model, fmt, device, slots, use_cache=cfg.use_cache,
                                        capacity=cfg.max_context + 64)
             self.session = self.engine.sessions[0]  # the one `run` uses
             self.tokenizer = fmt.tokenizer
 
-    def run(self, meta: dict, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None,
+    def run(self, meta: VideoMeta, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None,
             force: bool = False) -> dict:
         """One dialogue: `{"frames": [...], "reseeds": [...]}`; `emb` is the video's stored embeddings (row 0 =
         first frame). `force`: model mode with ground-truth decisions and texts (the replay test)."""
@@ -168,18 +146,18 @@ class Streamer:
             (key, partial(self.dialogue, meta=meta, emb=emb, conversation=c, thetas=thetas))
             for key, meta, emb, c, thetas in jobs)
 
-    def _baseline(self, meta: dict, conversation: int) -> dict:
+    def _baseline(self, meta: VideoMeta, conversation: int) -> dict:
         n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         return {"frames": baseline(meta, conversation, self.cfg, n_rows), "reseeds": []}
 
-    def dialogue(self, s: StreamSession, meta: dict, emb: np.ndarray, conversation: int,
+    def dialogue(self, s: StreamSession, meta: VideoMeta, emb: np.ndarray, conversation: int,
                  thetas: tuple[float, float] | None = None, force: bool = False) -> Model:
         """The generator of one dialogue on session `s`; returns `{"frames": [...], "reseeds": [...]}`."""
         n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         theta_update, theta_speak = thetas or (self.cfg.theta_update, self.cfg.theta_speak)
         frames = reference_frames(meta, conversation, n_rows)
         embeds = torch.from_numpy(emb).to(s.dtype)
-        nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
+        nodes = [(n.id, n.name) for n in meta.nodes]
         if self.cfg.mode == "teacher-forced":
             reseeds = yield from self._teacher_forced(s, meta, conversation, frames, embeds, nodes)
             apply_thresholds(frames, theta_update, theta_speak)
@@ -194,11 +172,11 @@ class Streamer:
 
     def _model(self, s, meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth) -> Model:
         fmt, cfg = self.fmt, self.cfg
-        state = dict(meta["initial_state"])
+        state = dict(meta.initial_state)
         history: list[tuple[str, str]] = []
         reseeds: list[dict] = []
         s.reset()
-        yield from s.feed(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None))
+        yield from s.feed(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None))
         system_chunk = s.chunks[0]
         reserve = (len(fmt.frame) + generation_budget(fmt, nodes, cfg.max_new_tokens)
                    + summary_budget(fmt, cfg.max_summary_tokens))
@@ -209,13 +187,13 @@ class Streamer:
                                                     history, system_chunk, truth)
                 reseeds.append(record)
                 if s.length + len(user) + reserve > cfg.max_context:
-                    raise ValueError(f"{meta['video_uid']}: the system prompt ({s.length} tokens) leaves no room for "
+                    raise ValueError(f"{meta.video_uid}: the system prompt ({s.length} tokens) leaves no room for "
                                      f"a frame within max_context {cfg.max_context}")
             if user:
                 yield from s.feed(user)
                 history.append(("User", f["user_text"]))
             hidden = yield from s.feed(fmt.frame, embeds[row])
-            if fmt.tracks_state:
+            if fmt.variant.tracks_state:
                 f["p_update"], _ = s.decisions(hidden)
                 can_change = any(v != "completed" for v in state.values())
                 fire = truth.delta(row) is not None if truth else f["p_update"] > theta_update and can_change
@@ -240,17 +218,17 @@ class Streamer:
         fmt, cfg = self.fmt, self.cfg
         recent = history[-RECENT_TURNS:] if RECENT_TURNS else []  # [-0:] would be everything
         record = {"frame": frame, "row": row, "strategy": cfg.context_strategy,
-                  "ref_progress": reference_progress(meta, conversation, row)}
+                  "ref_progress": progress_before(meta, conversation, row)}
         if cfg.context_strategy == "reseed":
-            record["strategy"] = f"reseed-{fmt.variant}"
+            record["strategy"] = f"reseed-{fmt.variant.name}"
             progress = ""
-            if fmt.variant == "summary":
+            if fmt.variant.writes_summary:
                 if row == 0:
-                    raise ValueError(f"{meta['video_uid']}: no room for a summary before the first frame within "
+                    raise ValueError(f"{meta.video_uid}: no room for a summary before the first frame within "
                                      f"max_context {cfg.max_context}")
                 progress = yield from self._summarize(s, row - 1, embeds, truth.summary(row) if truth else None)
                 record["summary"] = progress
-            yield from s.refeed([(fmt.system(meta["goal"], nodes, state if fmt.tracks_state else None, recent,
+            yield from s.refeed([(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent,
                                              progress), None)])
         elif cfg.context_strategy == "drop-all":
             yield from s.refeed([system_chunk])
@@ -275,7 +253,7 @@ class Streamer:
 
     def _teacher_forced(self, s, meta, conversation, frames, embeds, nodes) -> Model:
         fmt, cfg = self.fmt, self.cfg
-        labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
+        conv = meta.conversations[conversation]
         s.reset()
         yield from s.feed(system_for(fmt, meta, conversation, 0))
         generation = generation_budget(fmt, nodes, cfg.max_new_tokens)
@@ -286,20 +264,20 @@ class Streamer:
                 # start afresh exactly as a training window starting at this frame would
                 yield from s.refeed([(system_for(fmt, meta, conversation, row), None)])
                 reseeds.append({"frame": f["frame"], "row": row, "strategy": "teacher-forced",
-                                "ref_progress": reference_progress(meta, conversation, row)})
+                                "ref_progress": progress_before(meta, conversation, row)})
             if segments["user"]:
                 yield from s.feed(segments["user"])
             hidden = yield from s.feed(fmt.frame, embeds[row])
             # Without a tracked DST the predicted state stays where the stream started (scored like never-update).
-            before = state_before(meta, row) if fmt.tracks_state else dict(meta["initial_state"])
+            before = state_before(meta, row) if fmt.variant.tracks_state else dict(meta.initial_state)
             gen_delta, gen_text = {}, ""
-            if fmt.tracks_state:
+            if fmt.variant.tracks_state:
                 f["p_update"], _ = s.decisions(hidden)
                 if f["p_update"] > cfg.generate_above and any(v != "completed" for v in before.values()):
                     mark = s.length
                     gen_delta, gen_text, _ = yield from s.update(before)
                     s.crop(mark)
-                if labels["dst_update"][row]:
+                if meta.dst_update[row]:
                     yield from s.feed(fmt.dst_prefix)
                     hidden = yield from s.feed(segments["dst"])
             _, f["p_speak"] = s.decisions(hidden)
@@ -309,7 +287,7 @@ class Streamer:
                 ids, _ = yield from s.greedy(fmt.response_prefix, cfg.max_new_tokens)
                 gen_speech = self._text(ids)
                 s.crop(mark)
-            if conv["speak"][row]:
+            if conv.speak[row]:
                 yield from s.feed(fmt.response_prefix)
                 yield from s.feed(segments["response"])
             f.update(gen_dst_delta=gen_delta, gen_dst_text=gen_text,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from core.errors import InputError
 from eval.jsonio import write_json
 from eval.metrics_dst import DST_WINDOW_S
 from eval.protocol import cut_to_protocol
@@ -38,7 +39,7 @@ THRESHOLDS = ([0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04] + [round(0.05 * i, 2
 DECISIONS = ("speak", "update")
 
 
-class ThresholdsError(ValueError):
+class ThresholdsError(InputError):
     """A thresholds.json that cannot be used: the one-line message names the file and the reason."""
 
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from eval.stream import CONTEXT_STRATEGIES, PROTOCOLS
+from core.settings import ConfigError, hints, problem
+from eval.columns import COLUMNS, PAIRED
+from eval.config import EvalConfig, StreamConfig
 from train.config import TrainConfig, TrainConfigError, resolve
 
 SETTINGS = ("demo", "long")
@@ -32,24 +34,27 @@ BASELINES = ("never", "periodic", "oracle")
 TABLES = {"experiment", "data", "train", "eval", "grid", "fast", "report"}
 EXPERIMENT_KEYS = {"name", "description", "seeds", "baselines"}
 DATA_DEFAULTS = {"setting": "demo", "videos": [120, 20, 20], "seed": 0, "model": "tiny-random", "tokens_per_frame": 5}
-# Eval settings and their defaults (None: the default of `dst eval`; sts_model None: the offline MiniLM if present).
-EVAL_DEFAULTS = {"context_strategy": "reseed", "protocol": "proassist", "max_context": None, "max_new_tokens": 48,
-                 "max_summary_tokens": 160, "dst_window": 2.0, "sts_model": None, "max_videos": None,
-                 "device": "auto"}
+# The `dst eval` settings a cell may set; their types, ranges and defaults are eval/config.py's (sts_model None:
+# the offline MiniLM if present).
+EVAL_KEYS = ("context_strategy", "protocol", "max_context", "max_new_tokens", "max_summary_tokens", "dst_window",
+             "sts_model", "max_videos", "device")
+EVAL_FIELDS = {f.name: (f, hints(StreamConfig)[f.name]) for f in fields(StreamConfig) if f.name in EVAL_KEYS}
+EVAL_FIELDS |= {f.name: (f, hints(EvalConfig)[f.name]) for f in fields(EvalConfig) if f.name in EVAL_KEYS}
+EVAL_DEFAULTS = {key: None if key == "sts_model" else EVAL_FIELDS[key][0].default for key in EVAL_KEYS}
+STREAM_KEYS = tuple(k for k in EVAL_KEYS if k not in {f.name for f in fields(EvalConfig)})  # the rest: EvalConfig
 # Run by the runner itself, never set per cell: the data paths, the run folder, the seed (from `seeds`), resuming,
 # and the model (prepare and train must use the same one: [data] model).
 TRAIN_RESERVED = {"shards", "val_shards", "out", "seed", "resume", "model"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - TRAIN_RESERVED
 FAST_DEFAULTS = {"videos": [8, 4, 4], "seeds": 2, "train": {"max_steps": 30}}
-DEFAULT_COLUMNS = [
-    {"name": "speaking F1", "key": ["test.mean.speak_proassist.f1", "test.mean.speak.f1"]},
-    {"name": "semantic score", "key": ["test.mean.text.semantic_score"]},
-    {"name": "METEOR", "key": ["test.mean.text.METEOR"]},
-    {"name": "DST joint accuracy", "key": ["test.mean.dst.joint_accuracy"]},
-]
+# eval/columns.py's experiment columns, each falling back to its paired block (speak_proassist -> speak) in results
+# that lack it
+DEFAULT_COLUMNS = [{"name": c.label, "key": [f"test.mean.{c.path}"]
+                    + ([f"test.mean.{PAIRED[c.block]}.{c.key}"] if c.block in PAIRED else [])}
+                   for c in COLUMNS if c.experiment]
 
 
-class ExperimentConfigError(ValueError):
+class ExperimentConfigError(ConfigError):
     pass
 
 
@@ -125,57 +130,32 @@ def _fail(path: Path, where: str, message: str):
     raise ExperimentConfigError(f"{path}: {where}: {message}")
 
 
-def _check_type(path: Path, where: str, value, expected: str) -> None:
-    """`expected` is a field annotation of TrainConfig (a string, as `from __future__ import annotations` leaves
-    it) or one of our own."""
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }
-    for option in (e.strip() for e in expected.split("|")):
-        if option == "None" and value is None:
-            return
-        if option in ok and ok[option]:
-            return
-        if option.startswith("dict") and isinstance(value, dict):
-            return
-        if option == "Path" and isinstance(value, str):
-            return
-    _fail(path, where, f"expected {expected}, got {value!r}")
+def _check_type(path: Path, where: str, value, expected: type) -> None:
+    found = problem(where.rsplit(".", 1)[-1], value, expected, {})
+    if found:
+        _fail(path, where, found.split(" ", 1)[1])
 
 
 def _train_options(path: Path, where: str, table: dict) -> dict:
-    types = {f.name: f.type for f in fields(TrainConfig)}
+    types = hints(TrainConfig)
     for key, value in table.items():
         if key in TRAIN_RESERVED:
             _fail(path, f"{where}.{key}", "is set by the runner (seeds in [experiment], model in [data])")
         if key not in TRAIN_KEYS:
             _fail(path, f"{where}.{key}", f"unknown train setting (known: {', '.join(sorted(TRAIN_KEYS))})")
-        _check_type(path, f"{where}.{key}", value, "int | str" if key == "batch_size" else str(types[key]))
+        _check_type(path, f"{where}.{key}", value, int | str if key == "batch_size" else types[key])
     # a token budget may be written as a number; TrainConfig holds it as text ("auto" or digits)
     return {k: str(v) if k == "batch_size" else v for k, v in table.items()}
 
 
 def _eval_options(path: Path, where: str, table: dict) -> dict:
     for key, value in table.items():
-        if key not in EVAL_DEFAULTS:
-            _fail(path, f"{where}.{key}", f"unknown eval setting (known: {', '.join(EVAL_DEFAULTS)})")
-        if key == "context_strategy" and value not in CONTEXT_STRATEGIES:
-            _fail(path, f"{where}.{key}", f"must be one of {CONTEXT_STRATEGIES}, got {value!r}")
-        if key == "protocol" and value not in PROTOCOLS:
-            _fail(path, f"{where}.{key}", f"must be one of {PROTOCOLS}, got {value!r}")
-        if key in ("max_context", "max_new_tokens", "max_summary_tokens", "max_videos"):
-            _check_type(path, f"{where}.{key}", value, "int")
-            if value < 1:
-                _fail(path, f"{where}.{key}", f"must be >= 1, got {value}")
-        if key == "dst_window":
-            _check_type(path, f"{where}.{key}", value, "float")
-            if value < 0:
-                _fail(path, f"{where}.{key}", f"must be >= 0 seconds, got {value}")
-        if key in ("sts_model", "device"):
-            _check_type(path, f"{where}.{key}", value, "str")
+        if key not in EVAL_FIELDS:
+            _fail(path, f"{where}.{key}", f"unknown eval setting (known: {', '.join(EVAL_KEYS)})")
+        f, tp = EVAL_FIELDS[key]
+        found = problem(key, value, tp, f.metadata)
+        if found:
+            _fail(path, f"{where}.{key}", found.removeprefix(f"{key} "))
     return dict(table)
 
 
@@ -197,8 +177,8 @@ def _data(path: Path, table: dict) -> dict:
     videos = data["videos"]
     if not (isinstance(videos, list) and len(videos) == 3 and all(isinstance(v, int) and v >= 1 for v in videos)):
         _fail(path, "data.videos", f"must be [train, val, test] video counts >= 1, got {videos!r}")
-    _check_type(path, "data.seed", data["seed"], "int")
-    _check_type(path, "data.model", data["model"], "str")
+    _check_type(path, "data.seed", data["seed"], int)
+    _check_type(path, "data.model", data["model"], str)
     if data["tokens_per_frame"] not in (1, 5, 17, "all"):
         _fail(path, "data.tokens_per_frame", f"must be 1, 5, 17 or \"all\", got {data['tokens_per_frame']!r}")
     return data
@@ -232,7 +212,9 @@ def _columns(path: Path, report: dict) -> tuple[Column, ...]:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load(path: Path, fast: bool = False) -> ExperimentConfig:
+def load(path: Path, fast: bool = False, overrides: dict | None = None) -> ExperimentConfig:
+    """The experiment file at `path`; `overrides` replace whole keys of its tables (dst demo's --seed and
+    --variants), before anything is checked."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -240,6 +222,8 @@ def load(path: Path, fast: bool = False) -> ExperimentConfig:
         raise ExperimentConfigError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ExperimentConfigError(f"{path}: {exc}") from None
+    for table, values in (overrides or {}).items():
+        raw[table] = {**raw.get(table, {}), **values} if isinstance(values, dict) else values
     for table in raw:
         if table not in TABLES:
             _fail(path, table, f"unknown table (known: {', '.join(sorted(TABLES))})")

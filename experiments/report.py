@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+
+from core.files import write_atomic
+from train.variants import get_variant
 
 STREAM_COLUMN = ("re-seeds per dialogue (test)", "test.reseeds_per_dialogue")
 
@@ -57,7 +59,7 @@ def _is_model(line: dict) -> bool:
 def _applies(line: dict, key: str) -> bool:
     """DST metrics of a variant without a DST are not its own."""
     variant = line.get("config", {}).get("train", {}).get("variant")
-    return not (".dst." in f".{key}" and variant not in (None, "dst"))
+    return not (".dst." in f".{key}" and variant is not None and not get_variant(variant).tracks_state)
 
 
 def _value(line: dict, key: str):
@@ -236,15 +238,7 @@ standard deviation; circles: single seeds.</p>
 """
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_reports(cfg, out: Path, lines: list[dict]) -> None:
-    atomic_write(out / "results.jsonl", "".join(json.dumps(ln) + "\n" for ln in lines))
-    atomic_write(out / "summary.md", summary_markdown(cfg, lines))
-    atomic_write(out / "report.html", report_html(cfg, lines))
+    write_atomic(out / "results.jsonl", "".join(json.dumps(ln) + "\n" for ln in lines))
+    write_atomic(out / "summary.md", summary_markdown(cfg, lines))
+    write_atomic(out / "report.html", report_html(cfg, lines))

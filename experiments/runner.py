@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,13 +33,16 @@ from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from core.errors import InputError
+from core.files import write_atomic
 from eval import evaluate as eval_run
-from experiments.grid import Cell, ExperimentConfig, load
-from experiments.report import atomic_write, flatten, write_reports
-from eval.stream import StreamConfig
+from eval.config import EvalConfig, ScoreConfig, StreamConfig, offline_sts_model
+from experiments.config import ExperimentRunConfig
+from experiments.grid import EVAL_KEYS, STREAM_KEYS, Cell, ExperimentConfig, load
+from experiments.report import flatten, write_reports
 from pipeline import prepare
-from synthetic import long_videos, tasks
 from pipeline.config import PrepareConfig
+from synthetic import long_videos, tasks
 from train import run as train_run
 from train.checkpoint import TRAINER_STATE
 from train.config import resolve as resolve_train
@@ -49,17 +51,8 @@ GENERATORS = {"demo": tasks.generate, "long": long_videos.generate}
 SPLITS = ("train", "val", "test")
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(InputError):
     """The output folder does not fit the config, or a step stopped before it finished."""
-
-
-@dataclass(frozen=True)
-class ExperimentRunConfig:
-    config: Path
-    out: Path
-    fast: bool = False
-    threads: int | None = None  # torch CPU threads; None: torch's default
-    rescore: bool = False  # score the finished cells again from their predictions; nothing else runs
 
 
 def _read(path: Path) -> dict | None:
@@ -98,7 +91,7 @@ def prepare_data(cfg: ExperimentConfig, out: Path, console: Console) -> dict[str
     if not marker.is_file():
         console.rule(f"generate the {data['setting']} synthetic videos {data['videos']} (seed {data['seed']})")
         summary = GENERATORS[data["setting"]](out / "data", *data["videos"], seed=data["seed"])
-        atomic_write(marker, json.dumps(summary, indent=1))
+        write_atomic(marker, json.dumps(summary, indent=1))
     generated = json.loads(marker.read_text())
     shards = {}
     for split in SPLITS:
@@ -138,7 +131,7 @@ def train_cell(cfg: ExperimentConfig, cell: Cell, seed: int, out: Path, shards: 
                               "command to resume it")
     done = {"train_s": round(time.time() - started, 1), "steps": step, "resumed": resume, "trained_for": cell.slug,
             "load_1m": [load_before, _load()], "config": train_cfg.to_json()}
-    atomic_write(marker, json.dumps(done, indent=1))
+    write_atomic(marker, json.dumps(done, indent=1))
     return {**done, "reused": False}
 
 
@@ -149,23 +142,15 @@ def eval_split(cell: Cell, folder: Path, shards: Path, ckpt: Path | None, consol
     if marker.is_file():
         return json.loads(marker.read_text())
     e = cell.eval
-    stream = StreamConfig(mode=mode, context_strategy=e["context_strategy"], protocol=e["protocol"],
-                          max_new_tokens=e["max_new_tokens"], max_summary_tokens=e["max_summary_tokens"])
-    cfg = eval_run.EvalConfig(shards=shards, out=folder, ckpt=ckpt, stream=stream, max_context=e["max_context"],
-                              dst_window_s=e["dst_window"], sweep=sweep, thresholds_from=thresholds_from,
-                              sts_model=e["sts_model"] or _offline_sts(), max_videos=e["max_videos"],
-                              device=e["device"])
+    stream = StreamConfig(mode=mode, **{k: e[k] for k in EVAL_KEYS if k in STREAM_KEYS})
+    cfg = EvalConfig(shards=shards, out=folder, ckpt=ckpt, stream=stream, sweep=sweep, thresholds_from=thresholds_from,
+                     **{k: e[k] for k in EVAL_KEYS if k not in STREAM_KEYS and k != "sts_model"},
+                     sts_model=e["sts_model"] or offline_sts_model())
     load_before, started = _load(), time.time()
     eval_run.run(cfg, console)
     done = {"eval_s": round(time.time() - started, 1), "load_1m": [load_before, _load()]}
-    atomic_write(marker, json.dumps(done))
+    write_atomic(marker, json.dumps(done))
     return done
-
-
-def _offline_sts() -> str:
-    from experiments.demo import offline_sts_model
-
-    return offline_sts_model()
 
 
 def stream_stats(folder: Path) -> dict:
@@ -183,7 +168,7 @@ def stream_stats(folder: Path) -> dict:
 def run_cell(cfg: ExperimentConfig, cell: Cell, seed: int, out: Path, shards: dict[str, Path],
              console: Console) -> dict:
     folder = out / "cells" / cell.slug / f"seed-{seed}"
-    atomic_write(out / "cells" / cell.slug / "cell.json", json.dumps(_cell_record(cell), indent=1))
+    write_atomic(out / "cells" / cell.slug / "cell.json", json.dumps(_cell_record(cell), indent=1))
     trained = train_cell(cfg, cell, seed, out, shards, console)
     ckpt = out / "runs" / cell.train_slug / f"seed-{seed}" / "checkpoints" / "last"
     val = eval_split(cell, folder / "val", shards["val"], ckpt, console, sweep=True)
@@ -207,7 +192,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, seed: int, out: Path, shards: di
                     "torch_threads": torch.get_num_threads()},
         "git_commit": train_run.git_commit(),
     }
-    atomic_write(folder / "result.json", json.dumps(result))
+    write_atomic(folder / "result.json", json.dumps(result))
     return result
 
 
@@ -223,7 +208,7 @@ def run_baseline(cfg: ExperimentConfig, mode: str, out: Path, shards: dict[str, 
               "metrics": flatten(metrics), "stream": {}, "thresholds": {},
               "timings": {"test_eval_s": done["eval_s"], "load_1m": {"test": done["load_1m"]}},
               "git_commit": train_run.git_commit()}
-    atomic_write(folder / "result.json", json.dumps(result))
+    write_atomic(folder / "result.json", json.dumps(result))
     return result
 
 
@@ -257,16 +242,20 @@ def _status(console: Console, done: int, total: int, started: float, ran: int) -
 def run(rc: ExperimentRunConfig, console: Console | None = None) -> list[dict]:
     console = console or Console()
     cfg = load(rc.config, fast=rc.fast)  # every config error is raised here, before anything runs
-    if rc.threads is not None and rc.threads < 1:
-        raise ExperimentError(f"--threads must be >= 1, got {rc.threads}")
-    check_out(cfg, rc.out)
-    threads = torch.get_num_threads()
-    if rc.threads is not None:
-        torch.set_num_threads(rc.threads)
-    try:
-        return _rescore(cfg, rc.out, console) if rc.rescore else _run_grid(cfg, rc.out, console)
-    finally:
+    return run_experiment(cfg, rc.out, console, threads=rc.threads, rescore=rc.rescore)
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path, console: Console, threads: int | None = None,
+                   rescore: bool = False) -> list[dict]:
+    """The one chain of stages for `dst experiment` and `dst demo`: results lines of every finished cell."""
+    check_out(cfg, out)
+    default_threads = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _rescore(cfg, out, console) if rescore else _run_grid(cfg, out, console)
+    finally:
+        torch.set_num_threads(default_threads)
 
 
 def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
@@ -282,18 +271,18 @@ def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
     for n, folder in enumerate(finished, 1):
         result = json.loads((folder / "result.json").read_text())
         e = result["config"]["eval"]
-        sts = e["sts_model"] or _offline_sts()
+        sts = e["sts_model"] or offline_sts_model()
         if sts not in embedders:
             embedders[sts] = load_embedder(sts)
         splits = {"test": folder} if result["seed"] is None else {s: folder / s for s in ("val", "test")}
         metrics = {}
         for split, where in splits.items():  # what `dst score` does, with the embedder loaded once
-            metrics[split] = eval_run.score_file(where / "predictions.jsonl", where / "metrics.json", sts,
-                                                 Console(quiet=True), protocol=e["protocol"],
-                                                 dst_window_s=e["dst_window"], embed=embedders[sts])
+            score = ScoreConfig(where / "predictions.jsonl", where / "metrics.json", sts, e["protocol"],
+                                e["dst_window"])
+            metrics[split] = eval_run.score_file(score, Console(quiet=True), embed=embedders[sts])
         result["metrics"] = flatten(metrics)
         result["rescored"] = {"git_commit": commit}
-        atomic_write(folder / "result.json", json.dumps(result))
+        write_atomic(folder / "result.json", json.dumps(result))
         console.print(f"[{n}/{len(finished)}] re-scored {folder.relative_to(out)}", highlight=False)
     lines = collect(cfg, out)
     write_reports(cfg, out, lines)
@@ -303,7 +292,7 @@ def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
 
 
 def _run_grid(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
-    atomic_write(out / "experiment.json", json.dumps({"identity": cfg.identity(), "config_file": str(cfg.path),
+    write_atomic(out / "experiment.json", json.dumps({"identity": cfg.identity(), "config_file": str(cfg.path),
                                                       "config": cfg.raw}, indent=1, default=str))
     started = time.time()
     shards = prepare_data(cfg, out, console)

@@ -1,7 +1,7 @@
-"""The resolved configuration of `dst prepare`, from command-line options over a data config file.
+"""The settings of `dst labels` and `dst prepare`, declared once (core/settings.py).
 
-The data config file (TOML, default `configs/data.toml`) names the data paths per split, so that
-`dst prepare --split train` alone works:
+`dst prepare` also reads a data config file (TOML, default `configs/data.toml`) that names the data paths per
+split, so that `dst prepare --split train` alone works:
 
     [prepare]                       # defaults for every split
     model = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
@@ -21,35 +21,68 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import ConfigError, fps_problem, number_problem
-from pipeline.embeddings import DEFAULT_TOKENS_PER_FRAME, parse_tokens_per_frame
+from core.runtime import DEVICE_HELP
+from core.settings import MAX_FPS, ConfigError, check, setting
 from pipeline.timeline import DEFAULT_FPS
 
 DEFAULT_CONFIG = Path("configs/data.toml")
+ALL = "all"
+DEFAULT_TOKENS_PER_FRAME = 5
+TOKENS_PER_FRAME_OPTIONS: tuple[int | str, ...] = (1, 5, 17, ALL)
 
 
+def parse_tokens_per_frame(value: int | str) -> int | str:
+    """`"all"` or a positive int (CLI strings such as `"5"` included); anything else is a ValueError."""
+    if isinstance(value, str):
+        if value.strip().lower() == ALL:
+            return ALL
+        if not value.strip().isdigit():
+            raise ValueError(f"tokens_per_frame must be a positive integer or {ALL!r}, got {value!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"tokens_per_frame must be a positive integer or {ALL!r}, got {value!r}")
+    return value
+
+
+def fps_setting(help: str):
+    return setting(DEFAULT_FPS, help, minimum=0, maximum=MAX_FPS, above=True)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    dst_json: Path = setting(help="DST-augmented dialogues: a JSON list of video records.")
+    frames_root: Path = setting(help="ProAssist processed_data folder ({dataset}/frames/{name}.arrow).")
+    out: Path = setting(help="Output parquet file, one row per (video, conversation, decision point).")
+    fps: float = fps_setting("Frame rate of the frames files.")
+    strict: bool = setting(False, "Fail (exit 1, write nothing) if any record is unusable.")
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    split: str
-    dst_json: tuple[Path, ...]
-    model: str
-    out: Path
-    frames_root: Path | None = None
-    videos_root: Path | None = None
-    tokens_per_frame: int | str = DEFAULT_TOKENS_PER_FRAME
-    fps: float = DEFAULT_FPS
-    batch_size: int = 32
-    device: str = "auto"  # "auto": cuda:{LOCAL_RANK} when CUDA is available, else cpu
-    shard_size_mb: float = 1024.0
-    strict: bool = False
-    max_videos: int | None = None
-    workers: int | None = None  # decoding processes beside the encoder; None: min(4, CPUs - 1); 0: in-process
+    split: str = setting(help="Split name; picks [splits.<split>] in the config file.")
+    dst_json: tuple[Path, ...] = setting(help="DST-augmented dialogues (repeatable). Default: the config file's.")
+    model: str = setting(help="SmolVLM2 hub id, local folder, smollm2-135m or tiny-random.")
+    out: Path = setting(help="Output folder. Default: shards/<split>.")
+    frames_root: Path | None = setting(None, "ProAssist processed_data folder ({dataset}/frames/{name}.arrow).")
+    videos_root: Path | None = setting(None, "Raw videos folder ({dataset}/{video_uid}.mp4), instead of frames.")
+    tokens_per_frame: int | str = setting(DEFAULT_TOKENS_PER_FRAME, "1, 5 (mean + 2x2), 17 (mean + 4x4) or all.")
+    fps: float = fps_setting("Frame rate of the stream.")
+    batch_size: int = setting(32, "Frames per encoder batch.", minimum=1)
+    device: str = setting("auto", DEVICE_HELP + "; under torchrun each rank takes cuda:LOCAL_RANK.")
+    shard_size_mb: float = setting(1024.0, "Target shard size in MiB.", minimum=0, above=True)
+    strict: bool = setting(False, "Fail if any record is unusable.")
+    max_videos: int | None = setting(None, "Only the first N usable videos (for trials).", minimum=1)
+    workers: int | None = setting(None, "Processes that decode and resize frames ahead of the encoder (default "
+                                  "min(4, CPUs - 1); 0: in the main process).", minimum=0)
+
+    def __post_init__(self):
+        check(self)
 
 
 _PATHS = {"frames_root", "videos_root", "out"}
-_KNOWN = {f.name for f in fields(PrepareConfig)}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -68,7 +101,7 @@ def _from_file(split: str, path: Path) -> dict[str, Any]:
     if split not in splits:
         raise ConfigError(f"config file {path} has no [splits.{split}] (it has: {', '.join(splits) or 'none'})")
     values = {**data.get("prepare", {}), **splits[split]}
-    unknown = set(values) - _KNOWN
+    unknown = set(values) - {f.name for f in fields(PrepareConfig)}
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {sorted(unknown)} for split {split!r}")
     base = path.parent
@@ -80,9 +113,12 @@ def _from_file(split: str, path: Path) -> dict[str, Any]:
     return values
 
 
-def resolve(split: str, options: dict[str, Any], config_path: Path | None = None) -> PrepareConfig:
+def resolve(split: str | None, options: dict[str, Any], config_path: Path | None = None) -> PrepareConfig:
     """Options given on the command line (None = not given) over the config file over the defaults. The config
     file is read when `config_path` is given, or when the default one exists."""
+    if not split:
+        raise ConfigError("--split is required")
+    options = {k: v for k, v in options.items() if k != "split"}
     path = config_path if config_path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     values = _from_file(split, path) if path is not None else {}
     given = {k: v for k, v in options.items() if v is not None and v != ()}
@@ -104,12 +140,4 @@ def resolve(split: str, options: dict[str, Any], config_path: Path | None = None
         values["tokens_per_frame"] = parse_tokens_per_frame(values.get("tokens_per_frame", DEFAULT_TOKENS_PER_FRAME))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    cfg = PrepareConfig(**values)
-    problem = (fps_problem(cfg.fps) or number_problem("batch_size", cfg.batch_size, minimum=1, integer=True)
-               or number_problem("shard_size_mb", cfg.shard_size_mb, minimum=0, above_minimum=True)
-               or (cfg.max_videos is not None and number_problem("max_videos", cfg.max_videos, minimum=1,
-                                                                 integer=True))
-               or (cfg.workers is not None and number_problem("workers", cfg.workers, minimum=0, integer=True)))
-    if problem:
-        raise ConfigError(problem)
-    return cfg
+    return PrepareConfig(**values)

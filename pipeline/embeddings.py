@@ -8,7 +8,7 @@ cuts that to `tokens_per_frame`:
   (`adaptive_avg_pool2d`, so windows overlap when k does not divide G, e.g. 9 -> 2);
 - `"all"` (or G*G): the grid unchanged.
 
-Stored as float16 (DESIGN section 4).
+Stored as float16 (docs/design.md §4.1).
 """
 
 from __future__ import annotations
@@ -18,22 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-ALL = "all"
-TOKENS_PER_FRAME_OPTIONS: tuple[int | str, ...] = (1, 5, 17, ALL)
-DEFAULT_TOKENS_PER_FRAME = 5
-
-
-def parse_tokens_per_frame(value: int | str) -> int | str:
-    """`"all"` or a positive int (CLI strings such as `"5"` included); anything else is a ValueError."""
-    if isinstance(value, str):
-        if value.strip().lower() == ALL:
-            return ALL
-        if not value.strip().isdigit():
-            raise ValueError(f"tokens_per_frame must be a positive integer or {ALL!r}, got {value!r}")
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"tokens_per_frame must be a positive integer or {ALL!r}, got {value!r}")
-    return value
+from pipeline.config import ALL, DEFAULT_TOKENS_PER_FRAME, TOKENS_PER_FRAME_OPTIONS, parse_tokens_per_frame
 
 
 def _pooled_side(tokens_per_frame: int | str, grid: int) -> int | None:

@@ -39,7 +39,13 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline.feed_worker import batch_name, decode_and_preprocess, error_reply, worker_main
+from core.errors import InputError
+from pipeline.feed_worker import (
+    batch_name,
+    decode_and_preprocess,
+    error_reply,
+    worker_main,
+)
 from pipeline.frame_sources import FrameSourceError, open_frames
 
 BATCH_TIMEOUT_S = 600.0  # no answer for a batch in this long: the worker is stuck (a 32-frame batch takes ~1 s)
@@ -49,7 +55,7 @@ _SLOTS_PER_WORKER = 2
 _SHM_DIR = Path("/dev/shm")
 
 
-class FrameFeedError(RuntimeError):
+class FrameFeedError(InputError):
     """Decoding or preprocessing failed in a way that is not a bad file or a bad frame (a worker died, stalled, or
     raised); the message names the video and the frames."""
 

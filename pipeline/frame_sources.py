@@ -1,4 +1,4 @@
-"""RGB frames of one video as uint8 arrays, from a ProAssist frames file (`.arrow`) or a raw video (DESIGN 2, 3).
+"""RGB frames of one video as uint8 arrays, from a ProAssist frames file (`.arrow`) or a raw video (docs/design.md §2-3).
 
     with open_frames(path, fps=2.0) as src:        # src.backend: "arrow", "decord" or "pyav"
         frames, bad = src.read(range(src.num_frames))   # uint8 [n, H, W, 3], indices that could not be decoded

@@ -1,6 +1,6 @@
 """ProAssist frames files: where a video's file lives and how many frames it holds.
 
-Layout (DESIGN section 2): `{frames_root}/{dataset}/frames/{name}.arrow`, an Arrow IPC *stream* with one string
+Layout (docs/design.md §2): `{frames_root}/{dataset}/frames/{name}.arrow`, an Arrow IPC *stream* with one string
 column `frame` (a base64 JPEG per row, one row per frame at the dataset fps). `{name}` is the video_uid, except that
 assembly101 drops everything up to and including the first `_` (assembly_X and disassembly_X share `X.arrow`) and
 ego4d drops a leading `grp-`.
@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from core.errors import InputError
+from core.files import atomic_path
 from core.safe_names import name_problem, quoted
 
 FRAME_COLUMN = "frame"
@@ -22,7 +24,7 @@ FRAMES_LAYOUT = "{dataset}/frames/{name}.arrow"
 VIDEOS_LAYOUT = "{dataset}/{name}.mp4"
 
 
-class FramesFileError(ValueError):
+class FramesFileError(InputError):
     """A frames file that is missing or cannot be read; the message names the file and the reason."""
 
 
@@ -104,16 +106,10 @@ def write_frames_file(path: str | Path, jpeg_frames: list[bytes], batch_rows: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([(FRAME_COLUMN, pa.string())])
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_stream(sink, schema) as writer:
-            for i in range(0, len(jpeg_frames), batch_rows):
-                chunk = [base64.b64encode(b).decode("ascii") for b in jpeg_frames[i : i + batch_rows]]
-                writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_stream(sink, schema) as writer:
+        for i in range(0, len(jpeg_frames), batch_rows):
+            chunk = [base64.b64encode(b).decode("ascii") for b in jpeg_frames[i : i + batch_rows]]
+            writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
 
 
 def synthetic_jpegs(n_frames: int, size: int = 64, seed: int = 0) -> list[bytes]:

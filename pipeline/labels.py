@@ -12,13 +12,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from pipeline.checks import ConfigError, fps_problem
-from pipeline.frames_files import FRAMES_LAYOUT, FramesFileError, count_frames, find_frames_file
+from core.errors import DataError
+from core.files import temporary
+from pipeline.config import LabelsConfig
+from pipeline.frames_files import (
+    FRAMES_LAYOUT,
+    FramesFileError,
+    count_frames,
+    find_frames_file,
+)
 from pipeline.records import RecordError, VideoRecord, load_record_list, parse_record
-from pipeline.timeline import DEFAULT_FPS, VideoLabels, point_time, video_labels
+from pipeline.timeline import VideoLabels, point_time, video_labels
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -39,21 +52,7 @@ LABEL_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class LabelsConfig:
-    dst_json: Path
-    frames_root: Path
-    out: Path
-    fps: float = DEFAULT_FPS
-    strict: bool = False
-
-    def __post_init__(self):
-        problem = fps_problem(self.fps)
-        if problem:
-            raise ConfigError(problem)
-
-
-class NoUsableRecords(RuntimeError):
+class NoUsableRecords(DataError):
     """Every record was skipped (or there were none): the run cannot do its job (exit 1); nothing is written."""
 
 
@@ -169,7 +168,7 @@ def write_labels(videos: Iterable[VideoLabels], out: Path, report: LabelsReport)
     """Write the rows of `videos` to `out.tmp` and return that path; the caller renames it when the run is good.
     Nothing half-written is left behind if the run is interrupted."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temporary(out)
     try:
         with pq.ParquetWriter(str(tmp), LABEL_SCHEMA) as writer:
             for labels in videos:

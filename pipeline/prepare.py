@@ -10,7 +10,6 @@ finished shards and cached videos, so it re-encodes nothing; at the end rank 0 m
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -19,35 +18,60 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from pipeline.embeddings import encode_frames, tokens_per_frame_count
-from pipeline.frame_feeder import FrameFeedError, FrameFeeder, default_workers
-from pipeline.frame_sources import FrameSourceError, NoDecodableFrame, open_frames, replacement_rows
-from pipeline.frames_files import VIDEOS_LAYOUT, FramesFileError, find_frames_file, find_video_file
-from pipeline.labels import (LabelsReport, NoUsableRecords, arrow_frame_counter, fail_if_nothing_usable,
-                             fail_if_strict, frames_layout_hint, iter_video_labels, write_labels)
+from core.errors import InputError
+from core.files import write_atomic
+from core.runtime import Ranks, choose_device, process_group
 from pipeline.config import PrepareConfig
+from pipeline.embeddings import encode_frames, tokens_per_frame_count
+from pipeline.frame_feeder import FrameFeeder, default_workers
+from pipeline.frame_sources import (
+    FrameSourceError,
+    NoDecodableFrame,
+    open_frames,
+    replacement_rows,
+)
+from pipeline.frames_files import (
+    VIDEOS_LAYOUT,
+    FramesFileError,
+    find_frames_file,
+    find_video_file,
+)
+from pipeline.labels import (
+    LabelsReport,
+    NoUsableRecords,
+    arrow_frame_counter,
+    fail_if_nothing_usable,
+    fail_if_strict,
+    frames_layout_hint,
+    iter_video_labels,
+    write_labels,
+)
+from pipeline.models import load_model
 from pipeline.prepare_report import STATE_DIR, print_summary, write_manifest
 from pipeline.records import VideoRecord, load_record_list
-from pipeline.shards import SHARD_PATTERN, encode_sample, npy_bytes, plan_shards, sample_key, sample_meta, write_shard
-from pipeline.smolvlm import load_model, vision_spec
+from pipeline.shards import (
+    SHARD_PATTERN,
+    VideoMeta,
+    encode_sample,
+    npy_bytes,
+    plan_shards,
+    sample_key,
+    write_shard,
+)
+from pipeline.smolvlm import vision_spec
 from pipeline.timeline import VideoLabels
 
 
-class PlanMismatch(RuntimeError):
+class PlanMismatch(InputError):
     """The output folder holds a run with other settings or other videos."""
-
-
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank), from torchrun's environment; one process otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(cfg: PrepareConfig, local_rank: int) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _source_path(cfg: PrepareConfig, record: VideoRecord) -> Path:
@@ -68,12 +92,6 @@ def _frame_counter(cfg: PrepareConfig):
             raise FramesFileError(str(exc)) from None
 
     return count
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def encode_video(model, labels: VideoLabels, path: Path, cfg: PrepareConfig, image_size: int,
@@ -188,9 +206,9 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
             progress.advance(tasks["videos"])
             continue
         if cached is None:
-            _atomic_write(emb_path, npy_bytes(emb))
-            _atomic_write(info_path, json.dumps(info).encode())
-        samples.append(encode_sample(key, emb, sample_meta(labels, cfg.model, cfg.tokens_per_frame)))
+            write_atomic(emb_path, npy_bytes(emb))
+            write_atomic(info_path, json.dumps(info).encode())
+        samples.append(encode_sample(key, emb, VideoMeta.from_labels(labels, cfg.model, cfg.tokens_per_frame)))
         status[labels.record.video_uid] = {
             "status": "written", "key": key, "shard": shard.name, "dataset": labels.record.dataset,
             "first_frame": labels.k0, "num_frames": labels.n_frames, "frames": len(labels.points),
@@ -201,7 +219,7 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
         }
         progress.advance(tasks["videos"])
     # Status first, shard second: a shard on disk always has its status beside it.
-    _atomic_write(shard.parent / STATE_DIR / f"{shard.stem}.json", json.dumps(status).encode())
+    write_atomic(shard.parent / STATE_DIR / f"{shard.stem}.json", json.dumps(status).encode())
     write_shard(shard, samples)
     for key in keys:
         for suffix in (".npy", ".json"):
@@ -210,21 +228,13 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
 
 def run(cfg: PrepareConfig, console: Console | None = None) -> dict | None:
     """Prepare `cfg.out`; returns the manifest on rank 0 (None on other ranks)."""
-    rank, world, local_rank = _dist()
+    ranks = Ranks.from_env()
     console = console or Console()
-    device = _device(cfg, local_rank)
-    own_group = world > 1 and not torch.distributed.is_initialized()
-    if own_group:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # Ranks only meet once, at the end, and may finish hours apart: a CPU (gloo) barrier with a long timeout
-        # rather than NCCL's watchdog. torchrun stops every rank if one fails.
-        torch.distributed.init_process_group("gloo", timeout=timedelta(days=3))
-    try:
-        return _run(cfg, rank, world, device, console if rank == 0 else Console(quiet=True))
-    finally:
-        if own_group:
-            torch.distributed.destroy_process_group()
+    device = choose_device(cfg.device, ranks)
+    # Ranks only meet once, at the end, and may finish hours apart: a CPU (gloo) barrier with a long timeout
+    # rather than NCCL's watchdog. torchrun stops every rank if one fails.
+    with process_group(ranks, device, "gloo", timedelta(days=3)):
+        return _run(cfg, ranks.rank, ranks.world, device, console if ranks.main else Console(quiet=True))
 
 
 def _layout_hint(cfg: PrepareConfig) -> str:
@@ -256,7 +266,7 @@ def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: C
     if rank == 0:
         write_labels(videos, out / "labels.parquet", LabelsReport()).replace(out / "labels.parquet")
         if not (state / "plan.json").exists():
-            _atomic_write(state / "plan.json", json.dumps(plan, indent=1).encode())
+            write_atomic(state / "plan.json", json.dumps(plan, indent=1).encode())
     by_key = {sample_key(v.record.dataset, v.record.video_uid): v for v in videos}
     mine = [(i, keys) for i, keys in enumerate(plan["shards"]) if i % world == rank]
     todo = [(i, keys) for i, keys in mine if not (out / SHARD_PATTERN.format(i)).exists()]

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from core.files import write_atomic
 from pipeline.labels import LabelsReport
 from pipeline.shards import SHARD_PATTERN
 from pipeline.timeline import VideoLabels
@@ -58,9 +59,7 @@ def write_manifest(out: Path, config: dict, plan: dict, report: LabelsReport, vi
         "videos": per_video,
         "skipped": skipped,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

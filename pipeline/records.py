@@ -1,4 +1,4 @@
-"""The DST-augmented dialogue records (DESIGN section 2): reading, validating, typed access.
+"""The DST-augmented dialogue records (docs/design.md §2): reading, validating, typed access.
 
 A file is a JSON list of video records. Each record is a ProAssist `generated_dialogs` record plus a `dst` list of
 flat step nodes. `parse_record` turns one raw dict into a `VideoRecord` or raises `RecordError` naming the record
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.errors import InputError
 from core.safe_names import name_problem, quoted, shown
 
 ROLES = ("user", "assistant")
@@ -25,7 +26,7 @@ NODE_ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 MAX_SECONDS = 86_400.0
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record that cannot be used; `video_uid` names it (or its position when it has none)."""
 
     def __init__(self, video_uid: str, reason: str):
@@ -34,7 +35,7 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-class InputFileError(ValueError):
+class InputFileError(InputError):
     """The input file as a whole cannot be read (missing, malformed JSON, wrong top-level type)."""
 
 

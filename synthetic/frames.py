@@ -14,32 +14,42 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.checks import ConfigError, fps_problem, number_problem
-from pipeline.frames_files import FramesFileError, frames_file_candidates, synthetic_jpegs, write_frames_file
-from pipeline.records import MAX_SECONDS, RecordError, VideoRecord, load_record_list, parse_record
-from pipeline.timeline import DEFAULT_FPS, frame_at
+from core.errors import DataError
+from core.settings import check, setting
+from pipeline.config import fps_setting
+from pipeline.frames_files import (
+    FramesFileError,
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
+from pipeline.records import (
+    MAX_SECONDS,
+    RecordError,
+    VideoRecord,
+    load_record_list,
+    parse_record,
+)
+from pipeline.timeline import frame_at
 
 MAX_FRAMES = 100_000  # per file: about 14 hours at 2 fps, some 200 MB of 64-pixel pictures
 
 
-class NothingWritten(RuntimeError):
+class NothingWritten(DataError):
     """No record gave a frames file (exit 1)."""
 
 
 @dataclass(frozen=True)
 class SynthFramesConfig:
-    dst_json: Path
-    out: Path  # a frames root: files land in {out}/{dataset}/frames/{name}.arrow
-    fps: float = DEFAULT_FPS
-    size: int = 64
-    default_duration: float = 60.0  # seconds after the start, for records without `duration`
+    dst_json: Path = setting(help="DST-augmented dialogues: a JSON list of video records.")
+    out: Path = setting(help="Frames root to create ({dataset}/frames/{name}.arrow).")
+    fps: float = fps_setting("Frame rate of the files.")
+    size: int = setting(64, "Picture side in pixels (ProAssist's are 384).", minimum=8, maximum=1024)
+    default_duration: float = setting(60.0, "Seconds of video after the start, for records without a duration.",
+                                      minimum=0, maximum=MAX_SECONDS, above=True)
 
     def __post_init__(self):
-        problem = (fps_problem(self.fps) or number_problem("size", self.size, minimum=8, maximum=1024, integer=True)
-                   or number_problem("default_duration", self.default_duration, minimum=0, maximum=MAX_SECONDS,
-                                     above_minimum=True))
-        if problem:
-            raise ConfigError(problem)
+        check(self)
 
 
 def _frames_path(cfg: SynthFramesConfig, record: VideoRecord) -> tuple[Path, int]:

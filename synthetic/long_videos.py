@@ -33,9 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
-from synthetic.tasks import (DATASETS, FINAL, FIRST_INSTRUCTION, FLICKER_LEVEL, FLICKER_PROB, INSTRUCTIONS,
-                                      NOISE_SIGMA, USER_TYPES, _jpeg, _time, frames_root, question_frames,
-                                      render_frame, splits, write_splits)
+from synthetic.tasks import (
+    DATASETS,
+    FINAL,
+    FIRST_INSTRUCTION,
+    FLICKER_LEVEL,
+    FLICKER_PROB,
+    INSTRUCTIONS,
+    NOISE_SIGMA,
+    USER_TYPES,
+    _jpeg,
+    _time,
+    frames_root,
+    question_frames,
+    render_frame,
+    splits,
+    write_splits,
+)
 
 __all__ = ["generate", "make_video", "LONG_MAX_CONTEXT", "LONG_TASKS", "MIN_FRAMES", "QUESTIONS", "splits", "frames_root"]
 

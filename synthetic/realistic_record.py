@@ -8,7 +8,7 @@ step names that are full sentences, assistant turns of one to three sentences, a
 from __future__ import annotations
 
 from pipeline.records import parse_record
-from pipeline.shards import sample_meta
+from pipeline.shards import VideoMeta
 from pipeline.timeline import video_labels
 
 FPS = 2.0
@@ -84,4 +84,4 @@ def realistic_meta(tokens_per_frame: int = 5, n_frames: int = int(SECONDS * FPS)
     """The record's shard metadata (labels at every decision point), as `dst prepare` would store it; a smaller
     `n_frames` cuts the video short (later turns and transitions are dropped by the usual rules)."""
     labels = video_labels(parse_record(realistic_raw_record()), n_frames, FPS)
-    return sample_meta(labels, "realistic", tokens_per_frame)
+    return VideoMeta.from_labels(labels, "realistic", tokens_per_frame)

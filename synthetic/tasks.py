@@ -1,9 +1,9 @@
-"""Synthetic procedural task videos in the real input formats (DESIGN section 2), made to be learnable.
+"""Synthetic procedural task videos in the real input formats (docs/design.md §2), made to be learnable.
 
 `generate(out_dir, n_train, n_val, n_test)` writes `out_dir/dst/{split}.json` (records as ProAssist's generated
 dialogs plus `dst`) and `out_dir/processed_data/{dataset}/frames/{video_uid}.arrow` (base64 JPEG rows at `fps`).
 
-Why it can be learned by a tiny model whose vision encoder is random (DESIGN section 3 decides the rules):
+Why it can be learned by a tiny model whose vision encoder is random (docs/design.md §3 decides the rules):
 - every step start/end is a frame boundary `m / fps`; its transition happens at decision point `m - 1`, and frame `k`
   is rendered as the scene at the END of its interval, `(k + 1) / fps`, so frame `m - 1` already shows the new step;
 - a step's picture is fixed by (dataset, task, canonical step): a background hue, a large shape in a quadrant and a

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
+from pipeline.frames_files import (
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXAMPLE_JSON = FIXTURES / "dst_record_example.json"
@@ -87,6 +91,6 @@ def tiny_run(tiny_shards, tmp_path_factory) -> Path:
 def smollm2():
     """(model, tokenizer) of `smollm2-135m`: the real SmolLM2-135M-Instruct in a SmolVLM2-256M shape. The first run
     on a machine converts the GGUF once (about 30 s) into the user's cache; later runs load it in about a second."""
-    from pipeline.smolvlm import load_model
+    from pipeline.models import load_model
 
     return load_model("smollm2-135m")

@@ -7,9 +7,9 @@ import torch
 
 from eval.engine import StreamEngine
 from eval.stream import StreamConfig, Streamer
+from pipeline.shard_index import ShardIndex
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat
-from pipeline.shard_index import ShardIndex
 
 # Low thresholds: the barely trained model updates and speaks often, so generation, constrained decoding, rollback
 # and re-seeds (small contexts) all happen while other dialogues feed frames in the same rounds.
@@ -28,7 +28,7 @@ def dialogues(index):
     for vid in index.video_ids:
         meta = index.meta(vid)
         emb = index.rows(vid, 0, index.num_rows(vid))
-        for c in range(len(meta["labels"]["conversations"])):
+        for c in range(len(meta.conversations)):
             yield (vid, c), meta, emb, c
 
 
@@ -117,7 +117,7 @@ def test_eval_batch_dialogues_option(tiny_run, tiny_shards, tmp_path):
     from typer.testing import CliRunner
 
     from cli import app
-    from experiments.demo import offline_sts_model
+    from eval.config import offline_sts_model
 
     def lines(batch: int) -> list[dict]:
         out = tmp_path / str(batch)
@@ -137,4 +137,4 @@ def test_eval_batch_dialogues_option(tiny_run, tiny_shards, tmp_path):
             assert (fa["pred_text"], fa["pred_dst_delta"]) == (fb["pred_text"], fb["pred_dst_delta"])
     result = CliRunner().invoke(app, ["eval", "--shards", str(tiny_shards), "--out", str(tmp_path / "bad"),
                                       "--mode", "never", "--batch-dialogues", "0"])
-    assert result.exit_code == 2 and "--batch-dialogues must be >= 1" in result.output
+    assert result.exit_code == 2 and "batch_dialogues must be >= 1" in result.output

@@ -22,4 +22,8 @@ def test_fast_demo_beats_the_baselines(tmp_path):
         assert model["update_f1"] > baseline["update_f1"] + 0.2
         assert model["joint_accuracy"] > baseline["joint_accuracy"]
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
-    assert (out / "eval" / "dst" / "val" / "thresholds.json").exists()
+    # the demo is an experiment run by the runner: its cells, results lines and reports are the runner's
+    assert (out / "experiment" / "cells" / "variant-dst" / "seed-0" / "val" / "thresholds.json").exists()
+    lines = [json.loads(x) for x in (out / "experiment" / "results.jsonl").read_text().splitlines()]
+    assert [ln["cell"] for ln in lines] == ["variant=dst", "baseline never", "baseline periodic", "baseline oracle"]
+    assert lines[0]["metrics"]["test.mean.speak.f1"] == model["speak_f1"]

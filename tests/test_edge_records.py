@@ -1,4 +1,4 @@
-"""Hand-computed labels for a record written to hit the awkward cases of DESIGN section 3.
+"""Hand-computed labels for a record written to hit the awkward cases of docs/design.md §3.
 
 fps 2, video_start_time 2.0 -> k0 = 4; 20 frames -> points 4..19.
 """

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.demo import offline_sts_model
+from eval.config import offline_sts_model
 from eval.distributed import balanced_shares
 
 DST = str(Path(sys.executable).with_name("dst"))

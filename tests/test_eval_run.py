@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from cli import app
-from experiments.demo import offline_sts_model
+from eval.config import offline_sts_model
 from eval.sweep import THRESHOLDS, best_threshold
 
 STS = offline_sts_model()

@@ -10,8 +10,8 @@ import json
 
 import polars as pl
 import pytest
-
 from conftest import EXAMPLE_JSON, write_dummy_frames
+
 from pipeline import labels as labels_cmd
 
 UID = "assembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021-02-01_160239__HMC_84355350_mono10bit"

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from experiments import runner as ex
 from experiments import report as rep
+from experiments import runner as ex
 from experiments.grid import ExperimentConfigError, load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -42,10 +42,10 @@ def write(tmp_path: Path, text: str) -> Path:
     (("[data]", "[data]\ncolour = 1"), "data.colour: unknown data setting"),
     (("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown train setting"),
     (("[train]", "[train]\nseed = 3"), "train.seed: is set by the runner"),
-    (("max_steps = 5", "max_steps = \"many\""), "train.max_steps: expected int, got 'many'"),
+    (("max_steps = 5", "max_steps = \"many\""), "train.max_steps: must be an integer, got 'many'"),
     (("[train]", "[train]\ndecision_loss = \"hinge\""), "decision_loss must be one of"),
     (("[train]", "[train]\nrho = 0.0"), "rho must be > 0, got 0.0"),
-    (("variant = [\"dst\", \"none\"]", "variant = [\"dst\", \"ips\"]"), "--variant must be one of"),
+    (("variant = [\"dst\", \"none\"]", "variant = [\"dst\", \"ips\"]"), "variant must be one of"),
     (("variant = [\"dst\", \"none\"]", "variant = \"dst\""), "grid[0].variant: must be a non-empty list"),
     (("variant = [\"dst\", \"none\"]", "temperature = [1]"), "grid[0].temperature: unknown setting"),
     (("[data]", "[eval]\ncontext_strategy = \"forget\"\n[data]"), "eval.context_strategy: must be one of"),

@@ -14,10 +14,14 @@ import torch
 
 from pipeline.smolvlm import build_tiny_random
 from train import run as train_run
-from train.config import resolve
-from train.fp16_monitor import ActivationOverflow, TrainingMonitor, first_nonfinite_module
-from train.model import DSTModel
 from train.build import Runtime
+from train.config import resolve
+from train.fp16_monitor import (
+    ActivationOverflow,
+    TrainingMonitor,
+    first_nonfinite_module,
+)
+from train.model import DSTModel
 
 CPU = Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), precision="fp32")
 
@@ -49,9 +53,9 @@ def test_skipped_steps_are_the_scale_decreases():
 
 @pytest.fixture(scope="module")
 def tiny_batch(tiny_shards):
+    from pipeline.shard_index import ShardIndex
     from train.loader import TrainData
     from train.sequence import SequenceFormat
-    from pipeline.shard_index import ShardIndex
 
     vlm, tokenizer = build_tiny_random()
     torch.manual_seed(0)

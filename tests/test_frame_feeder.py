@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_record, write_records
 from PIL import Image
 
-from conftest import tiny_record, write_records
 from pipeline import frame_feeder, prepare
-from pipeline.frame_feeder import FrameFeedError, FrameFeeder, default_workers
-from pipeline.frame_sources import FrameSourceError, open_frames
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.config import ConfigError, resolve
+from pipeline.frame_feeder import FrameFeeder, FrameFeedError, default_workers
+from pipeline.frame_sources import FrameSourceError, open_frames
+from pipeline.frames_files import (
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
 from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
 

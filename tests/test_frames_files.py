@@ -5,10 +5,16 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-
 from conftest import write_dummy_frames
-from pipeline.frames_files import (FramesFileError, count_frames, find_frames_file, frames_file_name,
-                                   open_frames_stream, write_frames_file)
+
+from pipeline.frames_files import (
+    FramesFileError,
+    count_frames,
+    find_frames_file,
+    frames_file_name,
+    open_frames_stream,
+    write_frames_file,
+)
 
 
 @pytest.mark.parametrize("dataset, uid, name", [

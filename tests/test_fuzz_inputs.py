@@ -15,16 +15,15 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_labels_cli import good
+from test_shard_integrity import boundaries, sample, write_folder
 
 from pipeline.frames_files import FramesFileError, frames_file_candidates
 from pipeline.labels import label_columns
 from pipeline.records import InputFileError, RecordError, load_record_list, parse_record
-from pipeline.shard_meta import ShardFormatError
-from pipeline.shards import read_shard, sample_key, sample_meta
-from pipeline.timeline import video_labels
-from test_labels_cli import good
-from test_shard_integrity import boundaries, sample, write_folder
 from pipeline.shard_index import ShardIndex
+from pipeline.shards import ShardFormatError, VideoMeta, read_shard, sample_key
+from pipeline.timeline import video_labels
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -70,7 +69,7 @@ def exercise(raw) -> None:
             one_line(exc)
             continue
         cols = label_columns(labels)
-        json.dumps(sample_meta(labels, "m", 5), ensure_ascii=False).encode("utf-8")
+        json.dumps(VideoMeta.from_labels(labels, "m", 5).to_json(), ensure_ascii=False).encode("utf-8")
         assert len(cols["frame"]) == len(labels.points) * len(record.conversations)
 
 

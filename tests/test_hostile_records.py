@@ -10,12 +10,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import write_dummy_frames, write_records
+from test_labels_cli import good
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import write_dummy_frames, write_records
 from pipeline.records import InputFileError, RecordError, load_record_list, parse_record
-from test_labels_cli import good
 
 runner = CliRunner()
 DST = str(Path(sys.executable).with_name("dst"))

@@ -31,7 +31,7 @@ def records(draw):
 
 
 def oracle_state(record, fps, k0, n_frames, k):
-    """The state after point k straight from DESIGN's wording, one node at a time."""
+    """The state after point k straight from the wording of docs/design.md §3, one node at a time."""
     def happened(ts):  # before the stream: initial; else at max(k0, floor(fps*ts)-1) if that is not past the end
         f = frame_at(ts, fps)
         point = -1 if f < k0 else max(k0, f - 1)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import write_dummy_frames, write_records
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import write_dummy_frames, write_records
 
 runner = CliRunner()
 

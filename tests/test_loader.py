@@ -13,14 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import encode_sample, npy_bytes, read_shard, write_shard
-from pipeline.smolvlm import build_tiny_tokenizer
 from pipeline import shard_index
+from pipeline.shard_index import ShardIndex
+from pipeline.shards import ShardFormatError, encode_sample, npy_bytes, read_shard, write_shard
+from pipeline.smolvlm import build_tiny_tokenizer
 from train.batch import Batch
 from train.loader import EpochBatches, TrainData, collate
 from train.sequence import SequenceFormat, build_window
-from pipeline.shard_index import ShardFormatError, ShardIndex
-from train.windows import Window, cut_windows, epoch_windows, pack_batches, padding_share, rank_batches
+from train.windows import (
+    Window,
+    cut_windows,
+    epoch_windows,
+    pack_batches,
+    padding_share,
+    rank_batches,
+)
 
 SMALL = 200  # max_seq_len that splits every conversation into several windows
 
@@ -94,7 +101,7 @@ def test_index_errors_name_shard_and_key(tmp_path, stored):
     other = encode_sample(key2, np.ascontiguousarray(emb2[:, :1]), meta2)  # 1 token per frame beside 5
     with pytest.raises(ShardFormatError, match="disagree"):
         ShardIndex.build(_bad_shard(tmp_path / "d", "shard-000000.tar", [good, other]))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ShardFormatError, match="does not exist"):
         ShardIndex.build(tmp_path / "d" / "nothing")
 
 
@@ -106,8 +113,7 @@ def test_windows_exact_lengths_and_cover(index, fmt, max_seq_len):
     for vid in index.video_ids:
         meta = index.meta(vid)
         ws = cut_windows(fmt, meta, vid, max_seq_len)
-        labels = meta["labels"]
-        for c, conv in enumerate(labels["conversations"]):
+        for c, conv in enumerate(meta.conversations):
             mine = [w for w in ws if w.conversation == c]
             assert [w.start for w in mine] == [0] + [w.end for w in mine[:-1]]  # contiguous, no overlap
             assert mine[-1].end == index.num_rows(vid) and all(w.end > w.start for w in mine)
@@ -116,9 +122,9 @@ def test_windows_exact_lengths_and_cover(index, fmt, max_seq_len):
             for w in mine:
                 seq = build_window(fmt, meta, c, w.start, w.end)
                 assert len(seq.input_ids) == w.n_tokens <= max_seq_len
-                assert w.n_update_pos == sum(labels["dst_update"][w.start:w.end]) == sum(seq.update_labels)
-                assert w.n_speak_pos == sum(conv["speak"][w.start:w.end]) == sum(seq.speak_labels)
-                assert (w.video_id, w.dataset) == (vid, meta["dataset"])
+                assert w.n_update_pos == sum(meta.dst_update[w.start:w.end]) == sum(seq.update_labels)
+                assert w.n_speak_pos == sum(conv.speak[w.start:w.end]) == sum(seq.speak_labels)
+                assert (w.video_id, w.dataset) == (vid, meta.dataset)
 
 
 def test_frame_that_cannot_fit_raises(index, fmt):
@@ -223,11 +229,11 @@ def test_collate_matches_stored_data_and_labels(index, fmt, stored, windows):
         assert torch.equal(batch.frame_embeds[offset:offset + n], torch.from_numpy(emb[w.start:w.end].reshape(-1, 64)))
         offset += n
 
-        labels, conv = meta["labels"], meta["labels"]["conversations"][w.conversation]
+        conv = meta.conversations[w.conversation]
         upd = batch.update_index[:, 0] == b
         spk = batch.speak_index[:, 0] == b
-        assert batch.update_labels[upd].tolist() == [float(x) for x in labels["dst_update"][w.start:w.end]]
-        assert batch.speak_labels[spk].tolist() == [float(x) for x in conv["speak"][w.start:w.end]]
+        assert batch.update_labels[upd].tolist() == [float(x) for x in meta.dst_update[w.start:w.end]]
+        assert batch.speak_labels[spk].tolist() == [float(x) for x in conv.speak[w.start:w.end]]
         assert (ids[batch.update_index[upd, 1]] == fake).all()
         speak_ids = ids[batch.speak_index[spk, 1]]
         updated = batch.update_labels[upd].bool()
@@ -235,8 +241,8 @@ def test_collate_matches_stored_data_and_labels(index, fmt, stored, windows):
 
         dst_ids = ids[batch.dst_index[batch.dst_index[:, 0] == b, 1]].tolist()
         response_ids = ids[batch.response_index[batch.response_index[:, 0] == b, 1]].tolist()
-        deltas = [json.loads(d) for d in labels["dst_delta"][w.start:w.end] if d]
-        responses = [r for r in conv["response"][w.start:w.end] if r]
+        deltas = [json.loads(d) for d in meta.dst_delta[w.start:w.end] if d]
+        responses = [r for r in conv.response[w.start:w.end] if r]
         assert dst_ids == [t for d in deltas for t in fmt.dst_body(d)]
         assert response_ids == [t for r in responses for t in fmt.response_body(r)]
         assert dst_ids.count(eos) == w.n_update_pos and response_ids.count(eos) == w.n_speak_pos

@@ -11,8 +11,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.losses import (LossWeights, balanced_bce, bce, combine, decision_loss, focal_loss, lm_loss,
-                          negative_keep_mask, shifted_positions)
+from train.losses import (
+    LossWeights,
+    balanced_bce,
+    bce,
+    combine,
+    decision_loss,
+    focal_loss,
+    lm_loss,
+    negative_keep_mask,
+    shifted_positions,
+)
 
 LOGITS = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0, 1.5])
 TARGETS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])

@@ -13,12 +13,32 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from eval import metrics_text
-from eval.metrics_dst import dst_metrics, never_update_metrics, transition_counts, update_counts, validity_counts
-from eval.metrics_speak import (DIST_FACTOR, EmbeddingCache, SPEAK_WINDOWS_S, match, speak_counts, speak_metrics,
-                                window_frames)
+from eval.metrics_dst import (
+    dst_metrics,
+    never_update_metrics,
+    transition_counts,
+    update_counts,
+    validity_counts,
+)
+from eval.metrics_speak import (
+    DIST_FACTOR,
+    SPEAK_WINDOWS_S,
+    EmbeddingCache,
+    match,
+    speak_counts,
+    speak_metrics,
+    window_frames,
+)
 from eval.metrics_text import MeteorScorer, java_missing_reason, text_metrics
-from eval.scoring import (DEFAULT_STS_MODEL, load_embedder, mean_over_datasets, read_predictions, score,
-                          sweep_counts, write_metrics)
+from eval.scoring import (
+    DEFAULT_STS_MODEL,
+    load_embedder,
+    mean_over_datasets,
+    read_predictions,
+    score,
+    sweep_counts,
+    write_metrics,
+)
 from train.sequence import format_state
 
 NODES = ("S1", "S2", "S3", "S4")
@@ -33,7 +53,7 @@ def frame(k: int, pred_text: str = "", ref_text: str = "", pred_delta=None, ref_
 
 
 def dialogue(frames: list[dict], dataset: str = "assembly101", fps: float = 2.0) -> dict:
-    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": fps,
+    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": fps, "variant": "dst", "protocol": "full-video",
             "frames": frames}
 
 

@@ -8,8 +8,14 @@ import pytest
 
 from eval.intents import intents_of
 from eval.metrics_dst import dst_metrics
-from eval.metrics_proassist import (ProAssistCounts, distance_table, proassist_counts, proassist_dialogue,
-                                    proassist_metrics, semantic_costs)
+from eval.metrics_proassist import (
+    ProAssistCounts,
+    distance_table,
+    proassist_counts,
+    proassist_dialogue,
+    proassist_metrics,
+    semantic_costs,
+)
 from eval.metrics_speak import DIST_FACTOR, speak_counts, speak_metrics, window_frames
 from eval.metrics_text import MeteorScorer
 from eval.protocol import ScoringError, cut_to_protocol
@@ -30,7 +36,7 @@ def frames_of(n: int, preds: dict, refs: dict, labels: dict | None = None, start
 
 
 def dialogue(frames, dataset="assembly101", **extra) -> dict:
-    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": 2.0,
+    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": 2.0, "variant": "dst", "protocol": "full-video",
             "frames": frames, **extra}
 
 

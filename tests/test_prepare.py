@@ -14,18 +14,22 @@ import numpy as np
 import polars as pl
 import pytest
 import webdataset as wds
-
 from conftest import write_records
+
 from pipeline import prepare
+from pipeline.config import ConfigError, resolve
 from pipeline.embeddings import encode_frames
 from pipeline.frame_sources import open_frames
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
+from pipeline.frames_files import (
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
 from pipeline.labels import LabelsConfig
 from pipeline.labels import run as labels_run
-from pipeline.config import ConfigError, resolve
+from pipeline.models import load_model
 from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
-from pipeline.smolvlm import load_model
 
 FPS = 2.0
 
@@ -76,8 +80,8 @@ def test_stored_rows_equal_fresh_encodings(data, tmp_path):
     model, _ = load_model("tiny-random")
     samples = {key: (emb, meta) for key, emb, meta in read_shard(tmp_path / "out" / "shard-000000.tar")}
     emb, meta = samples[sample_key("wtag", "vid-a")]
-    assert meta["first_frame"] == 2 and meta["num_frames"] == 22 and emb.shape == (20, 5, 64)
-    assert emb.dtype == np.float16 and meta["labels"]["frame"] == list(range(2, 22))
+    assert meta.first_frame == 2 and meta.num_frames == 22 and emb.shape == (20, 5, 64)
+    assert emb.dtype == np.float16 and meta.frame == list(range(2, 22))
     with open_frames(frames_file_candidates(frames, "wtag", "vid-a")[0]) as src:
         for k in (2, 3, 13, 21):  # row k - k0 holds frame k, encoded alone
             fresh = encode_frames(model, preprocess_frames(src.read([k])[0], 64), 5)
@@ -90,7 +94,7 @@ def test_shapes_for_every_tokens_per_frame(data, tmp_path, option, tokens):
     dst_json, frames = data
     run_prepare(dst_json, frames, tmp_path / "out", tokens_per_frame=option, max_videos=1)
     (key, emb, meta), = read_shard(tmp_path / "out" / "shard-000000.tar")
-    assert emb.shape == (20, tokens, 64) and meta["tokens_per_frame"] == (option if option == "all" else tokens)
+    assert emb.shape == (20, tokens, 64) and meta.tokens_per_frame == (option if option == "all" else tokens)
 
 
 def test_shard_round_trip_through_webdataset(data, tmp_path):
@@ -102,16 +106,16 @@ def test_shard_round_trip_through_webdataset(data, tmp_path):
     assert [k for k, _, _ in via_wds] == [k for k, _, _ in via_tar] == [sample_key("wtag", u)
                                                                          for u in ("vid-a", "vid-b", "vid-c")]
     for (_, e1, m1), (_, e2, m2) in zip(via_wds, via_tar):
-        assert np.array_equal(e1, e2) and m1 == m2
+        assert np.array_equal(e1, e2) and m1 == m2.to_json()
     meta = via_tar[1][2]
-    assert set(meta) >= {"video_uid", "dataset", "fps", "first_frame", "num_frames", "tokens_per_frame", "model",
-                         "nodes", "conversations", "labels"}
+    assert set(meta.to_json()) == {"video_uid", "dataset", "fps", "first_frame", "num_frames", "tokens_per_frame",
+                                   "model", "goal", "knowledge", "nodes", "initial_state", "conversations", "labels"}
     # The per-point labels are the rows `dst labels` writes for that video.
     rows = pl.read_parquet(tmp_path / "out" / "labels.parquet").filter(pl.col("video_uid") == "vid-b")
     conv0 = rows.filter(pl.col("conversation") == 0)
-    assert meta["labels"]["dst_state"] == conv0["dst_state"].to_list()
-    assert meta["labels"]["conversations"][0]["response"] == conv0["response"].to_list()
-    assert meta["labels"]["conversations"][1]["speak"] == rows.filter(pl.col("conversation") == 1)["speak"].to_list()
+    assert meta.dst_state == conv0["dst_state"].to_list()
+    assert meta.conversations[0].response == conv0["response"].to_list()
+    assert meta.conversations[1].speak == rows.filter(pl.col("conversation") == 1)["speak"].to_list()
 
 
 def test_labels_parquet_identical_to_dst_labels(data, tmp_path):
@@ -198,9 +202,10 @@ def test_strict_refuses_unusable_records(data, tmp_path):
 
 
 def _write_mp4(path: Path, jpegs: list[bytes], fps: int) -> None:
+    import io
+
     import av
     from PIL import Image
-    import io
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -226,7 +231,7 @@ def test_arrow_and_video_sources_agree(tmp_path):
     assert manifest["source"] == "video" and manifest["videos"]["vid-v"]["frames"] == 14
     (_, from_arrow, m1), = read_shard(tmp_path / "a" / "shard-000000.tar")
     (_, from_video, m2), = read_shard(tmp_path / "v" / "shard-000000.tar")
-    assert from_arrow.shape == from_video.shape and m1["labels"] == m2["labels"]
+    assert from_arrow.shape == from_video.shape and m1 == m2
     a, v = from_arrow.astype(np.float32), from_video.astype(np.float32)
     cos = (a * v).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(v, axis=-1))
     assert cos.min() > 0.99, cos.min()

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_records
+from test_prepare import record, run_prepare
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import write_records
 from pipeline import prepare
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
+from pipeline.frames_files import (
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
 from pipeline.labels import NoUsableRecords
 from pipeline.shards import read_shard, sample_key
-from test_prepare import record, run_prepare
 
 runner = CliRunner()
 
@@ -68,7 +72,7 @@ def test_non_finite_and_undecodable_videos_are_skipped_with_the_reason(tmp_path,
                        "vid-black": f"{frames_file_candidates(frames, 'wtag', 'vid-black')[0]}: none of its "
                                     "12 frames (0 to 11) could be decoded"}
     assert manifest["counts"]["videos_written"] == 1 and manifest["shard_samples"] == {"shard-000000.tar": 1}
-    assert [meta["video_uid"] for _, _, meta in read_shard(tmp_path / "out" / "shard-000000.tar")] == ["vid-a"]
+    assert [meta.video_uid for _, _, meta in read_shard(tmp_path / "out" / "shard-000000.tar")] == ["vid-a"]
     assert not list((tmp_path / "out" / ".prepare" / "cache").iterdir())  # nothing non-finite cached either
 
 
@@ -80,7 +84,7 @@ def test_uids_that_sanitise_alike_get_their_own_samples(tmp_path):
     assert manifest["counts"]["videos_written"] == 4
     assert manifest["skipped"] == [{"video_uid": "vid.x", "reason": "duplicate video_uid in dataset wtag: record #0 "
                                                                     "has it too and is used (an exact copy)"}]
-    samples = {meta["video_uid"]: (key, len(emb)) for key, emb, meta in read_shard(tmp_path / "out" /
+    samples = {meta.video_uid: (key, len(emb)) for key, emb, meta in read_shard(tmp_path / "out" /
                                                                                  "shard-000000.tar")}
     assert samples == {u: (sample_key("wtag", u), 12 + i) for i, u in enumerate(uids)}
     assert len({key for key, _ in samples.values()}) == 4

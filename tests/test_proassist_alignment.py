@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import PROASSIST_JSONL
+
 from pipeline.records import Turn
 from pipeline.timeline import place_turns
 

@@ -15,11 +15,17 @@ import torch
 
 from eval.session import StreamSession
 from eval.stream import StreamConfig, Streamer
-from synthetic.realistic_record import SECONDS, realistic_meta
 from pipeline.smolvlm import ADDED_TOKENS, build_tiny_tokenizer
 from pipeline.timeline import STATE_RANK
+from synthetic.realistic_record import SECONDS, realistic_meta
 from train.model import DSTModel
-from train.sequence import SequenceFormat, build_window, frame_segments, parse_update, system_for
+from train.sequence import (
+    SequenceFormat,
+    build_window,
+    frame_segments,
+    parse_update,
+    system_for,
+)
 
 STATES = list(STATE_RANK)
 
@@ -173,7 +179,7 @@ def test_special_tokens_typed_in_dialogue_stay_text(fmt):
 
 def test_window_targets_end_in_eos_and_never_hold_pad(fmt):
     meta = realistic_meta()
-    seq = build_window(fmt, meta, 0, 0, len(meta["labels"]["frame"]))
+    seq = build_window(fmt, meta, 0, 0, len(meta.frame))
     assert fmt.pad_id not in seq.input_ids
     ids = seq.input_ids
     for targets in (seq.dst_targets, seq.response_targets):
@@ -193,7 +199,7 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
     torch.manual_seed(0)
     model = DSTModel(vlm).eval()
     meta = realistic_meta(n_frames=12)
-    n = len(meta["labels"]["frame"])
+    n = len(meta.frame)
     emb = (np.random.default_rng(0).standard_normal((n, 5, 576)) * 0.14).astype(np.float16)
     streamer = Streamer(model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192,
                                                  protocol="full-video"))  # every frame, as the window has
@@ -212,7 +218,7 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
 
 
 def token_counts(fmt, meta) -> dict[str, int]:
-    n = len(meta["labels"]["frame"])
+    n = len(meta.frame)
     counts = {"system prompt (20 steps)": len(system_for(fmt, meta, 0, 0)), "frame blocks": n * len(fmt.frame),
               "user turns": 0, "DST updates": 0, "assistant responses": 0}
     for row in range(n):
@@ -228,17 +234,17 @@ def test_token_counts_of_a_realistic_record(fmt, capsys):
     """20 steps, one minute at 2 fps and 5 tokens per frame, ProAssist-style dialogue: printed for
     docs/benchmarks.md, real tokenizer beside the tiny one."""
     meta = realistic_meta()
-    n = len(meta["labels"]["frame"])
-    assert n == SECONDS * 2 and len(meta["nodes"]) == 20
+    n = len(meta.frame)
+    assert n == SECONDS * 2 and len(meta.nodes) == 20
     real = token_counts(fmt, meta)
     tiny = token_counts(SequenceFormat(build_tiny_tokenizer(), 5), meta)
     assert real["total"] == len(build_window(fmt, meta, 0, 0, n).input_ids)
     assert real["frame blocks"] == tiny["frame blocks"] == 120 * 8
-    conv = meta["labels"]["conversations"][0]
-    updates, speaks = sum(meta["labels"]["dst_update"]), sum(conv["speak"])
+    conv = meta.conversations[0]
+    updates, speaks = sum(meta.dst_update), sum(conv.speak)
     with capsys.disabled():
         print(f"\n\nrealistic record: {n} frames, {updates} DST updates, {speaks} responses, "
-              f"{sum(bool(u) for u in conv['user_text'])} user turns")
+              f"{sum(bool(u) for u in conv.user_text)} user turns")
         print(f"{'segment':<26}{'SmolLM2 BPE (49,280)':>22}{'tiny BPE (1,118)':>18}")
         for key in real:
             print(f"{key:<26}{real[key]:>22,}{tiny[key]:>18,}")

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from eval.stream import StreamConfig, Streamer
+from pipeline.shard_index import ShardIndex
 from pipeline.smolvlm import build_tiny_random
 from train.loader import collate
 from train.model import DSTModel
-from train.sequence import VARIANTS, SequenceFormat, build_window
-from pipeline.shard_index import ShardIndex
+from train.sequence import SequenceFormat, build_window
+from train.variants import NAMES as VARIANTS
 from train.windows import Window
 
 # Small enough for several re-seeds on the tiny videos, large enough for a few frames after a prompt with recent turns.
@@ -33,7 +34,7 @@ def model_and_index(tiny_shards):
 def replay(model, fmt, index, vid: str, conversation: int):
     """Stream one dialogue in model mode with forced ground truth; return the dialogue record, the ids of each
     context (between re-seeds) and the head logits the stream read, in order."""
-    streamer = Streamer(model, fmt, StreamConfig(variant=fmt.variant, max_context=MAX_CONTEXT[fmt.variant],
+    streamer = Streamer(model, fmt, StreamConfig(variant=fmt.variant.name, max_context=MAX_CONTEXT[fmt.variant.name],
                                                  max_new_tokens=8,
                                                  max_summary_tokens=8, protocol="full-video"))
     session = streamer.session
@@ -75,7 +76,7 @@ def test_model_mode_replay_rebuilds_training_windows(model_and_index, variant):
         for (start, end), ids in zip(zip(bounds, bounds[1:]), contexts):
             expected = build_window(fmt, meta, 0, start, end)
             assert ids == expected.input_ids, (vid, start, end)
-            windows.append(Window(vid, meta["dataset"], 0, start, end, len(expected.input_ids), 0, 0))
+            windows.append(Window(vid, meta.dataset, 0, start, end, len(expected.input_ids), 0, 0))
         if variant == "summary":  # the generated (forced) summaries are the reference progress texts
             assert all(r["summary"] == r["ref_progress"] for r in out["reseeds"])
             assert any(r["summary"] for r in out["reseeds"])

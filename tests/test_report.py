@@ -34,7 +34,7 @@ def dialogue(uid: str, dataset: str, n: int, k0: int = 10, events: dict | None =
         f = frame(k, ref=ref, pred=pred)
         f.update((events or {}).get(k, {}))
         frames.append(f)
-    return {"dataset": dataset, "video_uid": uid, "conversation": 0, "user_type": "talk_some", "fps": 2.0,
+    return {"dataset": dataset, "video_uid": uid, "conversation": 0, "user_type": "talk_some", "fps": 2.0, "variant": "dst", "protocol": "full-video",
             "frames": frames, **kw}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.shards import ShardFormatError
 from train.run_folder import RunFolderError, StartPoint, set_aside, start_point
 
 
@@ -31,7 +32,7 @@ def test_new_folder_and_resume_without_a_checkpoint_start_at_zero(tmp_path):
 
 def test_an_existing_run_needs_resume(tmp_path):
     metrics(tmp_path, [1, 2])
-    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+    with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
         start_point(tmp_path, resume=False)
 
 
@@ -78,6 +79,6 @@ def test_a_resumed_run_that_fails_is_not_requeued(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "preempted.json").write_text('{"step": 3}')
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ShardFormatError, match="does not exist"):
         train_run.run(resolve({"shards": tmp_path / "gone", "model": "tiny-random", "out": run, "resume": True}))
     assert not (run / "preempted.json").exists()

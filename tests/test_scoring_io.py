@@ -15,7 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from eval.jsonio import PredictionsError, read_predictions, sanitize, write_json, write_jsonl
+from eval.jsonio import (
+    PredictionsError,
+    read_predictions,
+    sanitize,
+    write_json,
+    write_jsonl,
+)
 from eval.metrics_text import MeteorScorer, text_metrics
 from eval.scoring import score
 
@@ -88,7 +94,7 @@ def test_score_reports_meteor_failures_in_metrics(monkeypatch):
     frames = [{"frame": k, "pred_text": "turn the screw" if k == 3 else "", "ref_text": "turn the screw" if k == 3
                else "", "pred_dst_delta": {}, "ref_dst_delta": {}, "pred_state": {}, "ref_state": {}}
               for k in range(6)]
-    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "frames": frames}
+    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
     with MeteorScorer(factory=factory("hang"), timeout_s=0.2, per_pair_s=0.0) as scorer:
         m = score([d], lambda texts: np.ones((len(texts), 2), dtype=np.float32), "stub", meteor=scorer)
     assert m["datasets"]["wtag"]["text"]["METEOR"] is None and m["mean"]["text"]["METEOR"] is None
@@ -133,7 +139,7 @@ def test_atomic_write_keeps_the_old_file_when_dumping_fails(tmp_path):
 def good_record(**changes) -> dict:
     frames = [{"frame": k, "pred_text": "", "ref_text": "hi" if k == 1 else "", "pred_dst_delta": {},
                "ref_dst_delta": {}, "pred_state": {}, "ref_state": {}, "p_speak": 0.1} for k in range(3)]
-    return {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "frames": frames, **changes}
+    return {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames, **changes}
 
 
 BAD_FILES = {
@@ -173,9 +179,9 @@ def test_read_predictions_reads_old_bare_nan_as_null(tmp_path):
     ("", [], "no dialogue records"),
     ('{"oops"', [], "malformed JSON"),
     (json.dumps(good_record(protocol="proassist")), ["--protocol", "full-video"], "streamed under the proassist"),
-    (json.dumps(good_record()), ["--protocol", "everything"], "--protocol must be one of"),
-    (json.dumps(good_record()), ["--dst-window", "nan"], "--dst-window must be"),
-    (json.dumps(good_record()), ["--dst-window", "-1"], "--dst-window must be")])
+    (json.dumps(good_record()), ["--protocol", "everything"], "protocol must be one of"),
+    (json.dumps(good_record()), ["--dst-window", "nan"], "dst_window must be"),
+    (json.dumps(good_record()), ["--dst-window", "-1"], "dst_window must be")])
 def test_dst_score_refuses_and_keeps_the_old_metrics(tmp_path, content, args, message):
     predictions, metrics = tmp_path / "predictions.jsonl", tmp_path / "metrics.json"
     predictions.write_text(content)

@@ -11,15 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_labels_cli import good
 from typer.testing import CliRunner
 
 from cli import app
 from pipeline.records import parse_record
-from pipeline.shards import (MANIFEST, SHARD_PATTERN, encode_sample, read_shard, sample_key, sample_meta,
-                             write_shard)
+from pipeline.shard_index import ShardIndex
+from pipeline.shards import (
+    MANIFEST,
+    SHARD_PATTERN,
+    ShardFormatError,
+    VideoMeta,
+    encode_sample,
+    read_shard,
+    sample_key,
+    write_shard,
+)
 from pipeline.timeline import video_labels
-from test_labels_cli import good
-from pipeline.shard_index import ShardFormatError, ShardIndex
 
 TOKENS, HIDDEN = 5, 8
 
@@ -27,7 +35,7 @@ TOKENS, HIDDEN = 5, 8
 def sample(uid: str, n_frames: int = 12, key: str | None = None, seed: int = 0) -> dict:
     labels = video_labels(parse_record(good(uid)), n_frames, 2.0)
     emb = np.random.default_rng(seed).standard_normal((len(labels.points), TOKENS, HIDDEN)).astype(np.float16)
-    return encode_sample(key or sample_key("epickitchens", uid), emb, sample_meta(labels, "tiny-random", TOKENS))
+    return encode_sample(key or sample_key("epickitchens", uid), emb, VideoMeta.from_labels(labels, "tiny-random", TOKENS))
 
 
 def write_folder(folder: Path, shards: list[list[dict]], manifest: bool = True) -> Path:
@@ -126,28 +134,29 @@ def test_bad_npy_header(folder):
 def test_metadata_that_training_could_not_use(tmp_path):
     broken = sample("a")
     meta = json.loads(broken["json"])
-    meta["labels"]["conversations"][0]["speak"] = meta["labels"]["conversations"][0]["speak"][:-1]
+    conv = meta["labels"]["conversations"][0]
+    conv["speak"] = conv["speak"][:-1]
     broken["json"] = json.dumps(meta).encode()
     folder = write_folder(tmp_path / "s", [[broken]])
     assert build_error(folder) == (f"{folder / 'shard-000000.tar'}: sample {broken['__key__']}: json "
                                    "labels.conversations[0].speak has 9 entries for 10 points")
-    meta["labels"]["conversations"][0]["speak"] += [False]
+    conv["speak"] += [False]
     meta["labels"]["dst_state"][3] = '{"S9": "done"}'
     broken["json"] = json.dumps(meta).encode()
     write_folder(folder, [[broken]])
     assert build_error(folder).endswith("json labels.dst_state entry is not an object of known node ids and states")
 
 
-def test_old_folder_without_counts_loads_with_a_warning(tmp_path):
-    """Shards from before this change: keys without a hash, no manifest counts."""
-    old = {**sample("a"), "__key__": "epickitchens__a"}
-    folder = write_folder(tmp_path / "old", [[old, sample("b.c", key="epickitchens__b_c")]], manifest=False)
+def test_a_folder_without_its_manifest_loads_with_a_warning(tmp_path):
+    """Shards copied without manifest.json: keys are opaque strings; the counts cannot be checked."""
+    folder = write_folder(tmp_path / "copy", [[sample("a"), sample("b.c", key="epickitchens__b_c")]], manifest=False)
     index = ShardIndex.build(folder)
-    assert index.video_ids == ["epickitchens__a", "epickitchens__b_c"]
+    assert index.video_ids == [sample_key("epickitchens", "a"), "epickitchens__b_c"]
     assert index.warnings == (f"{folder} has no manifest.json: cannot check that every shard holds all its "
                               "samples",)
     (folder / MANIFEST).write_text(json.dumps({"model": "tiny-random", "shards": ["shard-000000.tar"]}))
-    assert "has no per-shard sample counts" in ShardIndex.build(folder).warnings[0]
+    with pytest.raises(ShardFormatError, match="'shard_samples' is missing or not an object of counts"):
+        ShardIndex.build(folder)
 
 
 def test_sample_keys_are_unique_by_construction():

@@ -9,12 +9,17 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_VIDEOS, tiny_record, write_records
+
 from pipeline import smollm2 as smollm2_module
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.embeddings import connector_tokens
-from pipeline.smolvlm import SMOLLM2, load_model, vision_spec
+from pipeline.frames_files import (
+    frames_file_candidates,
+    synthetic_jpegs,
+    write_frames_file,
+)
+from pipeline.models import load_model
+from pipeline.smolvlm import SMOLLM2, vision_spec
 from train.checkpoint import DST_META, load_dst_model
 from train.model import DSTModel, wrap_lora
 

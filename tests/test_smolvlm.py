@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.models import ModelLoadError, load_model
 from pipeline.smolvlm import (
     END_OF_UTTERANCE,
     FAKE_IMAGE,
@@ -18,7 +19,6 @@ from pipeline.smolvlm import (
     build_random,
     build_tiny_random,
     build_tiny_tokenizer,
-    load_model,
     shape_config,
     vision_spec,
 )
@@ -143,11 +143,11 @@ def test_load_model_tiny_random_and_dtype(tiny):
 
 def test_load_model_missing_folder_fails_fast_and_clearly(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(FileNotFoundError, match="no-such-model") as info:
+    with pytest.raises(ModelLoadError, match="no-such-model") as info:
         load_model(missing)
     assert TINY_RANDOM in str(info.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         load_model(tmp_path / "empty")
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from eval.stream import StreamConfig, Streamer, apply_thresholds
+from pipeline.shard_index import ShardIndex
 from pipeline.timeline import STATE_RANK
 from train.checkpoint import load_dst_model
 from train.sequence import SequenceFormat, format_state, parse_update
-from pipeline.shard_index import ShardIndex
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def test_constrained_updates_are_always_valid(setup):
     for video in range(3):
         _, frames = stream(setup, video=video, theta_update=0.0, theta_speak=1.0)
         model, fmt, index = setup
-        state = dict(index.meta(index.video_ids[video])["initial_state"])
+        state = dict(index.meta(index.video_ids[video]).initial_state)
         updates = 0
         for f in frames:
             if f["pred_dst_text"]:
@@ -80,7 +79,7 @@ def test_context_strategies(setup, strategy, monkeypatch):
     frames = streamer.run(meta, index.rows(vid, 0, index.num_rows(vid)), 0)["frames"]
     assert prefixes, f"max_context {limit} must trigger the strategy"
     assert longest[0] <= limit
-    nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
+    nodes = [(n.id, n.name) for n in meta.nodes]
     if strategy == "reseed":
         # each new prefix is the system prompt holding the DST tracked at that moment (the model changed it:
         # theta_update 0), plus recent turns
@@ -91,13 +90,13 @@ def test_context_strategies(setup, strategy, monkeypatch):
             text = fmt.tokenizer.decode(chunks[0][0])
             states.append(text.split("State: ")[1].split("\n")[0].split("<")[0].strip())
         assert all(state in tracked for state in states)
-        assert any(state != format_state(meta["initial_state"]) for state in states)
+        assert any(state != format_state(meta.initial_state) for state in states)
     elif strategy == "drop-all":
-        assert all([c[0] for c in chunks] == [fmt.system(meta["goal"], nodes, meta["initial_state"])]
+        assert all([c[0] for c in chunks] == [fmt.system(meta.goal, nodes, meta.initial_state)]
                    for chunks in prefixes)
     else:
         for chunks in prefixes:
-            assert chunks[0][0] == fmt.system(meta["goal"], nodes, meta["initial_state"]) and len(chunks) > 1
+            assert chunks[0][0] == fmt.system(meta.goal, nodes, meta.initial_state) and len(chunks) > 1
             assert sum(len(c[0]) for c in chunks) <= limit
 
 
@@ -106,7 +105,7 @@ def test_baselines_and_oracle(setup):
     assert all(f["pred_text"] == f["ref_text"] and f["pred_state"] == f["ref_state"] for f in oracle)
     _, never = stream(setup, mode="never")
     assert not any(f["pred_text"] or f["pred_dst_delta"] for f in never)
-    _, periodic = stream(setup, mode="periodic", every_s=2.0)
+    _, periodic = stream(setup, mode="periodic", every=2.0)
     spoken = [i for i, f in enumerate(periodic) if f["pred_text"]]
     assert spoken and all((i + 1) % 4 == 0 for i in spoken)
 

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from eval import evaluate as eval_run
-from eval.sweep import (THRESHOLDS, ThresholdsError, best_from_sweep, best_threshold, curve_warnings,
-                        load_thresholds, sweep_thresholds, write_thresholds)
+from eval.sweep import (
+    THRESHOLDS,
+    ThresholdsError,
+    best_from_sweep,
+    best_threshold,
+    curve_warnings,
+    load_thresholds,
+    sweep_thresholds,
+    write_thresholds,
+)
 
 
 def embed(texts):
@@ -49,7 +57,7 @@ def test_sweep_finds_a_threshold_below_005_and_warns_at_the_edge(caplog):
     # the model is right but shy: its speaking probabilities are 0.01-0.03 where it should speak, 0.003 elsewhere
     frames = [tf_frame(k, {4: 0.02, 12: 0.03, 20: 0.01}.get(k, 0.003), "a", "a" if k in (4, 12, 20) else "")
               for k in range(24)]
-    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "frames": frames}
+    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
     sweep = sweep_thresholds([d], embed, protocol="full-video")
     speak = sweep["datasets"]["wtag"]["speak"]
     assert speak["thresholds"] == THRESHOLDS and len(speak["f1"]) == len(THRESHOLDS)
@@ -66,7 +74,7 @@ def test_sweep_finds_a_threshold_below_005_and_warns_at_the_edge(caplog):
 
 def test_sweep_warns_when_f1_is_zero_everywhere(caplog):
     frames = [tf_frame(k, 0.9 if k == 2 else 0.0, "b", "a" if k == 2 else "") for k in range(10)]
-    d = {"dataset": "ego4d", "video_uid": "v", "conversation": 0, "fps": 2.0, "frames": frames}
+    d = {"dataset": "ego4d", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
     sweep = sweep_thresholds([d], embed)
     assert sweep["datasets"]["ego4d"]["speak"]["f1"] == [0.0] * len(THRESHOLDS)
     assert any("ego4d speak: F1 is 0 at every threshold" in w for w in sweep["warnings"])

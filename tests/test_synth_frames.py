@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import write_records
+from test_labels_cli import good
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import write_records
-from pipeline.frames_files import FramesFileError, count_frames, find_frames_file, find_video_file
-from test_labels_cli import good
+from pipeline.frames_files import (
+    FramesFileError,
+    count_frames,
+    find_frames_file,
+    find_video_file,
+)
 
 runner = CliRunner()
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from synthetic import long_videos as sl
 from pipeline.frames_files import count_frames, find_frames_file
 from pipeline.records import parse_record
-from synthetic.tasks import DATASETS, USER_TYPES
 from pipeline.timeline import COMPLETED, IN_PROGRESS, NOT_STARTED, video_labels
+from synthetic import long_videos as sl
+from synthetic.tasks import DATASETS, USER_TYPES
 
 SIZES = (2, 3, 1)
 FPS = 2.0

@@ -1,4 +1,4 @@
-"""Synthetic task videos: real formats, labels without clamping, and the learnability rules (DESIGN section 3)."""
+"""Synthetic task videos: real formats, labels without clamping, and the learnability rules (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic import tasks as st
 from pipeline.frames_files import count_frames, find_frames_file, open_frames_stream
 from pipeline.records import parse_record
 from pipeline.timeline import COMPLETED, IN_PROGRESS, transition_point, video_labels
+from synthetic import tasks as st
 
 SIZES = (3, 2, 2)
 FPS = 2.0

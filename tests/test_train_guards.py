@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import shutil
 from pathlib import Path
@@ -37,8 +39,8 @@ def rewrite_sample(folder: Path, video_uid: str, edit) -> tuple[Path, str]:
     """Apply `edit(emb, meta)` to one video's sample in place (its shard rewritten, counts unchanged)."""
     for path in sorted(folder.glob("shard-*.tar")):
         samples = list(read_shard(path))
-        if any(meta["video_uid"] == video_uid for _, _, meta in samples):
-            hit = next(key for key, _, meta in samples if meta["video_uid"] == video_uid)
+        if any(meta.video_uid == video_uid for _, _, meta in samples):
+            hit = next(key for key, _, meta in samples if meta.video_uid == video_uid)
             encoded = []
             for key, emb, meta in samples:
                 if key == hit:
@@ -156,7 +158,7 @@ def test_check_weights_names_the_parameter():
 
 def test_shards_of_another_model_are_refused(shards, tmp_path):
     for path in sorted(shards.glob("shard-*.tar")):
-        write_shard(path, [encode_sample(k, e, {**m, "model": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"})
+        write_shard(path, [encode_sample(k, e, replace(m, model="HuggingFaceTB/SmolVLM2-256M-Video-Instruct"))
                            for k, e, m in read_shard(path)])
     with pytest.raises(TrainConfigError) as exc:
         train_run.run(config(shards, tmp_path / "run", max_steps=1))
@@ -167,7 +169,10 @@ def test_shards_of_another_model_are_refused(shards, tmp_path):
 
 
 def test_shards_of_another_hidden_size_are_refused(tmp_path):
-    from test_shard_integrity import sample, write_folder  # hidden size 8; tiny-random's text model has 64
+    from test_shard_integrity import (  # hidden size 8; tiny-random's text model has 64
+        sample,
+        write_folder,
+    )
 
     folder = write_folder(tmp_path / "s", [[sample("a"), sample("b")]])
     result = CliRunner().invoke(app, ["train", "--shards", str(folder), "--model", "tiny-random", "--out",
@@ -181,7 +186,7 @@ def test_shards_of_another_hidden_size_are_refused(tmp_path):
 @pytest.mark.parametrize("option, value, message", [
     ("--lr", "nan", "lr must be a finite number, got nan"), ("--lr", "0", "lr must be > 0, got 0.0"),
     ("--max-seq-len", "0", "max_seq_len must be >= 1, got 0"), ("--max-steps", "0", "max_steps must be >= 1, got 0"),
-    ("--batch-size", "0", "--batch-size must be 'auto' or a positive token budget, got '0'"),
+    ("--batch-size", "0", "batch_size must be 'auto' or a positive token budget, got '0'"),
     ("--accumulation", "0", "accumulation must be >= 1, got 0"), ("--rho", "nan", "rho must be a finite number, "
                                                                                    "got nan"),
     ("--num-workers", "-1", "num_workers must be >= 0, got -1"),

@@ -9,13 +9,19 @@ import pytest
 import torch
 
 from eval.engine import StreamEngine
+from pipeline.shard_index import ShardIndex
 from pipeline.smolvlm import build_tiny_random
 from train.checkpoint import load_dst_model
 from train.loader import collate
 from train.losses import decision_loss, lm_loss
 from train.model import DSTModel, freeze_vision, wrap_lora
-from train.sequence import SequenceFormat, build_window, format_state, frame_segments, parse_update
-from pipeline.shard_index import ShardIndex
+from train.sequence import (
+    SequenceFormat,
+    build_window,
+    format_state,
+    frame_segments,
+    parse_update,
+)
 from train.windows import cut_windows
 
 
@@ -65,9 +71,9 @@ def test_decision_positions_and_targets(parts, index):
         meta = index.meta(w.video_id)
         seq = build_window(fmt, meta, w.conversation, w.start, w.end)
         ids = seq.input_ids
-        conv = meta["labels"]["conversations"][w.conversation]
-        assert seq.update_labels == [int(x) for x in meta["labels"]["dst_update"][w.start:w.end]]
-        assert seq.speak_labels == [int(x) for x in conv["speak"][w.start:w.end]]
+        conv = meta.conversations[w.conversation]
+        assert seq.update_labels == [int(x) for x in meta.dst_update[w.start:w.end]]
+        assert seq.speak_labels == [int(x) for x in conv.speak[w.start:w.end]]
         dst_runs, response_runs = iter(runs(seq.dst_targets)), iter(runs(seq.response_targets))
         for row, a, b, upd, spk in zip(range(w.start, w.end), seq.update_positions, seq.speak_positions,
                                        seq.update_labels, seq.speak_labels):
@@ -159,7 +165,7 @@ def test_streaming_replay_reproduces_training_sequence(parts, index):
     for row_in_batch, w in enumerate(windows):
         meta = index.meta(w.video_id)
         expected = build_window(fmt, meta, w.conversation, w.start, w.end)
-        labels, conv = meta["labels"], meta["labels"]["conversations"][w.conversation]
+        conv = meta.conversations[w.conversation]
         session.reset()
         from train.sequence import system_for
 
@@ -172,12 +178,12 @@ def test_streaming_replay_reproduces_training_sequence(parts, index):
             frame = torch.from_numpy(index.rows(w.video_id, row, row + 1)[0]).float()
             hidden = feed(fmt.frame, frame)
             logits_a.append(model.decision_logits(hidden)[0])
-            if labels["dst_update"][row]:
+            if meta.dst_update[row]:
                 feed(fmt.dst_prefix)
                 for token in segments["dst"]:  # as generation feeds them
                     hidden = feed([token])
             logits_b.append(model.decision_logits(hidden)[1])
-            if conv["speak"][row]:
+            if conv.speak[row]:
                 feed(fmt.response_prefix)
                 for token in segments["response"]:
                     feed([token])

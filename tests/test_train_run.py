@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from cli import app
 from train import run as train_run
 from train.budget import search_budget
-from train.config import TrainConfigError, resolve
 from train.build import resolve_precision
+from train.config import TrainConfigError, resolve
+from train.run_folder import RunFolderError
 
 DST = str(Path(sys.executable).with_name("dst"))
 BASE = {"model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "log_every": 1,
@@ -61,7 +62,7 @@ def test_run_folder(tiny_shards, tmp_path):
     assert {p.name for p in last.iterdir()} >= {"model", "heads.safetensors", "optimizer.safetensors", "dst.json",
                                                 "trainer.json", "rng.safetensors"}
     assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))
-    with pytest.raises(FileExistsError):  # the same folder again without --resume
+    with pytest.raises(RunFolderError):  # the same folder again without --resume
         train_run.run(config(tiny_shards, run, max_steps=6))
 
 
@@ -121,7 +122,7 @@ def test_precision_and_device_errors(tiny_shards, tmp_path):
         resolve_precision("fp16", cpu)
     with pytest.raises(TrainConfigError, match="needs CUDA"):
         train_run.run(config(tiny_shards, tmp_path / "q", load_in_4bit=True))
-    with pytest.raises(TrainConfigError, match="--precision must be one of"):
+    with pytest.raises(TrainConfigError, match="precision must be one of"):
         config(tiny_shards, tmp_path / "p", precision="fp8")
 
 

@@ -1,4 +1,4 @@
-"""The three variants (DESIGN 6c) in the one sequence builder, the ProAssist protocol's stream length, and the
+"""The three variants (docs/design.md §5) in the one sequence builder, the ProAssist protocol's stream length, and the
 variant carried from `dst train` to `dst eval`."""
 
 from __future__ import annotations
@@ -6,18 +6,20 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from experiments.demo import offline_sts_model
+from eval.config import offline_sts_model
 from eval.stream import stream_rows
+from pipeline.shard_index import ShardIndex
+from pipeline.shards import ShardFormatError
 from pipeline.smolvlm import build_tiny_tokenizer
 from train import run as train_run
-from train.config import TrainConfigError, resolve
+from train.config import resolve
 from train.sequence import SequenceFormat, build_window, progress_before, system_for
-from pipeline.shard_index import ShardIndex
 from train.windows import cut_windows
 
 NODES = [("S1", "open"), ("S2", "screw")]
@@ -58,7 +60,7 @@ def test_system_segment_per_variant(tokenizer):
 
 def test_progress_before_is_the_latest_summary_strictly_before(index):
     meta = index.meta(index.video_ids[0])
-    progress = meta["labels"]["conversations"][0]["progress"]
+    progress = meta.conversations[0].progress
     rows = [r for r, p in enumerate(progress) if p]
     assert len(rows) >= 2
     assert progress_before(meta, 0, rows[0]) == ""  # not yet: the turn at rows[0] is not before it
@@ -71,8 +73,8 @@ def test_summary_window_closes_with_the_request_and_the_progress(tokenizer, inde
     fmt = SequenceFormat(tokenizer, index.tokens_per_frame, "summary")
     vid = index.video_ids[0]
     meta = index.meta(vid)
-    n = len(meta["labels"]["frame"])
-    first_progress = next(r for r, p in enumerate(meta["labels"]["conversations"][0]["progress"]) if p)
+    n = len(meta.frame)
+    first_progress = next(r for r, p in enumerate(meta.conversations[0].progress) if p)
     start, end = first_progress + 1, n - 4
     assert progress_before(meta, 0, start) and start < end
     seq = build_window(fmt, meta, 0, start, end)
@@ -101,34 +103,33 @@ def test_cut_windows_count_exactly_and_fit(tokenizer, index, variant):
     for vid in index.video_ids:
         meta = index.meta(vid)
         windows = cut_windows(fmt, meta, vid, max_seq_len=240)
-        for c in range(len(meta["labels"]["conversations"])):
+        for c in range(len(meta.conversations)):
             mine = [w for w in windows if w.conversation == c]
             assert [w.start for w in mine[1:]] == [w.end for w in mine[:-1]]  # contiguous, covering every row
-            assert mine[0].start == 0 and mine[-1].end == len(meta["labels"]["frame"])
-        assert len(windows) > len(meta["labels"]["conversations"])  # 240 tokens cut every conversation
+            assert mine[0].start == 0 and mine[-1].end == len(meta.frame)
+        assert len(windows) > len(meta.conversations)  # 240 tokens cut every conversation
         for w in windows:
             seq = build_window(fmt, meta, w.conversation, w.start, w.end)
             assert len(seq.input_ids) == w.n_tokens <= 240
-            assert bool(seq.summary_targets) == (variant == "summary" and w.end < len(meta["labels"]["frame"]))
-            assert w.n_update_pos == (sum(map(bool, meta["labels"]["dst_update"][w.start:w.end]))
+            assert bool(seq.summary_targets) == (variant == "summary" and w.end < len(meta.frame))
+            assert w.n_update_pos == (sum(map(bool, meta.dst_update[w.start:w.end]))
                                       if variant == "dst" else 0)
 
 
 def test_protocol_stream_length(index):
     meta = index.meta(index.video_ids[0])
-    for c, conv in enumerate(meta["labels"]["conversations"]):
-        last_speak = max(r for r, s in enumerate(conv["speak"]) if s)
+    for c, conv in enumerate(meta.conversations):
+        last_speak = max(r for r, s in enumerate(conv.speak) if s)
         assert stream_rows(meta, c, "proassist") == last_speak + 1
-        assert stream_rows(meta, c, "full-video") == len(conv["speak"])
-    silent = json.loads(json.dumps(meta))
-    silent["labels"]["conversations"][0]["speak"] = [False] * len(conv["speak"])
+        assert stream_rows(meta, c, "full-video") == len(conv.speak)
+    silent = replace(meta, conversations=[replace(meta.conversations[0], speak=[False] * len(conv.speak))])
     assert stream_rows(silent, 0, "proassist") == 0
     with pytest.raises(ValueError, match="protocol"):
         stream_rows(meta, 0, "whole")
 
 
 def strip_progress(src, dst):
-    """A copy of the shards as `dst prepare` wrote them before progress summaries were kept."""
+    """A copy of the shards without progress summaries and intents (what no `dst prepare` writes)."""
     dst.mkdir()
     for shard in sorted(src.glob("shard-*.tar")):
         with tarfile.open(shard) as tin, tarfile.open(dst / shard.name, "w") as tout:
@@ -143,14 +144,13 @@ def strip_progress(src, dst):
                 tout.addfile(member, io.BytesIO(data))
 
 
-def test_summary_variant_refuses_shards_without_progress(tiny_shards, tmp_path):
+def test_shards_without_progress_summaries_are_refused(tiny_shards, tmp_path):
     old = tmp_path / "old-shards"
     strip_progress(tiny_shards, old)
     base = {"shards": old, "model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0,
             "max_steps": 1}
-    with pytest.raises(TrainConfigError, match="no progress summaries"):
+    with pytest.raises(ShardFormatError, match=r"labels.conversations\[0\].progress is not a list"):
         train_run.run(resolve({**base, "out": tmp_path / "s", "variant": "summary"}))
-    train_run.run(resolve({**base, "out": tmp_path / "n", "variant": "none"}))  # the others still train
 
 
 def invoke(*args, code=0):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 
-from pipeline.smolvlm import load_model
+from core.runtime import Ranks
+from pipeline.models import load_model
 from train.config import TrainConfig, TrainConfigError
 from train.model import DSTModel, freeze_vision, wrap_lora
 
@@ -49,19 +48,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def init_runtime(cfg: TrainConfig) -> Runtime:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(minutes=60))
-    return Runtime(rank, world, local_rank, device, resolve_precision(cfg.precision, device))
+def init_runtime(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Runtime:
+    return Runtime(ranks.rank, ranks.world, ranks.local_rank, device, resolve_precision(cfg.precision, device))
 
 
 def build_model(cfg: TrainConfig, runtime: Runtime) -> tuple[DSTModel, object]:
@@ -90,7 +78,11 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> tuple[DSTModel, object]:
 
 
 def _load_4bit(name: str):
-    from transformers import AutoTokenizer, BitsAndBytesConfig, SmolVLMForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        SmolVLMForConditionalGeneration,
+    )
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
     vlm = SmolVLMForConditionalGeneration.from_pretrained(name, quantization_config=quant, attn_implementation="sdpa")

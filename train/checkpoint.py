@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.smolvlm import load_model
+from core.files import temporary
+from pipeline.models import load_model
 from train.model import DSTModel, quiet_peft
 
 OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE, DST_META = ("optimizer.safetensors", "optimizer.json",
@@ -74,7 +75,7 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer, scheduler, scaler,
                     position: dict, dst_meta: dict, keep: int = 3) -> Path:
     folder = run / "checkpoints" / f"step-{step:06d}"
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = temporary(folder)  # renamed into place below, after the old folder of the same step is moved aside
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp, tokenizer)
     tensors, meta = _optimizer_split(optimizer.state_dict())
@@ -94,7 +95,7 @@ def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer,
         folder.rename(replaced)
     tmp.rename(folder)
     link = run / "checkpoints" / "last"
-    tmp_link = link.with_name("last.tmp")
+    tmp_link = temporary(link)
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(folder.name)
     os.replace(tmp_link, link)

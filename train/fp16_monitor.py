@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from core.errors import DataError
+
 FP16_MAX = 65504.0
 
 
-class ActivationOverflow(RuntimeError):
+class ActivationOverflow(DataError):
     """A forward pass produced non-finite activations; loss scaling cannot help."""
 
 

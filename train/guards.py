@@ -18,11 +18,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from core.errors import DataError
+
 Windows = Callable[[], list]  # the Windows of a micro-batch, computed only when a message needs them
 NAMED_SAMPLES = 3  # samples listed in a message about a whole batch
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DataError):
     """Training met NaN or inf; the message names the step, shard file and sample. Nothing was saved."""
 
 
@@ -40,7 +42,7 @@ def nonfinite_inputs(index, windows: list) -> str:
         if not finite.all():
             bad = np.flatnonzero(~finite) + w.start
             return (f"non-finite frame embeddings in {index.describe(w.video_id)} (video "
-                    f"{index.meta(w.video_id)['video_uid']}): {len(bad)} rows, first row {int(bad[0])}; the shard is "
+                    f"{index.meta(w.video_id).video_uid}): {len(bad)} rows, first row {int(bad[0])}; the shard is "
                     "corrupt (dst prepare never writes such values): prepare it again")
     return f"non-finite frame embeddings in a batch of {describe_batch(index, windows)}"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.shard_index import ShardIndex
 from train.batch import Batch
 from train.sequence import SequenceFormat, build_window
-from pipeline.shard_index import ShardIndex
 from train.windows import Window, cut_windows, epoch_windows, pack_batches, rank_batches
 
 

@@ -14,7 +14,12 @@ from train.checkpoint import save_checkpoint
 from train.fp16_monitor import TrainingMonitor
 from train.guards import NonFiniteGuard, check_weights
 from train.losses import LOSS_WEIGHT_NAMES, TERMS
-from train.preemption import Preemption, ignore_sigterm_in_worker, sigterm_blocked, write_marker
+from train.preemption import (
+    Preemption,
+    ignore_sigterm_in_worker,
+    sigterm_blocked,
+    write_marker,
+)
 from train.step import global_counts, loss_terms, loss_weights, scaled_loss, validate
 
 

@@ -1,5 +1,5 @@
 """Training losses: the two decision heads (focal, class-balanced BCE, plain BCE), the shifted LM loss, negative
-subsampling (rho) and the weighted total (DESIGN.md sections 4-5).
+subsampling (rho) and the weighted total (docs/design.md §4.4, §6).
 
 Every loss casts its inputs to fp32 first (training may run under fp16/bf16 autocast) and is a mean over its own
 positions. Means are weighted, `sum(w * l) / sum(w)`, with weight 0 excluding a position; an empty term is an exact
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DECISION_LOSSES = ("focal", "balanced_bce", "bce")
+from train.config import DECISION_LOSSES
+
 TERMS = ("update", "dst_text", "speak", "response", "summary")
 LOSS_WEIGHT_NAMES = ("w_upd", "w_dst", "w_spk", "w_rsp", "w_sum")  # LossWeights field of each term, in TERMS order
 # Any finite logit beyond this is saturated in fp32; clamping maps fp16 overflow (+-inf) here so loss and grads stay

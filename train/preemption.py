@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from core.files import write_atomic
+
 PREEMPTED = "preempted.json"
 
 
@@ -62,7 +64,5 @@ def sigterm_blocked():
 
 def write_marker(run: Path, step: int, checkpoint: Path | None) -> None:
     """`RUN/preempted.json`: the run stopped on a signal after saving everything; `--resume` continues it."""
-    tmp = run / (PREEMPTED + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    tmp.replace(run / PREEMPTED)
+    write_atomic(run / PREEMPTED, json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None,
+                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from core.files import write_atomic
+from core.runtime import Ranks, choose_device, process_group
+from pipeline.shard_index import ShardIndex
 from train.budget import resolve_token_budget
+from train.build import (
+    Runtime,
+    build_model,
+    build_optimizer,
+    build_scaler,
+    init_runtime,
+)
 from train.checkpoint import load_training_state, load_weights
 from train.config import TrainConfig, TrainConfigError
 from train.loader import TrainData
@@ -22,8 +33,6 @@ from train.loop import jsonl_logger, train_loop
 from train.preemption import PREEMPTED, Preemption
 from train.run_folder import set_aside, start_point
 from train.sequence import SequenceFormat
-from train.build import build_model, build_optimizer, build_scaler, init_runtime
-from pipeline.shard_index import ShardIndex
 
 
 def git_commit() -> str | None:
@@ -35,16 +44,12 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _sinks(cfg: TrainConfig, run: Path) -> list:
     sinks = []
     if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # needs the tensorboard package
+        )
 
         writer = SummaryWriter(str(run / "tensorboard"))
         sinks.append(lambda v: [writer.add_scalar(k, x, v["step"]) for k, x in v.items()
@@ -55,18 +60,6 @@ def _sinks(cfg: TrainConfig, run: Path) -> list:
         wandb.init(project="dst", dir=str(run), config=cfg.to_json())
         sinks.append(lambda v: wandb.log(v, step=v["step"]))
     return sinks
-
-
-def check_shards_fit_variant(index: ShardIndex, where: Path, variant: str) -> None:
-    """The summary variant learns from ProAssist's progress summaries, which shards prepared before they were kept
-    do not hold."""
-    if variant != "summary":
-        return
-    old = [v for v in index.video_ids if any("progress" not in c for c in index.meta(v)["labels"]["conversations"])]
-    if old:
-        raise TrainConfigError(f"{where}: {len(old)} of {len(index)} videos (e.g. {old[0]}) have no progress "
-                               "summaries (prepared before dst prepare kept them); run dst prepare again to train "
-                               "the summary variant, or train --variant dst / none on these shards")
 
 
 def check_shards(cfg: TrainConfig, index: ShardIndex, model, what: str) -> None:
@@ -92,13 +85,16 @@ def _model_name(model: str) -> str:
 def run(cfg: TrainConfig, console: Console | None = None) -> Path:
     preemption = Preemption()  # first: a SIGTERM during set-up also ends the run cleanly
     try:
-        return _run(cfg, console or Console(), preemption)
+        ranks = Ranks.from_env()
+        device = choose_device(cfg.device, ranks)
+        # gradients are all-reduced every step: NCCL on GPUs, with a watchdog that stops a hung rank
+        with process_group(ranks, device, "auto", timedelta(minutes=60)):
+            return _run(cfg, console or Console(), preemption, init_runtime(cfg, ranks, device))
     finally:
         preemption.restore()
 
 
-def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
-    runtime = init_runtime(cfg)
+def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Runtime) -> Path:
     if not runtime.is_main:
         console = Console(quiet=True)
     if runtime.is_main:  # first: a run that fails from here on must not be requeued by the job script
@@ -111,7 +107,6 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     model, tokenizer = build_model(cfg, runtime)
     check_shards(cfg, index, model, "the shards")
-    check_shards_fit_variant(index, cfg.shards, cfg.variant)
     fmt = SequenceFormat(tokenizer, index.tokens_per_frame, cfg.variant)
     budget = resolve_token_budget(cfg, runtime, model, fmt, index.hidden_size)
     if runtime.world > 1:  # every rank must pack the same batches: take the smallest budget any rank found
@@ -126,7 +121,6 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
     if cfg.val_shards is not None:
         val_index = ShardIndex.build(cfg.val_shards)
         check_shards(cfg, val_index, model, "the validation shards")
-        check_shards_fit_variant(val_index, cfg.val_shards, cfg.variant)
         if val_index.tokens_per_frame != index.tokens_per_frame:
             raise TrainConfigError(f"the validation shards hold {val_index.tokens_per_frame} tokens per frame, the "
                                    f"training shards {index.tokens_per_frame}")
@@ -150,7 +144,7 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
         cfg.out.mkdir(parents=True, exist_ok=True)
         for line in set_aside(cfg.out, start, state["step"]):
             console.print(line, highlight=False)
-        _atomic_write_text(cfg.out / "config.json", json.dumps({
+        write_atomic(cfg.out / "config.json", json.dumps({
             "config": cfg.to_json(), "git_commit": git_commit(), "precision": runtime.precision,
             "world_size": runtime.world, "device": str(runtime.device), "token_budget": budget,
             "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in dst_meta.items()},
@@ -164,7 +158,5 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption) -> Path:
                   f"{budget} tokens each", highlight=False, soft_wrap=True)
     step = train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log,
                       console, dst_meta, preemption)
-    if runtime.world > 1:
-        torch.distributed.destroy_process_group()
     console.print(f"done at step {step}: {cfg.out}", highlight=False)
     return cfg.out

@@ -11,10 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import InputError
+from core.files import write_atomic
+
 METRICS = "metrics.jsonl"
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """The run folder is in a state `dst train` cannot safely continue from; the message says what to do."""
 
 
@@ -30,7 +33,7 @@ def start_point(out: Path, resume: bool) -> StartPoint:
     has_last = last.is_symlink() or last.exists()
     if not resume:
         if (out / METRICS).exists() or has_last:
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
+            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
         return StartPoint(None)
     if has_last:
         folder = last.resolve()
@@ -72,8 +75,6 @@ def set_aside(out: Path, start: StartPoint, step: int) -> list[str]:
         if dropped:
             aside = _free(out / f"{METRICS}.after-step-{step}")
             aside.write_text("".join(dropped))
-            tmp = out / f"{METRICS}.tmp"
-            tmp.write_text("".join(kept))
-            tmp.replace(metrics)
+            write_atomic(metrics, "".join(kept))
             done.append(f"{len(dropped)} metrics lines logged after step {step} moved to {aside.name}")
     return done

@@ -21,7 +21,7 @@ The `<image>` positions carry the stored frame embeddings (through `inputs_embed
 (`\nDST:`, `\nAssistant:`, `\nSummary:`) are forced once the decision fires, so only the text after them and its
 EOS are LM targets: EOS is always learned, and pad (`<|im_end|>`) is never EOS.
 
-Variants (DESIGN 6c): `dst` tracks the state (State line, decision A, DST text); `summary` is ProAssist's iterative
+Variants (docs/design.md §5): `dst` tracks the state (State line, decision A, DST text); `summary` is ProAssist's iterative
 progress summarization (no DST anywhere; the progress summary is the memory across windows); `none` has neither.
 """
 
@@ -30,13 +30,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pipeline.shards import VideoMeta
 from pipeline.timeline import STATE_RANK
+from train.variants import Variant, get_variant
 
-VARIANTS = ("dst", "summary", "none")
-_ROLE = "You are a proactive assistant watching the user's task video."
-INSTRUCTIONS = {"dst": f"{_ROLE} After each frame, track the state of every step and speak only when it helps.",
-                "summary": f"{_ROLE} After each frame, speak only when it helps.",
-                "none": f"{_ROLE} After each frame, speak only when it helps."}
 SUMMARY_REQUEST = "Please summarize the progress."
 RECENT_TURNS = 3  # dialogue turns carried into a window that starts mid-video (training and every re-seed)
 
@@ -69,13 +66,10 @@ def parse_update(text: str, current: dict[str, str]) -> dict[str, str] | None:
 class SequenceFormat:
     """Token-id segments for one tokenizer and one number of tokens per frame."""
 
-    def __init__(self, tokenizer, tokens_per_frame: int, variant: str = "dst"):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    def __init__(self, tokenizer, tokens_per_frame: int, variant: str | Variant = "dst"):
         self.tokenizer = tokenizer
         self.tokens_per_frame = tokens_per_frame
-        self.variant = variant
-        self.tracks_state = variant == "dst"
+        self.variant = get_variant(variant)
         ids = tokenizer.convert_tokens_to_ids
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -100,15 +94,15 @@ class SequenceFormat:
                recent: list[tuple[str, str]] = (), progress: str = "") -> list[int]:
         """System segment: instructions, goal, steps with ids, the variant's memory (the DST state for `dst`, a
         progress summary for `summary` when there is one), and recent turns (role, text)."""
-        lines = [f"System: {INSTRUCTIONS[self.variant]}", f"Goal: {goal}", "Steps:"]
+        lines = [f"System: {self.variant.instructions}", f"Goal: {goal}", "Steps:"]
         lines += [f"{node_id}: {name}" for node_id, name in nodes]
-        if self.tracks_state:
+        if self.variant.tracks_state:
             if state is None:
                 raise ValueError("the dst variant's system prompt needs the DST state")
             lines.append(f"State: {format_state(state)}")
         if progress:
-            if self.variant != "summary":
-                raise ValueError(f"a progress summary belongs to the summary variant, not {self.variant!r}")
+            if not self.variant.writes_summary:
+                raise ValueError(f"a progress summary belongs to the summary variant, not {self.variant.name!r}")
             lines.append(f"Progress: {progress}")
         if recent:
             lines.append("Recent dialogue:")
@@ -164,51 +158,47 @@ class Sequence:
         return self.extend(ids)
 
 
-def state_before(meta: dict, row: int) -> dict[str, str]:
+def state_before(meta: VideoMeta, row: int) -> dict[str, str]:
     """The model's input state at frame row `row` (relative): the state after the previous point."""
-    return meta["initial_state"] if row == 0 else json.loads(meta["labels"]["dst_state"][row - 1])
+    return meta.initial_state if row == 0 else json.loads(meta.dst_state[row - 1])
 
 
-def progress_before(meta: dict, conversation: int, row: int) -> str:
+def progress_before(meta: VideoMeta, conversation: int, row: int) -> str:
     """The progress summary of the latest assistant turn with one before frame row `row` ("" if none): what a
     window starting at `row` carries, and the target of the summary that closes a window ending at `row`."""
-    conv = meta["labels"]["conversations"][conversation]
-    if "progress" not in conv:
-        raise ValueError(f"{meta['video_uid']}: the shards hold no progress summaries (prepared before they were "
-                         "kept): run dst prepare again to train or evaluate the summary variant")
-    progress = conv["progress"]
+    progress = meta.conversations[conversation].progress
     return next((progress[i] for i in range(min(row, len(progress)) - 1, -1, -1) if progress[i]), "")
 
 
-def recent_turns(meta: dict, conversation: int, row: int, limit: int = RECENT_TURNS) -> list[tuple[str, str]]:
+def recent_turns(meta: VideoMeta, conversation: int, row: int, limit: int = RECENT_TURNS) -> list[tuple[str, str]]:
     """The last `limit` dialogue turns placed before frame row `row` of this conversation, oldest first."""
-    conv = meta["labels"]["conversations"][conversation]
+    conv = meta.conversations[conversation]
     turns = []
     for i in range(row):
-        if conv["user_text"][i]:
-            turns.append(("User", conv["user_text"][i]))
-        if conv["response"][i]:
-            turns.append(("Assistant", conv["response"][i]))
+        if conv.user_text[i]:
+            turns.append(("User", conv.user_text[i]))
+        if conv.response[i]:
+            turns.append(("Assistant", conv.response[i]))
     return turns[-limit:] if limit else []
 
 
-def system_for(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> list[int]:
+def system_for(fmt: SequenceFormat, meta: VideoMeta, conversation: int, row: int) -> list[int]:
     """The system segment of a window starting at frame row `row`, from the references."""
-    nodes = [(n["id"], n["name"]) for n in meta["nodes"]]
-    state = state_before(meta, row) if fmt.tracks_state else None
-    progress = progress_before(meta, conversation, row) if fmt.variant == "summary" else ""
-    return fmt.system(meta["goal"], nodes, state, recent_turns(meta, conversation, row), progress)
+    nodes = [(n.id, n.name) for n in meta.nodes]
+    state = state_before(meta, row) if fmt.variant.tracks_state else None
+    progress = progress_before(meta, conversation, row) if fmt.variant.writes_summary else ""
+    return fmt.system(meta.goal, nodes, state, recent_turns(meta, conversation, row), progress)
 
 
-def frame_segments(fmt: SequenceFormat, meta: dict, conversation: int, row: int) -> dict[str, list[int]]:
+def frame_segments(fmt: SequenceFormat, meta: VideoMeta, conversation: int, row: int) -> dict[str, list[int]]:
     """The segments of frame row `row`, by name, for costing and building (absent ones are empty)."""
-    labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
-    user = conv["user_text"][row]
-    delta = labels["dst_delta"][row]
-    response = conv["response"][row]
+    conv = meta.conversations[conversation]
+    user = conv.user_text[row]
+    delta = meta.dst_delta[row]
+    response = conv.response[row]
     return {
         "user": fmt.user(user) if user else [],
-        "dst": fmt.dst_body(json.loads(delta)) if delta and fmt.tracks_state else [],
+        "dst": fmt.dst_body(json.loads(delta)) if delta and fmt.variant.tracks_state else [],
         "response": fmt.response_body(response) if response else [],
     }
 
@@ -220,9 +210,9 @@ def frame_cost(fmt: SequenceFormat, segments: dict[str, list[int]]) -> int:
             + (len(fmt.response_prefix) + len(segments["response"]) if segments["response"] else 0))
 
 
-def closing_cost(fmt: SequenceFormat, meta: dict, conversation: int, end: int) -> int:
+def closing_cost(fmt: SequenceFormat, meta: VideoMeta, conversation: int, end: int) -> int:
     """Tokens of the block that closes a window ending before frame row `end` (summary variant only)."""
-    if fmt.variant != "summary" or end >= len(meta["labels"]["frame"]):
+    if not fmt.variant.writes_summary or end >= meta.num_rows:
         return 0
     return (len(fmt.summary_request) + len(fmt.frame) + len(fmt.summary_prefix)
             + len(fmt.response_body(progress_before(meta, conversation, end))))
@@ -243,10 +233,10 @@ def append_frame(fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[st
     if segments["user"]:
         seq.extend(segments["user"])
     read = append_frame_block(fmt, seq, row)
-    if fmt.tracks_state:
+    if fmt.variant.tracks_state:
         seq.update_positions.append(read)
         seq.update_labels.append(int(update))
-    if update and fmt.tracks_state:
+    if update and fmt.variant.tracks_state:
         seq.extend(fmt.dst_prefix)
         read = seq.extend_target(segments["dst"], seq.dst_targets)
     seq.speak_positions.append(read)
@@ -265,15 +255,15 @@ def append_summary(fmt: SequenceFormat, seq: Sequence, last_row: int, summary: l
     seq.extend_target(summary, seq.summary_targets)
 
 
-def build_window(fmt: SequenceFormat, meta: dict, conversation: int, start: int, end: int) -> Sequence:
+def build_window(fmt: SequenceFormat, meta: VideoMeta, conversation: int, start: int, end: int) -> Sequence:
     """The training sequence of frame rows [start, end) of one conversation (with the summary variant's closing
     block when it stops before the video's end)."""
     seq = Sequence()
     seq.extend(system_for(fmt, meta, conversation, start))
-    labels, conv = meta["labels"], meta["labels"]["conversations"][conversation]
+    conv = meta.conversations[conversation]
     for row in range(start, end):
-        append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row),
-                     labels["dst_update"][row], conv["speak"][row])
+        append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row), meta.dst_update[row],
+                     conv.speak[row])
     if closing_cost(fmt, meta, conversation, end):
         append_summary(fmt, seq, end - 1, fmt.response_body(progress_before(meta, conversation, end)))
     return seq

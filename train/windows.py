@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.sequence import SequenceFormat, closing_cost, frame_cost, frame_segments, system_for
+from pipeline.shards import VideoMeta
+from train.sequence import (
+    SequenceFormat,
+    closing_cost,
+    frame_cost,
+    frame_segments,
+    system_for,
+)
 
 BUCKET = 100  # windows per shuffled bucket when packing: large enough for little padding, small enough to mix
 
@@ -38,15 +45,14 @@ class Window:
 # ------------------------------------------------------------------------------------------------------ cutting
 
 
-def cut_windows(fmt: SequenceFormat, meta: dict, video_id: str, max_seq_len: int) -> list[Window]:
+def cut_windows(fmt: SequenceFormat, meta: VideoMeta, video_id: str, max_seq_len: int) -> list[Window]:
     """Greedy windows for every conversation of one video: contiguous, non-overlapping, covering every row, each at
     most `max_seq_len` tokens. A window's cost is its own system segment (which depends on its start: the state and
     recent turns there), its frames' costs and, for the summary variant, the block that closes a window stopping
     before the video's end, all from sequence.py, so `n_tokens` equals the built length."""
-    labels = meta["labels"]
-    n_rows = len(labels["frame"])
+    n_rows = meta.num_rows
     windows = []
-    for c, conv in enumerate(labels["conversations"]):
+    for c, conv in enumerate(meta.conversations):
         cuts = []  # (start, end, n_tokens)
         start, used = 0, len(system_for(fmt, meta, c, 0))
         for row in range(n_rows):
@@ -59,14 +65,14 @@ def cut_windows(fmt: SequenceFormat, meta: dict, video_id: str, max_seq_len: int
             if used + cost + closing_cost(fmt, meta, c, row + 1) > max_seq_len:
                 raise ValueError(f"video {video_id}, conversation {c}: frame row {row} needs "
                                  f"{used + cost + closing_cost(fmt, meta, c, row + 1)} tokens with its system prompt"
-                                 f"{' and closing summary' if fmt.variant == 'summary' else ''}, more than "
+                                 f"{' and closing summary' if fmt.variant.writes_summary else ''}, more than "
                                  f"max_seq_len={max_seq_len}")
             used += cost
         if n_rows:
             cuts.append((start, n_rows, used))
-        windows += [Window(video_id, meta["dataset"], c, a, b, n,
-                           sum(map(bool, labels["dst_update"][a:b])) if fmt.tracks_state else 0,
-                           sum(map(bool, conv["speak"][a:b])))
+        windows += [Window(video_id, meta.dataset, c, a, b, n,
+                           sum(map(bool, meta.dst_update[a:b])) if fmt.variant.tracks_state else 0,
+                           sum(map(bool, conv.speak[a:b])))
                     for a, b, n in cuts]
     return windows
 
