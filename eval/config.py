@@ -11,7 +11,7 @@ from eval.protocol import PROTOCOLS
 from train.variants import NAMES
 
 MODES = ("model", "teacher-forced", "oracle", "never", "periodic")
-CONTEXT_STRATEGIES = ("reseed", "drop-all", "drop-middle")
+CONTEXT_STRATEGIES = ("reseed", "reseed-oracle", "drop-all", "drop-middle")
 DEFAULT_STS_MODEL = "sentence-transformers/all-mpnet-base-v2"  # ProAssist's
 DST_WINDOW_S = 2.0  # DST update and transition matching window, seconds each side (docs/design.md §8)
 PROTOCOL_HELP = ("proassist: each conversation up to its last assistant turn (ProAssist's evaluation, comparable "
@@ -41,7 +41,8 @@ class StreamConfig:
     max_summary_tokens: int = setting(160, "Longest generated progress summary (summary variant).", minimum=1)
     max_context: int = setting(4096, "Tokens the KV cache may hold.", minimum=1, cli=False)
     context_strategy: str = setting("reseed", "reseed (the variant's memory: DST, a generated summary, or nothing, "
-                                    "plus recent turns) | drop-all | drop-middle.", choices=CONTEXT_STRATEGIES)
+                                    "plus recent turns) | reseed-oracle (that memory read from the references: a "
+                                    "bound) | drop-all | drop-middle.", choices=CONTEXT_STRATEGIES)
     protocol: str = setting("proassist", PROTOCOL_HELP, choices=PROTOCOLS)
     every: float = setting(10.0, "periodic mode: speak every this many seconds.", minimum=0, above=True)
     # teacher-forced: generate wherever p exceeds this, so thresholds can be swept after one pass

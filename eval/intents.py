@@ -6,7 +6,11 @@ intent it names, so one turn can count twice:
 
 - `responsive|...` -> responsive (whatever follows);
 - `initiative|...` -> instruction and/or feedback, for each of the two it names;
-- anything else, including `""` (unknown, or an old predictions file without `ref_labels`) -> other.
+- anything else, including `""` (unknown) -> other.
+
+The long synthetic videos end every assistant turn's labels with a memory tag, `,memory` or `,local`
+(synthetic/long_videos.py: does its content depend on an event no context can still hold?); `memory_of` reads it.
+Real ProAssist data carry no such tag: there the split is absent (None), not guessed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 INTENTS = ("instruction", "feedback", "responsive", "other")
+MEMORY_TAGS = ("memory", "local")
 INITIATIVE_INTENTS = ("instruction", "feedback")
 
 
@@ -28,6 +33,12 @@ def intents_of(labels: str | None) -> tuple[str, ...]:
         if found:
             return found
     return ("other",)
+
+
+def memory_of(labels: str | None) -> str | None:
+    """`memory` or `local` from the turn's tag; None for a turn without one."""
+    tags = {part.strip() for part in (labels or "").partition("|")[2].split(",")}
+    return next((t for t in MEMORY_TAGS if t in tags), None)
 
 
 def intent_recall(refs: Counter, tp: Counter) -> dict:

@@ -44,7 +44,6 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from eval.metrics_speak import (
     DIST_FACTOR,
     DIST_POWER,
-    MATCH_THRESHOLD,
     SpeakCounts,
     speak_metrics,
     window_frames,
@@ -144,14 +143,9 @@ def proassist_dialogue(frames: list[dict], l: int, r: int, fps: float, raw_embed
             counts.num_redundant += 1
             continue
         score = 1.0 - float(sem[(i, j)])  # their `1 - match_cost[i, j].item()`
-        counts.matched_scores.append(score)
-        if score > MATCH_THRESHOLD:
-            counts.num_matched += 1
-            counts.time_diffs_s.append(abs(frames[j]["frame"] - frames[i]["frame"]) / fps)
-            counts.tp_pairs.append((gen, ref, score))
+        if counts.add_pair(gen, ref, score, frames[j].get("ref_labels"),
+                           abs(frames[j]["frame"] - frames[i]["frame"]) / fps):
             tp_refs.add(j)
-        else:
-            counts.num_mismatched += 1
     counts.num_missed += sum(1 for j in refs if j not in taken)
     for j in refs:
         counts.add_reference(frames[j].get("ref_labels"), j in tp_refs)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from eval.intents import intent_recall, intents_of
+from eval.intents import intent_recall, intents_of, memory_of
 
 # ProAssist's get_match_time_window, in its lookup order (a name matches by substring, e.g. "ego4d/dialog_val").
 SPEAK_WINDOWS_S = {"ego4d": (-4.0, 8.5), "epickitchens": (-1.5, 3.0), "holoassist": (-1.5, 2.5),
@@ -152,6 +152,23 @@ class EmbeddingCache:
 
 
 @dataclass
+class SplitCounts:
+    """The outcome for the reference turns of one memory tag: what reached them. A redundant prediction (matched to
+    a silent frame) belongs to no reference turn, so it counts in the all-turn precision only."""
+
+    num_ref: int = 0
+    num_matched: int = 0
+    num_mismatched: int = 0
+    matched_scores: list[float] = field(default_factory=list)
+    tp_pairs: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict:
+        p, r, f1 = prf(self.num_matched, self.num_matched + self.num_mismatched, self.num_ref)
+        return {"precision": p, "recall": r, "f1": f1, "num_ref": self.num_ref, "num_matched": self.num_matched,
+                "num_mismatched": self.num_mismatched}
+
+
+@dataclass
 class SpeakCounts:
     num_pred: int = 0
     num_ref: int = 0
@@ -164,11 +181,45 @@ class SpeakCounts:
     tp_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (generated, reference, |cos|)
     intent_refs: Counter = field(default_factory=Counter)  # references per intent (eval/intents.py)
     intent_tp: Counter = field(default_factory=Counter)  # of those, reached by a TP
+    splits: dict[str, SplitCounts] = field(default_factory=dict)  # per memory tag, for tagged references only
 
     def add_reference(self, labels: str | None, tp: bool) -> None:
         for intent in intents_of(labels):
             self.intent_refs[intent] += 1
             self.intent_tp[intent] += tp
+        if (split := self._split(labels)) is not None:
+            split.num_ref += 1
+
+    def add_pair(self, gen: str, ref: str, score: float, labels: str | None, time_diff_s: float) -> bool:
+        """A prediction matched to a reference turn (with its labels); returns whether it is a TP."""
+        split = self._split(labels)
+        tp = score > MATCH_THRESHOLD
+        for c in (self, split) if split is not None else (self,):
+            c.matched_scores.append(score)
+            if tp:
+                c.num_matched += 1
+                c.tp_pairs.append((gen, ref, score))
+            else:
+                c.num_mismatched += 1
+        if tp:
+            self.time_diffs_s.append(time_diff_s)
+        return tp
+
+    def merge(self, other: SpeakCounts) -> None:
+        """Add `other`'s counts (another dialogue's) to these, field by field."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "splits":
+                for tag, split in theirs.items():
+                    target = mine.setdefault(tag, SplitCounts())
+                    for g in fields(split):
+                        setattr(target, g.name, getattr(target, g.name) + getattr(split, g.name))
+            else:
+                setattr(self, f.name, mine + theirs)  # ints, lists and Counters all add
+
+    def _split(self, labels: str | None) -> SplitCounts | None:
+        tag = memory_of(labels)
+        return None if tag is None else self.splits.setdefault(tag, SplitCounts())
 
 
 def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: EmbeddingCache,
@@ -195,15 +246,9 @@ def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: Embedd
         if not ref:
             counts.num_redundant += 1
             continue
-        score = cache.abs_cos(gen, ref)
-        counts.matched_scores.append(score)
-        if score > MATCH_THRESHOLD:
-            counts.num_matched += 1
-            counts.time_diffs_s.append(abs(frame_ids[t] - frame_ids[preds[p]]) / fps)
-            counts.tp_pairs.append((gen, ref, score))
+        if counts.add_pair(gen, ref, cache.abs_cos(gen, ref), frames[t].get("ref_labels"),
+                           abs(frame_ids[t] - frame_ids[preds[p]]) / fps):
             tp_refs.add(t)
-        else:
-            counts.num_mismatched += 1
     for k in refs:
         counts.add_reference(frames[k].get("ref_labels"), k in tp_refs)
 

@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.config import DEFAULT_STS_MODEL, DST_WINDOW_S
+from eval.intents import MEMORY_TAGS
 from eval.jsonio import (
     PredictionsError,
     check_dialogue,
@@ -41,8 +42,8 @@ from eval.metrics_dst import (
     never_update_metrics,
     update_counts,
 )
-from eval.metrics_proassist import proassist_counts, proassist_metrics
-from eval.metrics_speak import Embed, EmbeddingCache, speak_counts, speak_metrics
+from eval.metrics_proassist import ProAssistCounts, proassist_counts, proassist_metrics
+from eval.metrics_speak import Embed, EmbeddingCache, SpeakCounts, SplitCounts, speak_counts, speak_metrics
 from eval.metrics_text import MeteorScorer, text_metrics
 from eval.protocol import (
     cut_to_protocol,
@@ -57,7 +58,7 @@ __all__ = ["DEFAULT_STS_MODEL", "score", "sweep_counts", "mean_over_datasets", "
            "PredictionsError"]
 
 PROASSIST_BATCH_SIZE = 128  # ProAssist's sts_eval_batch_size: part of what its embeddings are
-MEAN_OVER_AVAILABLE = ("intent_recall", "summary_similarity")
+MEAN_OVER_AVAILABLE = ("intent_recall", "summary_similarity", "memory_split")
 
 
 def by_dataset(dialogues: list[dict]) -> dict[str, list[dict]]:
@@ -103,6 +104,29 @@ def dst_blocks(group: list[dict], variant: str, dst_window_s: float) -> dict:
     return {"dst": dst_metrics(group, dst_window_s), "dst_never": never_update_metrics(group, dst_window_s)}
 
 
+def memory_split(counts: SpeakCounts, pro: SpeakCounts, meteor: MeteorScorer, name: str) -> dict | None:
+    """Speaking P/R/F1 (both matchers), semantic score and METEOR for the `memory` and the `local` reference turns
+    (eval/intents.py); None for data whose turns carry no memory tag (real ProAssist data)."""
+    if not counts.splits:
+        return None
+    out = {}
+    for tag in MEMORY_TAGS:
+        split, pro_split = counts.splits.get(tag, SplitCounts()), pro.splits.get(tag, SplitCounts())
+        text, _ = text_metrics(split.tp_pairs, split.matched_scores, meteor, f"{name} ({tag} turns)")
+        out[tag] = {"speak": split.metrics(), "speak_proassist": pro_split.metrics(),
+                    "text": {"semantic_score": text["semantic_score"], "METEOR": text["METEOR"]}}
+    return out
+
+
+def dialogue_scores(d: dict, pro: SpeakCounts) -> dict:
+    """One dialogue's ProAssist-matched speaking F1, on all its turns and on its memory turns (None when it has
+    none): the numbers experiments pair across cells (experiments/compare.py)."""
+    memory = pro.splits.get("memory")
+    return {"dataset": d["dataset"], "video_uid": d.get("video_uid"), "conversation": d.get("conversation"),
+            "speak_proassist_f1": proassist_metrics(pro)["f1"],
+            "memory_speak_proassist_f1": memory.metrics()["f1"] if memory and memory.num_ref else None}
+
+
 def check_scorable(dialogues: list[dict], protocol: str) -> tuple[str, list[dict]]:
     """(variant, the dialogues cut to `protocol`); PredictionsError/ScoringError when they cannot be scored. Cheap:
     `dst score` calls it before loading any model."""
@@ -123,14 +147,19 @@ def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: 
             return score(dialogues, embed, sts_model_name, meteor=own, protocol=protocol, dst_window_s=dst_window_s)
     variant, scored = check_scorable(dialogues, protocol)
     cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(embed)
-    datasets, tokenizers = {}, []
+    datasets, tokenizers, per_dialogue = {}, [], []
     for name, group in by_dataset(scored).items():
-        counts = speak_counts(group, cache)
+        counts, pro = speak_counts(group, cache), ProAssistCounts()
+        for d in group:  # one dialogue at a time (as ProAssist's matcher works anyway), kept for paired tests
+            one = proassist_counts([d], cache.raw)
+            pro.merge(one)
+            per_dialogue.append(dialogue_scores(d, one))
         text, tokenizer = text_metrics(counts.tp_pairs, counts.matched_scores, meteor, name)
         tokenizers.append(tokenizer)
         datasets[name] = {
-            "speak": speak_metrics(counts), "speak_proassist": proassist_metrics(proassist_counts(group, cache.raw)),
-            "text": text, **dst_blocks(group, variant, dst_window_s),
+            "speak": speak_metrics(counts), "speak_proassist": proassist_metrics(pro),
+            "text": text, "memory_split": memory_split(counts, pro, meteor, name),
+            **dst_blocks(group, variant, dst_window_s),
             "summary_similarity": summary_similarity(group, cache) if get_variant(variant).writes_summary else None,
             "reseeds": sum(len(d.get("reseeds") or []) for d in group)}
     metrics = {"protocol": protocol, "variant": variant, "dst_window_s": dst_window_s,
@@ -140,7 +169,7 @@ def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: 
                            "datasets": {name: m["reseeds"] for name, m in datasets.items()}},
                "sts_model": sts_model_name, "meteor": meteor.label, "meteor_failures": list(meteor.failures),
                "tokenizer": "; ".join(dict.fromkeys(tokenizers)),
-               "datasets": datasets, "mean": mean_over_datasets(datasets)}
+               "datasets": datasets, "mean": mean_over_datasets(datasets), "per_dialogue": per_dialogue}
     metrics, replaced = sanitize(metrics)
     metrics["non_finite_values"] = replaced
     return metrics

@@ -4,8 +4,10 @@ Modes:
 - `model`: the real setting. The context holds the model's own DST updates and responses; when the cache would
   exceed `max_context`, a context strategy makes room: `reseed` (the default: the system prompt with the variant's
   memory and the last turns: the tracked DST for `dst`, a progress summary the model writes on the spot for
-  `summary`, nothing for `none`), `drop-all` (the system prompt as at the stream start, no turns), `drop-middle`
-  (the system prompt plus the most recent half of the context, re-fed).
+  `summary`, nothing for `none`), `reseed-oracle` (the same, with the memory read from the references at the
+  re-seed: the reference state, from which the `dst` stream goes on tracking, or the reference progress; a bound
+  for what a perfect memory buys), `drop-all` (the system prompt as at the stream start, no turns),
+  `drop-middle` (the system prompt plus the most recent half of the context, re-fed).
 - `teacher-forced`: the context holds the ground-truth dialogue and DST; the model's decisions (and what it would
   generate wherever a decision's probability exceeds `generate_above`) are recorded but never enter the context,
   so thresholds can be swept after one pass.
@@ -219,7 +221,15 @@ class Streamer:
         recent = history[-RECENT_TURNS:] if RECENT_TURNS else []  # [-0:] would be everything
         record = {"frame": frame, "row": row, "strategy": cfg.context_strategy,
                   "ref_progress": progress_before(meta, conversation, row)}
-        if cfg.context_strategy == "reseed":
+        if cfg.context_strategy == "reseed-oracle":  # the bound: the memory read from the references
+            record["strategy"] = f"reseed-oracle-{fmt.variant.name}"
+            progress = record["summary"] = record["ref_progress"] if fmt.variant.writes_summary else ""
+            if fmt.variant.tracks_state:  # the stream goes on tracking from the reference state
+                state.clear()
+                state.update(state_before(meta, row))
+            yield from s.refeed([(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent,
+                                             progress), None)])
+        elif cfg.context_strategy == "reseed":
             record["strategy"] = f"reseed-{fmt.variant.name}"
             progress = ""
             if fmt.variant.writes_summary:

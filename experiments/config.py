@@ -22,6 +22,8 @@ class ExperimentRunConfig:
                                   "other jobs, 1 avoids thread oversubscription.", minimum=1)
     rescore: bool = setting(False, "Score every finished cell again from its saved predictions with this "
                             "version's metrics (nothing is trained or streamed).")
+    jobs: int = setting(1, "Independent training runs (and their cells) in this many parallel processes, one torch "
+                        "thread each unless --threads; the same results as --jobs 1 --threads 1.", minimum=1)
 
     def __post_init__(self):
         check(self)

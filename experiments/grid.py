@@ -1,6 +1,7 @@
 """The configuration of `dst experiment`: one prepared dataset, shared train and eval settings, and a grid of cells.
 
-    [experiment]  name, description, seeds = [0, 1, 2], baselines = ["never"] (test-only modes, no training)
+    [experiment]  name, description, seeds = [0, 1, 2], baselines = ["never"] (test-only modes, no training),
+                  curves = true (val learning curves over the checkpoints each training run keeps)
     [data]        setting = "demo" | "long", videos = [train, val, test], seed, model, tokens_per_frame
     [train]       any `dst train` setting (train/config.py) shared by every cell
     [eval]        stream settings shared by every cell: context_strategy, protocol, max_context, max_new_tokens,
@@ -10,6 +11,7 @@
     [fast]        what `--fast` changes: videos, seeds, and [fast.train] / [fast.eval] settings
     [report]      columns = ["test.mean.speak.f1", {name = "...", key = ["first.choice", "fallback"]}, ...],
                   lower_is_better = [keys]
+    [[compare]]   a = "cell name", b = "cell name": a paired comparison a - b (experiments/compare.py)
 
 Every problem (unknown table or key, a value of the wrong type or out of range, a max_context past the training
 max_seq_len) is found by `load` before anything runs, and named with the file and the key.
@@ -31,8 +33,8 @@ from train.config import TrainConfig, TrainConfigError, resolve
 
 SETTINGS = ("demo", "long")
 BASELINES = ("never", "periodic", "oracle")
-TABLES = {"experiment", "data", "train", "eval", "grid", "fast", "report"}
-EXPERIMENT_KEYS = {"name", "description", "seeds", "baselines"}
+TABLES = {"experiment", "data", "train", "eval", "grid", "fast", "report", "compare"}
+EXPERIMENT_KEYS = {"name", "description", "seeds", "baselines", "curves"}
 DATA_DEFAULTS = {"setting": "demo", "videos": [120, 20, 20], "seed": 0, "model": "tiny-random", "tokens_per_frame": 5}
 # The `dst eval` settings a cell may set; their types, ranges and defaults are eval/config.py's (sts_model None:
 # the offline MiniLM if present).
@@ -102,6 +104,8 @@ class ExperimentConfig:
     columns: tuple[Column, ...]
     fast: bool = False
     raw: dict = field(default_factory=dict, compare=False)
+    curves: bool = False
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     def identity(self) -> dict:
         """What an output folder is bound to: a rerun into it must agree on these (cells and seeds may be added)."""
@@ -244,8 +248,24 @@ def load(path: Path, fast: bool = False, overrides: dict | None = None) -> Exper
     elif "fast" in raw:
         _apply_fast(path, raw["fast"], data, seeds, train, evals)  # checked even when not used
     cells = _cells(path, raw.get("grid", [{}]), train, evals)
+    curves = exp.get("curves", False)
+    if not isinstance(curves, bool):
+        _fail(path, "experiment.curves", f"must be true or false, got {curves!r}")
     return ExperimentConfig(path, name, str(exp.get("description", "")), seeds, tuple(baselines), data, cells,
-                            _columns(path, raw.get("report", {})), fast, raw)
+                            _columns(path, raw.get("report", {})), fast, raw, curves,
+                            _comparisons(path, raw.get("compare", []), cells))
+
+
+def _comparisons(path: Path, tables, cells: tuple[Cell, ...]) -> tuple[tuple[str, str], ...]:
+    names = [c.name for c in cells]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        _fail(path, "compare", "must be [[compare]] tables of a = \"cell\", b = \"cell\"")
+    out = []
+    for i, table in enumerate(tables):
+        if set(table) != {"a", "b"} or not all(table[k] in names for k in ("a", "b")) or table["a"] == table["b"]:
+            _fail(path, f"compare[{i}]", f"needs a and b, two different cells among {names}, got {table!r}")
+        out.append((table["a"], table["b"]))
+    return tuple(out)
 
 
 def _apply_fast(path: Path, table: dict, data: dict, seeds: tuple[int, ...], train: dict, evals: dict):

@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 
 from core.files import write_atomic
+from experiments.compare import compare
 from train.variants import get_variant
 
 STREAM_COLUMN = ("re-seeds per dialogue (test)", "test.reseeds_per_dialogue")
@@ -135,6 +136,44 @@ def table_rows(cfg, lines: list[dict]) -> tuple[list[str], list[list[str]], list
     return header, rows, marks
 
 
+def comparison_rows(cfg, lines: list[dict]) -> list[list[str]]:
+    """Per [[compare]] pair and measure: a - b, its 95% interval, the dialogues and pairs, and the verdict."""
+    rows = []
+    for a, b in cfg.comparisons:
+        for measure, interval in compare(lines, a, b).items():
+            if interval is None:
+                rows.append([f"{a} - {b}", measure, "n/a", "n/a", "0", "no pairs"])
+                continue
+            verdict = ("a wins" if interval.low > 0 else "b wins") if interval.win else "no win (0 inside)"
+            rows.append([f"{a} - {b}", measure, f"{interval.mean:+.3f}", f"[{interval.low:+.3f}, {interval.high:+.3f}]",
+                         f"{interval.n_dialogues} / {interval.n_pairs}", verdict])
+    return rows
+
+
+COMPARISON_HEADER = ["cells (a - b)", "turns", "mean difference", "95% interval", "dialogues / pairs", "verdict"]
+
+
+def curve_rows(lines: list[dict]) -> list[list[str]]:
+    """Per cell with learning curves: per kept checkpoint, the mean over seeds of val joint accuracy and speaking
+    F1 (model mode, thresholds 0.5)."""
+    rows = []
+    for cell in cells_in_order(lines):
+        curves = [ln.get("curve") or [] for ln in lines if ln["cell"] == cell and _is_model(ln)]
+        for step in sorted({p["step"] for c in curves for p in c}):
+            points = [p for c in curves for p in c if p["step"] == step]
+            joint = [p["joint_accuracy"] for p in points if p["joint_accuracy"] is not None]
+            rows.append([cell, str(step), fmt(Stat(tuple(joint))) if joint else "n/a",
+                         fmt(Stat(tuple(p["speak_f1"] for p in points)))])
+    return rows
+
+
+CURVE_HEADER = ["cell", "step", "val DST joint accuracy", "val speaking F1"]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def summary_markdown(cfg, lines: list[dict]) -> str:
     header, rows, marks = table_rows(cfg, lines)
     data = cfg.data
@@ -157,6 +196,16 @@ def summary_markdown(cfg, lines: list[dict]) -> str:
     n_model = sum(1 for ln in lines if _is_model(ln))
     out += ["", f"results.jsonl: {n_model} lines, one per cell and seed, and {len(lines) - n_model} baseline "
                 f"line(s); each holds every val and test metric of metrics.json by key path."]
+    if cfg.comparisons:
+        out += ["", "## Paired comparisons", "",
+                "Test speaking F1 (ProAssist's matching) per dialogue, a - b, pooled over dialogues and seeds; 95% "
+                "percentile bootstrap interval over dialogues (experiments/compare.py). An interval containing 0 is "
+                "not a win.", ""]
+        out += _markdown_table(COMPARISON_HEADER, comparison_rows(cfg, lines))
+    if curve := curve_rows(lines):
+        out += ["", "## Learning curves", "", "Val, model mode at thresholds 0.5, mean ± sd over seeds, per kept "
+                "checkpoint.", ""]
+        out += _markdown_table(CURVE_HEADER, curve)
     return "\n".join(out) + "\n"
 
 
@@ -233,9 +282,19 @@ p.key {{ margin: 0; font-size: 12px; color: #495057; }}
 one standard deviation of it (a difference inside the seed spread is not a win). Bars: mean; whiskers: ± one
 standard deviation; circles: single seeds.</p>
 {''.join(table)}
+{_html_table("Paired comparisons", COMPARISON_HEADER, comparison_rows(cfg, lines))}
+{_html_table("Learning curves (val, model mode, thresholds 0.5)", CURVE_HEADER, curve_rows(lines))}
 {''.join(charts)}
 </body></html>
 """
+
+
+def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<h2>{escape(title)}</h2><table><tr>{head}</tr>{body}</table>"
 
 
 def write_reports(cfg, out: Path, lines: list[dict]) -> None:

@@ -21,6 +21,13 @@ demo's generator. What is different, and why:
   finished steps in recipe order, the current step.
 - Train videos carry the three user types' conversations, as real train records do; a val or test video carries
   one (the types in turn), so the same streaming time covers three times as many videos.
+- Every assistant turn's `labels` ends in a memory tag: `,memory` when its correct content depends on an event
+  that no context of this setting can still hold at that turn (the turn is at least `MEMORY_HORIZON` frames after
+  the event), `,local` otherwise (`memory_tag`). The answers about the history ("What have I finished?", "What
+  should I do next?", "How many steps are left?"), the next step named after an idle gap and the closing
+  feedback depend on the whole history, i.e. on the first step's start; a step's instruction and "What step am I
+  on?" depend on what the frame shows. The silences that need memory (no repeated instruction when a step
+  resumes after a pause) are not turns, so they carry no tag: repeating an instruction shows as redundant speech.
 
 What the tiny random vision encoder can tell apart is what the demo's generator relies on: a step's picture is fixed
 by (dataset, task, canonical step), idle is plain grey, and the pause picture differs from both by a large bright
@@ -51,7 +58,8 @@ from synthetic.tasks import (
     write_splits,
 )
 
-__all__ = ["generate", "make_video", "LONG_MAX_CONTEXT", "LONG_TASKS", "MIN_FRAMES", "QUESTIONS", "splits", "frames_root"]
+__all__ = ["generate", "make_video", "memory_tag", "LONG_MAX_CONTEXT", "LONG_TASKS", "MEMORY_HORIZON", "MIN_FRAMES", "QUESTIONS",
+           "splits", "frames_root"]
 
 LONG_MAX_CONTEXT = 768  # tokens: the context this setting is made for (train max_seq_len = eval max_context)
 MIN_FRAMES = 260  # 130 s at 2 fps: frame tokens alone fill more than three 768-token contexts (see the tests)
@@ -69,8 +77,26 @@ QUESTIONS = ("What have I finished?", "What should I do next?", "How many steps 
 NEXT_AFTER_GAP = "Good, that step is done. Next, {step}."
 PAUSE_DISC = np.array([235.0, 235.0, 235.0])
 
+# No context of this setting holds more frames than this: a frame block alone is 8 tokens at 5 tokens per frame
+# (2 + 5 + 1), so 768 tokens hold at most 96 frames, and fewer beside the system prompt and the dialogue. An event
+# this many frames before a turn is outside the raw context in every stream, whatever the variant and wherever the
+# re-seeds fall: only the memory carried across them (DST, summary) can hold it.
+FRAME_TOKENS = 8
+MEMORY_HORIZON = LONG_MAX_CONTEXT // FRAME_TOKENS
+MEMORY, LOCAL = "memory", "local"
+
 EVAL_USER_TYPES = ("talk_more", "no_talk", "talk_some")  # val/test: one conversation per video, in turn
 IDLE, STEP, PAUSE = "idle", "step", "pause"
+
+
+def memory_tag(turn_frame: int, event_frame: int | None, horizon: int = MEMORY_HORIZON) -> str:
+    """`memory` when a turn at `turn_frame` depends on an event at `event_frame` at least `horizon` frames earlier
+    (None: on nothing but the current frame), `local` otherwise."""
+    return MEMORY if event_frame is not None and turn_frame - event_frame >= horizon else LOCAL
+
+
+def tagged(labels: str, turn_frame: int, event_frame: int | None) -> str:
+    return f"{labels},{memory_tag(turn_frame, event_frame)}"
 
 
 def long_tasks(dataset: str) -> list[int]:
@@ -209,15 +235,18 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
     n_frames = b
     state = TrueState(names, {c: (s, e) for c, (s, e) in spans.items()})
 
+    # What a turn at boundary b depends on: the whole history (the first step's start) or the frame alone (None).
+    history = spans[order[0]][0]
     said: dict[int, tuple[str, str]] = {}
     for j, c in enumerate(order):
         s, e = spans[c]
         said[s] = ((FIRST_INSTRUCTION if j == 0 else INSTRUCTIONS[int(rng.integers(2))]).format(step=names[c]),
-                   "initiative|instruction")
+                   tagged("initiative|instruction", s, None))
         if j == len(order) - 1:
-            said[e] = (FINAL.format(goal=goal), "initiative|feedback")
+            said[e] = (FINAL.format(goal=goal), tagged("initiative|feedback", e, history))
         elif e not in {spans[o][0] for o in order}:  # an idle gap follows: name the next step of the recipe
-            said[e] = (NEXT_AFTER_GAP.format(step=names[state.at(e)[2][0]]), "initiative|instruction")
+            said[e] = (NEXT_AFTER_GAP.format(step=names[state.at(e)[2][0]]),
+                       tagged("initiative|instruction", e, history))
     opening = k0 + 1
     busy = {opening} | {x for span in spans.values() for x in span} | pause_edges
     free = [b for b in range(opening + 2, n_frames - 1) if all(abs(b - o) >= 2 and abs(b + 1 - o) >= 2 for o in busy)]
@@ -236,7 +265,8 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
             q = int(rng.integers(len(QUESTIONS)))
             turns.append((b, {"role": "user", "time": t(b), "content": QUESTIONS[q], "labels": ""}))
             turns.append((b + 1, {"role": "assistant", "time": t(b + 1), "content": state.answer(q, b),
-                                  "labels": "responsive|info_sharing", "progress": progress(b + 1)}))
+                                  "labels": tagged("responsive|info_sharing", b + 1, None if q == 3 else history),
+                                  "progress": progress(b + 1)}))
         conversations.append({"user_type": user_type, "auto_quality_eval": {},
                               "conversation": [turn for _, turn in sorted(turns, key=lambda x: x[0])]})
 

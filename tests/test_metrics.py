@@ -343,7 +343,7 @@ def oracle_dialogue(dataset: str, start: int, n: int, speak_at: list[int], updat
 
 
 METRICS_KEYS = {"protocol", "variant", "dst_window_s", "num_dialogues", "dialogues_without_reference", "reseeds",
-                "sts_model", "meteor", "meteor_failures", "tokenizer", "datasets", "mean", "non_finite_values"}
+                "sts_model", "meteor", "meteor_failures", "tokenizer", "datasets", "mean", "non_finite_values", "per_dialogue"}
 
 
 @pytest.mark.parametrize("protocol", ["proassist", "full-video"])

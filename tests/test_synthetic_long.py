@@ -112,7 +112,7 @@ def test_no_instruction_is_repeated_when_a_step_resumes(long_data):
         for conv in raw["conversations"]:
             said = [t for t in conv["conversation"] if t["role"] == "assistant"]
             assert not [t for t in said if t["time"] in resume_times]
-            starts = [t["content"] for t in said if t["labels"] == "initiative|instruction"
+            starts = [t["content"] for t in said if t["labels"] == "initiative|instruction,local"
                       and not t["content"].startswith("Good, that step is done")]
             # one instruction per step, in the order the user does them, pauses or not
             assert len(starts) == len(order)

@@ -68,6 +68,10 @@ class TrainConfig:
                                                 factory=dict)
     conversations_per_video: int | None = setting(None, "Conversations drawn per video and epoch (default: all).",
                                                   minimum=1)
+    curriculum_steps: int = setting(0, "Easy before hard: train the first this many steps (whole epochs) on short "
+                                    "windows, then on windows of max_seq_len.", minimum=0)
+    curriculum_max_seq_len: int | None = setting(None, "Length of the curriculum's short windows (default: "
+                                                 "max_seq_len // 4).", minimum=1)
     frame_adapter: bool = setting(True, "A trained linear adapter on the stored frame embeddings.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
     num_workers: int = setting(2, "Data loader worker processes.", minimum=0)

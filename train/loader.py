@@ -155,10 +155,10 @@ class TrainData:
 
     @classmethod
     def from_config(cls, shards: str | Path | ShardIndex, fmt: SequenceFormat, cfg, max_tokens: int, rank: int = 0,
-                    world_size: int = 1, validation: bool = False) -> "TrainData":
-        """From a `TrainConfig` (max_seq_len, seed, positive_strength, dataset_weights, rho,
+                    world_size: int = 1, validation: bool = False, max_seq_len: int | None = None) -> "TrainData":
+        """From a `TrainConfig` (max_seq_len unless given, seed, positive_strength, dataset_weights, rho,
         conversations_per_video)."""
-        return cls(shards, fmt, cfg.max_seq_len, max_tokens, cfg.seed, cfg.positive_strength,
+        return cls(shards, fmt, max_seq_len or cfg.max_seq_len, max_tokens, cfg.seed, cfg.positive_strength,
                    dict(cfg.dataset_weights) or None, cfg.rho, cfg.conversations_per_video, rank, world_size,
                    validation)
 
@@ -174,12 +174,12 @@ class TrainData:
                                    self.conversations_per_video)
         return pack_batches(sample, self.max_tokens, self.seed, epoch)
 
-    def rank_batches(self, epoch: int) -> list[list[Window]]:
-        """This rank's batches of `epoch`: exactly `steps_per_epoch` in training."""
+    def rank_batches(self, epoch: int, steps: int | None = None) -> list[list[Window]]:
+        """This rank's batches of `epoch`: exactly `steps` (default `steps_per_epoch`) in training."""
         batches = self.all_batches(epoch)
         if self.validation:
             return batches[self.rank::self.world_size]
-        target = self.steps_per_epoch * self.world_size
+        target = (steps or self.steps_per_epoch) * self.world_size
         batches = (batches * -(-target // len(batches)))[:target] if batches else []
         return rank_batches(batches, self.rank, self.world_size)
 
@@ -189,3 +189,25 @@ class TrainData:
     def batches_for_epoch(self, epoch: int, start: int = 0) -> EpochBatches:
         """This rank's batches of `epoch` from step `start` (to resume mid-epoch)."""
         return EpochBatches(self.index, self.fmt, self.rank_batches(epoch), self.epoch_seed(epoch), self.rho, start)
+
+
+class Curriculum:
+    """Easy before hard (`curriculum_steps`): the first epochs draw their batches from `easy` (the same videos cut
+    into short windows, each opening with the state or summary of its start), the rest from `data`, the whole
+    long windows. Epochs keep `data`'s length, so positions, checkpoints and resuming work as without it; the
+    easy part covers `curriculum_steps` rounded up to whole epochs. Same interface as `TrainData` for the loop."""
+
+    def __init__(self, easy: TrainData, data: TrainData, steps: int):
+        self.easy, self.data = easy, data
+        self.index, self.fmt, self.steps_per_epoch = data.index, data.fmt, data.steps_per_epoch
+        self.easy_epochs = -(-steps // data.steps_per_epoch)
+
+    def rank_batches(self, epoch: int) -> list[list[Window]]:
+        if epoch < self.easy_epochs:
+            return self.easy.rank_batches(epoch, self.steps_per_epoch)
+        return self.data.rank_batches(epoch - self.easy_epochs)
+
+    def batches_for_epoch(self, epoch: int, start: int = 0) -> EpochBatches:
+        source = self.easy if epoch < self.easy_epochs else self.data
+        return EpochBatches(self.index, self.fmt, self.rank_batches(epoch), source.epoch_seed(epoch), source.rho,
+                            start)

@@ -28,7 +28,7 @@ from train.build import (
 )
 from train.checkpoint import load_training_state, load_weights
 from train.config import TrainConfig, TrainConfigError
-from train.loader import TrainData
+from train.loader import Curriculum, TrainData
 from train.loop import jsonl_logger, train_loop
 from train.preemption import PREEMPTED, Preemption
 from train.run_folder import set_aside, start_point
@@ -115,6 +115,10 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
         budget = int(shared.item())
     try:  # windows that cannot fit max_seq_len, too few batches for the ranks: a setting to change
         data = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world)
+        if cfg.curriculum_steps:
+            easy = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world,
+                                         max_seq_len=cfg.curriculum_max_seq_len or cfg.max_seq_len // 4)
+            data = Curriculum(easy, data, cfg.curriculum_steps)
     except ValueError as exc:
         raise TrainConfigError(f"{cfg.shards}: {exc}") from None
     val_data = None
