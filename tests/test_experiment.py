@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from experiments import compare
 from experiments import report as rep
 from experiments import runner as ex
 from experiments.grid import ExperimentConfigError, load
@@ -295,3 +297,36 @@ max_new_tokens = 3
     assert {p: p.stat().st_mtime_ns for p in out.rglob("predictions.jsonl")} == stamps
     assert [json.loads(x)["metrics"] for x in (out / "results.jsonl").read_text().splitlines()] == \
         [x["metrics"] for x in lines]
+    # --jobs 2: the two seeds train and stream in two processes at once, with the same results as --jobs 1
+    out2 = tmp_path / "out2"
+    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out2), "--fast",
+                                      "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert sorted((out2 / "logs").iterdir()) and len(list((out2 / "logs").iterdir())) == 2
+    parallel = [json.loads(x) for x in (out2 / "results.jsonl").read_text().splitlines()]
+    assert [(x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in parallel] == \
+        [(x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in lines]
+
+
+def test_paired_bootstrap_is_reproducible_and_covers_a_known_difference():
+    """20 dialogues x 3 seeds, a - b = 0.1 plus noise: the interval holds 0.1 and not 0, the same for the same
+    seed; with no difference at all the interval holds 0 and it is not a win."""
+    rng = np.random.default_rng(1)
+    a, b = [], []
+    for seed in range(3):
+        base = [{"dataset": "d", "video_uid": f"v{i}", "conversation": 0, "speak_proassist_f1": float(x),
+                 "memory_speak_proassist_f1": None if i % 4 == 0 else float(x)} for i, x in enumerate(rng.random(20))]
+        shifted = [{**d, "speak_proassist_f1": d["speak_proassist_f1"] + 0.1 + float(rng.normal(0, 0.05))}
+                   for d in base]
+        b.append({"cell": "b", "seed": seed, "metrics": {"test.per_dialogue": base}})
+        a.append({"cell": "a", "seed": seed, "metrics": {"test.per_dialogue": shifted}})
+    result = compare.compare(a + b, "a", "b")
+    allt = result["all turns"]
+    assert (allt.n_dialogues, allt.n_pairs) == (20, 60)
+    assert allt.low < 0.1 < allt.high and allt.low > 0 and allt.win
+    assert compare.compare(a + b, "a", "b")["all turns"] == allt  # seeded: the same interval again
+    assert compare.bootstrap(compare.paired_differences(a, b, "speak_proassist_f1"), seed=1) != allt
+    memory = result["memory turns"]  # dialogues without memory turns drop out; the memory values are equal
+    assert (memory.n_dialogues, memory.mean, memory.low, memory.high, memory.win) == (15, 0.0, 0.0, 0.0, False)
+    none = compare.compare(b + [{**x, "cell": "c"} for x in b], "c", "b")["all turns"]
+    assert none.low <= 0 <= none.high and not none.win

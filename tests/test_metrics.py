@@ -415,3 +415,44 @@ def test_read_predictions(tmp_path):
     d = speech(3, {1: "a"}, {})
     (tmp_path / "p.jsonl").write_text(json.dumps(d) + "\n\n" + json.dumps(d) + "\n")
     assert read_predictions(tmp_path / "p.jsonl") == [d, d]
+
+
+# ----------------------------------------------------------------------------------------------- memory/local split
+
+
+def tagged_speech(n: int, preds: dict[int, str], refs: dict[int, tuple[str, str]]) -> dict:
+    """refs: frame -> (text, memory tag)."""
+    d = speech(n, preds, {k: text for k, (text, _) in refs.items()})
+    for f in d["frames"]:
+        if f["frame"] in refs:
+            f["ref_labels"] = f"responsive|info_sharing,{refs[f['frame']][1]}"
+    return d
+
+
+def test_memory_split_counts_by_hand(meteor):
+    """Four reference turns, two memory and two local: memory gets one match and one wrong text at its own frame
+    (cos 0: mismatched), local one match and one miss; the redundant prediction at frame 12 belongs to no turn."""
+    embed = StubEmbed({"a": (1, 0), "b": (0, 1), "c": unit(0.8)})
+    refs = {5: ("a", "memory"), 15: ("a", "local"), 25: ("a", "memory"), 35: ("a", "local")}
+    preds = {5: "c", 12: "b", 25: "b", 35: "a"}
+    metrics = score([tagged_speech(40, preds, refs)], embed, "stub", meteor=meteor, protocol="full-video")
+    split = metrics["datasets"]["assembly101"]["memory_split"]
+    assert split["memory"]["speak"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "num_ref": 2, "num_matched": 1,
+                                        "num_mismatched": 1}
+    local = split["local"]["speak"]
+    assert (local["precision"], local["recall"], local["num_ref"], local["num_matched"], local["num_mismatched"]) == (
+        1.0, 0.5, 2, 1, 0)
+    assert local["f1"] == pytest.approx(2 / 3)
+    assert split["memory"]["text"]["semantic_score"] == pytest.approx(0.8)  # its one match, at |cos| 0.8
+    assert split["local"]["text"]["semantic_score"] == pytest.approx(1.0)
+    assert metrics["mean"]["memory_split"]["memory"]["speak"]["f1"] == 0.5
+    assert metrics["datasets"]["assembly101"]["speak"]["num_ref"] == 4  # every turn in the all-turn block
+    (one,) = metrics["per_dialogue"]
+    assert one["memory_speak_proassist_f1"] == split["memory"]["speak_proassist"]["f1"]
+
+
+def test_memory_split_is_absent_without_tags(meteor):
+    embed = StubEmbed({"a": (1, 0)})
+    metrics = score([speech(20, {5: "a"}, {5: "a"})], embed, "stub", meteor=meteor, protocol="full-video")
+    assert metrics["datasets"]["assembly101"]["memory_split"] is None and metrics["mean"]["memory_split"] is None
+    assert metrics["per_dialogue"][0]["memory_speak_proassist_f1"] is None

@@ -126,3 +126,36 @@ def test_teacher_forced_rollback_leaves_the_context_unchanged(setup):
     for a, b in zip(rolled, plain):
         assert a["p_update"] == pytest.approx(b["p_update"], abs=1e-6)
         assert a["p_speak"] == pytest.approx(b["p_speak"], abs=1e-6)
+
+
+def test_reseed_oracle_reseeds_with_the_reference_state(setup):
+    """dst under reseed-oracle, never updating on its own (theta_update 1): right after each re-seed the tracked
+    state is the reference state before that frame, and the re-seed record says so."""
+    model, fmt, index = setup
+    vid = index.video_ids[0]
+    meta = index.meta(vid)
+    streamer = Streamer(model, fmt, StreamConfig(theta_update=1.0, theta_speak=1.0, max_context=260,
+                                                 context_strategy="reseed-oracle", max_new_tokens=4,
+                                                 protocol="full-video"))
+    out = streamer.run(meta, index.rows(vid, 0, index.num_rows(vid)), 0)
+    frames, reseeds = out["frames"], out["reseeds"]
+    assert reseeds and all(r["strategy"] == "reseed-oracle-dst" for r in reseeds)
+    assert any(frames[r["row"]]["ref_state"] != meta.initial_state for r in reseeds)
+    for r in reseeds:
+        before = frames[r["row"] - 1]["ref_state"]
+        assert frames[r["row"]]["pred_state"] == before  # no update of its own at theta 1: the seeded state
+
+
+def test_reseed_oracle_under_ground_truth_decisions_equals_the_oracle(setup):
+    """The model's stream with every decision and text forced to the references (`force`), re-seeded from the
+    reference state under a small context, gives exactly the oracle baseline's states and texts."""
+    model, fmt, index = setup
+    vid = index.video_ids[0]
+    meta, rows = index.meta(vid), index.rows(vid, 0, index.num_rows(vid))
+    _, oracle = stream(setup, mode="oracle")
+    streamer = Streamer(model, fmt, StreamConfig(max_context=260, context_strategy="reseed-oracle",
+                                                 protocol="full-video", max_new_tokens=40))
+    out = streamer.run(meta, rows, 0, force=True)
+    assert out["reseeds"], "max_context 260 must re-seed"
+    keys = ("pred_text", "pred_state", "pred_dst_delta")
+    assert [tuple(f[k] for k in keys) for f in out["frames"]] == [tuple(f[k] for k in keys) for f in oracle]

@@ -171,3 +171,35 @@ def test_every_task_overflows_the_context_at_least_three_times():
             assert 3 * frames_per_context < sl.MIN_FRAMES, (goal, system, frames_per_context)
             tasks += 1
     assert tasks == 4
+
+
+def test_memory_tag_boundary():
+    """768 tokens hold at most 96 frame blocks of 8 tokens: an event 96 frames back is out of every context."""
+    assert sl.MEMORY_HORIZON == 96 == sl.LONG_MAX_CONTEXT // sl.FRAME_TOKENS
+    assert sl.memory_tag(195, 100) == "local" and sl.memory_tag(196, 100) == "memory"
+    assert sl.memory_tag(10_000, None) == "local"
+    assert sl.memory_tag(50, 0, horizon=50) == "memory" and sl.memory_tag(49, 0, horizon=50) == "local"
+
+
+def test_every_assistant_turn_is_tagged_by_what_it_depends_on(long_data):
+    """Instructions at a step's start and "What step am I on?" depend on the frame alone: local. The history
+    answers, the next step after a gap and the closing feedback depend on the whole history since the first step
+    started: memory exactly when they come MEMORY_HORIZON frames or more after that start."""
+    out, _ = long_data
+    tags = {"memory": 0, "local": 0}
+    for _, raw, _, _ in _videos(out):
+        first_start = min(round(node["start_ts"] * FPS) for node in raw["dst"])
+        for conversation in raw["conversations"]:
+            turns = conversation["conversation"]
+            for i, t in enumerate(turns):
+                if t["role"] != "assistant":
+                    continue
+                kind, tag = t["labels"].rsplit(",", 1)
+                b = round(t["time"] * FPS) - 1  # the turn's frame boundary (time = (b + 1) / fps)
+                asked = turns[i - 1]["content"] if turns[i - 1]["role"] == "user" else None
+                frame_only = (kind == "initiative|instruction" and not t["content"].startswith("Good, that step")
+                              or asked == "What step am I on?")
+                expected = "local" if frame_only else sl.memory_tag(b, first_start)
+                assert tag == expected, (raw["video_uid"], t)
+                tags[tag] += 1
+    assert tags["memory"] > 0 and tags["local"] > 0
