@@ -4,7 +4,7 @@ and after a short LoRA and a short full fine-tune, against fp16's limit of 65,50
     python benchmarks/fp16_headroom.py [--frames 40] [--steps 24] [--batch-tokens 1024] [--frame-scales 1 8]
                                        [--threads 1]
 
-Sequences: the realistic record (pipeline/realistic_record.py: 20 steps, ProAssist-style dialogue) for its first
+Sequences: the realistic record (synthetic/realistic_record.py: 20 steps, ProAssist-style dialogue) for its first
 `--frames` frames, built by the training sequence builder; its frame tokens are random with an RMS of `scale` x the
 RMS of SmolLM2's token embeddings (0.136). The RMS of SmolVLM2's real connector outputs is not available offline:
 1x is what the `smollm2-135m` random connector emits; 8x stands for a connector whose outputs are much larger than

@@ -190,7 +190,7 @@ def _curves(sweep: dict | None) -> str:
 
 def _thetas(run_info: dict, dataset: str) -> dict:
     """Thresholds for the probability strips. run_info["thresholds"] is {speak, update}, or per dataset (or "all")
-    either that or an (update, speak) pair, the form `eval/run.py` writes."""
+    either that or an (update, speak) pair, the form `eval/evaluate.py` writes."""
     th = (run_info or {}).get("thresholds")
     if not isinstance(th, dict):
         return {}

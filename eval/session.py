@@ -1,7 +1,7 @@
 """One streamed dialogue's context: the inference path of the model.
 
 Training and streaming share the sequence builder (train/sequence.py); a session only appends ids (and the frame
-embeddings of their `<image>` positions) to its slot of a `StreamEngine` (eval/batched.py), returns the last hidden
+embeddings of their `<image>` positions) to its slot of a `StreamEngine` (eval/engine.py), returns the last hidden
 state for the heads, and decodes: greedy text and DST updates constrained to valid node ids and states.
 
 Every method that runs the model is a generator: it yields `Feed` requests and receives hidden states, so the

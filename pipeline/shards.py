@@ -275,7 +275,7 @@ def write_shard(path: Path, samples: Iterable[dict]) -> None:
 
 def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray, VideoMeta]]:
     """(key, embeddings, meta) for every sample of a shard, in order, reading the whole shard (tests and tools;
-    training reads rows by offset through train/shard_index.py). A shard that is not what `dst prepare` writes
+    training reads rows by offset through pipeline/shard_index.py). A shard that is not what `dst prepare` writes
     raises `ShardFormatError` naming the file and the sample."""
     members: dict[str, dict[str, bytes]] = {}
     order: list[str] = []

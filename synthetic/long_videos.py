@@ -1,6 +1,6 @@
 """Long synthetic task videos: several times longer than the context, with answers that need what happened before
 the context overflowed (the memory study of docs/experiments.md). Same formats as the demo's videos
-(`pipeline/synthetic_tasks.py`, whose pictures and vocabulary this reuses), so they go through `dst prepare` as
+(`synthetic/tasks.py`, whose pictures and vocabulary this reuses), so they go through `dst prepare` as
 they are.
 
 `generate(out_dir, n_train, n_val, n_test, seed)` writes `out_dir/dst/{split}.json` and the frames files, like the

@@ -330,3 +330,29 @@ def test_paired_bootstrap_is_reproducible_and_covers_a_known_difference():
     assert (memory.n_dialogues, memory.mean, memory.low, memory.high, memory.win) == (15, 0.0, 0.0, 0.0, False)
     none = compare.compare(b + [{**x, "cell": "c"} for x in b], "c", "b")["all turns"]
     assert none.low <= 0 <= none.high and not none.win
+
+
+def test_study3_fast(tmp_path):
+    """Study 3's own config, --fast, in two processes: every cell and the baseline stream, the memory/local split
+    is scored, the paired comparisons and the learning curves reach the summary."""
+    config = load(CONFIGS / "memory_bounds.toml")
+    names = [c.name for c in config.cells]
+    assert names == ["variant=dst", "variant=summary", "variant=none", "variant=dst context_strategy=reseed-oracle",
+                     "variant=summary context_strategy=reseed-oracle", "variant=dst context_strategy=drop-all",
+                     "variant=dst curriculum_steps=300 curriculum_max_seq_len=384",
+                     "variant=none max_seq_len=3584 batch_size=3584 max_context=3584"]
+    assert len(config.seeds) == 3 and config.data["videos"][2] >= 20 and config.curves
+    assert len({c.train_slug for c in config.cells}) == 5  # the oracle and drop-all cells reuse their trainings
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experiment", "--config", str(CONFIGS / "memory_bounds.toml"), "--out",
+                                      str(out), "--fast", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(x["cell"] for x in lines) == sorted(names + ["baseline never"])
+    for x in lines:
+        if x["seed"] is not None:
+            assert "test.mean.memory_split.memory.speak_proassist.f1" in x["metrics"], x["cell"]
+            assert x["curve"], x["cell"]
+    summary = (out / "summary.md").read_text()
+    assert "## Paired comparisons" in summary and "## Learning curves" in summary
+    assert "| variant=dst context_strategy=reseed-oracle - variant=none | memory turns |" in summary
