@@ -110,9 +110,10 @@ def main() -> None:
                "batch_size": args.tokens, "memory_fraction": args.memory_fraction}
     fmt = SequenceFormat(tokenizer, 5)
     picked = None
-    if args.tokens == "auto":  # the search `dst train` runs, before any data exists
+    if args.tokens == "auto":  # the search `dst train` runs, its probe shaped by shards like the timed ones
         runtime = Runtime(0, 1, 0, device, "fp16" if device.type == "cuda" else "fp32")
-        picked = resolve_token_budget(resolve({**options, "shards": Path("unused")}), runtime, model, fmt, hidden)
+        probe = ShardIndex.build(synthetic_shards(Path(tempfile.mkdtemp()), args.videos, args.frames, hidden))
+        picked = resolve_token_budget(resolve({**options, "shards": Path("unused")}), runtime, model, fmt, probe)
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -108,7 +108,7 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
     model, tokenizer = build_model(cfg, runtime)
     check_shards(cfg, index, model, "the shards")
     fmt = SequenceFormat(tokenizer, index.tokens_per_frame, cfg.variant)
-    budget = resolve_token_budget(cfg, runtime, model, fmt, index.hidden_size)
+    budget = resolve_token_budget(cfg, runtime, model, fmt, index)
     if runtime.world > 1:  # every rank must pack the same batches: take the smallest budget any rank found
         shared = torch.tensor([budget], device=runtime.device)
         torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MIN)
