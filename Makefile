@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean
+.PHONY: install lint test demo clean
 
 # torch first and pinned: `pip install torch==2.13.0` takes the CPU wheel; letting the project's
 # requirements pull torch would fetch a multi-GB CUDA build.
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: install
 	$(BIN)/dst demo --out demo
