@@ -39,5 +39,10 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        """Called by a `DataLoader(pin_memory=True)` (a dataclass without it would silently stay in pageable
+        memory)."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

@@ -8,7 +8,9 @@
     RUN/checkpoints/last -> step-000500   (a symlink, replaced atomically)
 
 A checkpoint is written under `step-NNNNNN.tmp/` and renamed when complete, so a preemption mid-write never
-leaves a half checkpoint that `--resume` would pick up.
+leaves a half checkpoint that `--resume` would pick up. Rank 0 writes; `agree_saved` then tells every rank whether
+that worked, so a failed save (a full disk) stops all ranks at once instead of leaving the others in a collective
+until the NCCL watchdog's hour is up.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.errors import DataError
 from core.files import temporary
 from pipeline.models import load_model
 from train.model import DSTModel, quiet_peft
@@ -72,21 +75,53 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class CheckpointSaveError(DataError):
+    """Rank 0 could not write a checkpoint (disk full, no permission): every rank stops with this error."""
+
+
+def checkpoint_folder(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
+def agree_saved(runtime, folder: Path, failure: Exception | None) -> None:
+    """After rank 0's save (`failure`: what it raised, None elsewhere and on success): every rank learns the outcome
+    (this all-reduce is also the barrier that keeps the others from running ahead) and all raise if it failed."""
+    failed = failure is not None
+    if runtime.world > 1:
+        flag = torch.tensor([float(failed)], device=runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if failure is not None:
+        raise CheckpointSaveError(f"could not save the checkpoint {folder}: {type(failure).__name__}: {failure}; "
+                                  "the last complete checkpoint is kept") from failure
+    if failed:
+        raise CheckpointSaveError(f"rank {runtime.rank}: rank 0 could not save the checkpoint {folder} (its message "
+                                  "says why); stopping every rank")
+
+
 def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer, scheduler, scaler,
-                    position: dict, dst_meta: dict, keep: int = 3) -> Path:
-    folder = run / "checkpoints" / f"step-{step:06d}"
+                    position: dict, dst_meta: dict, keep: int = 3, counters: dict | None = None) -> Path:
+    """`counters`: the loop's run totals (skipped steps, ...), restored on resume."""
+    folder = checkpoint_folder(run, step)
     tmp = temporary(folder)  # renamed into place below, after the old folder of the same step is moved aside
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, tokenizer)
-    tensors, meta = _optimizer_split(optimizer.state_dict())
-    save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
-    (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    trainer = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta}
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer))
-    (tmp / DST_META).write_text(json.dumps(dst_meta, indent=1))
+    try:
+        model.save(tmp, tokenizer)
+        tensors, meta = _optimizer_split(optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+        (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        # GradScaler's state (scale, growth tracker) goes with it: a resumed fp16 run must not restart at 65536 and
+        # skip its first steps again
+        trainer = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta,
+                   "monitor": counters or {}}
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer))
+        (tmp / DST_META).write_text(json.dumps(dst_meta, indent=1))
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would hold the disk space a retry needs
+        raise
     # The same step saved again (a resumed run): move the old folder aside first, so `last` never points at a
     # half-deleted checkpoint; it is removed once the new one is in place.
     replaced = folder.with_name(folder.name + ".old") if folder.exists() else None

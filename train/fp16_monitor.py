@@ -4,7 +4,8 @@ Under fp16 an activation above 65,504 becomes inf. GradScaler handles *gradient*
 halves the scale), but not a *forward* overflow: the loss is non-finite whatever the scale, every step is skipped,
 and the run silently stops learning. So the loop reports both, in every metrics.jsonl line:
 
-- `skipped_steps`: optimizer steps GradScaler skipped (its scale went down), and `loss_scale` (fp16 only);
+- `skipped_steps`: optimizer steps GradScaler skipped (its scale went down; the learning-rate schedule waits
+  for them too), and `loss_scale` (fp16 only);
 - `nonfinite_forwards`: micro-batches whose loss was not finite.
 
 When a micro-batch's loss is not finite, it is run again (no grad) with forward hooks on every module of the
@@ -98,10 +99,11 @@ def first_nonfinite_module(model, batch, autocast) -> Overflow | None:
 class TrainingMonitor:
     """Counts for metrics.jsonl and the stop on activation overflow (see module doc); one per `train_loop`."""
 
-    def __init__(self, model, scaler, runtime):
+    def __init__(self, model, scaler, runtime, counters: dict | None = None):
         self.model, self.scaler, self.runtime = model, scaler, runtime
-        self.skipped_steps = 0
-        self.nonfinite_forwards = 0
+        counters = counters or {}  # a resumed run goes on counting from its checkpoint's `counters()`
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.nonfinite_forwards = int(counters.get("nonfinite_forwards", 0))
         self.overflow: Overflow | None = None  # None with a non-finite loss: the loss itself overflowed (counted)
         self.where = (0, 0)  # (step, micro-batch) of the overflow
         self._scale = scaler.get_scale() if scaler is not None else None
@@ -135,14 +137,20 @@ class TrainingMonitor:
             "Loss scaling cannot fix a forward overflow: train in bf16 or fp32 (--precision), lower the learning "
             "rate, or resume from an earlier checkpoint.")
 
-    def after_optimizer_step(self) -> None:
-        """After `scaler.update()`: the scale goes down only when GradScaler found inf/NaN gradients and skipped."""
+    def after_optimizer_step(self) -> bool:
+        """After `scaler.update()`: whether GradScaler skipped the optimizer step. The scale goes down only when it
+        found inf/NaN gradients and skipped (the usual test: `optimizer.step` reports nothing)."""
         if self.scaler is None:
-            return
+            return False
         scale = self.scaler.get_scale()
-        if scale < self._scale:
-            self.skipped_steps += 1
+        skipped = scale < self._scale
+        self.skipped_steps += skipped
         self._scale = scale
+        return skipped
+
+    def counters(self) -> dict[str, int]:
+        """What a checkpoint keeps, so that a resumed run's counts are the whole run's."""
+        return {"skipped_steps": self.skipped_steps, "nonfinite_forwards": self.nonfinite_forwards}
 
     def metrics(self) -> dict[str, float]:
         values: dict[str, float] = {"nonfinite_forwards": self.nonfinite_forwards}

@@ -10,7 +10,7 @@ import time
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from train.checkpoint import save_checkpoint
+from train.checkpoint import agree_saved, checkpoint_folder, save_checkpoint
 from train.fp16_monitor import TrainingMonitor
 from train.guards import NonFiniteGuard, check_weights
 from train.losses import LOSS_WEIGHT_NAMES, TERMS
@@ -23,13 +23,15 @@ from train.preemption import (
 from train.step import global_counts, loss_terms, loss_weights, scaled_loss, validate
 
 
-def micro_batches(data, epoch: int, start: int, workers: int):
+def micro_batches(data, epoch: int, start: int, workers: int, device: torch.device):
     """(epoch, index in epoch, Batch) forever, from a data position; each epoch is a fresh deterministic draw.
-    Workers ignore SIGTERM (see train/preemption.py)."""
+    Workers ignore SIGTERM (see train/preemption.py). For a GPU the batches come in pinned memory, so that
+    `Batch.to(non_blocking=True)` copies them asynchronously (from pageable memory a copy is synchronous)."""
     while True:
         batches = data.batches_for_epoch(epoch, start=start)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                             worker_init_fn=ignore_sigterm_in_worker if workers else None)
+                                             worker_init_fn=ignore_sigterm_in_worker if workers else None,
+                                             pin_memory=device.type == "cuda")
         with sigterm_blocked():
             iterator = iter(loader)  # starts the workers
         for i, batch in enumerate(iterator, start):
@@ -44,22 +46,26 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                                                      else None) if runtime.world > 1 else model)
     params = [p for p in model.parameters() if p.requires_grad]
     step, position = state["step"], state["position"]
-    stream = micro_batches(data, position["epoch"], position["batch"], cfg.num_workers)
+    stream = micro_batches(data, position["epoch"], position["batch"], cfg.num_workers, runtime.device)
     own_preemption = preemption is None
     preemption = preemption or Preemption()
     guard = NonFiniteGuard(data.index)  # non-finite inputs, losses, gradients, weights: stop naming the sample
-    monitor = TrainingMonitor(model, scaler, runtime)  # skipped steps, non-finite forwards, overflow stop
+    # skipped steps, non-finite forwards (counted over the whole run, resumed from the checkpoint), overflow stop
+    monitor = TrainingMonitor(model, scaler, runtime, state.get("monitor"))
     saved = [None]  # the newest checkpoint folder written by this process
 
     def checkpoint():
         # Every rank checks (the weights are the same on all): all raise together, none waits in the barrier.
         check_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad), step,
                       str(cfg.out / "checkpoints" / "last"))
+        failure = None
         if runtime.is_main:
-            saved[0] = save_checkpoint(cfg.out, step, model, tokenizer, optimizer, scheduler, scaler, position,
-                                       dst_meta, keep=cfg.keep_checkpoints)
-        if runtime.world > 1:
-            torch.distributed.barrier()
+            try:
+                saved[0] = save_checkpoint(cfg.out, step, model, tokenizer, optimizer, scheduler, scaler, position,
+                                           dst_meta, keep=cfg.keep_checkpoints, counters=monitor.counters())
+            except Exception as exc:  # raised by agree_saved, on every rank: none may wait for the others
+                failure = exc
+        agree_saved(runtime, checkpoint_folder(cfg.out, step), failure)
 
     def stop_for_signal(reason: str) -> int:
         console.print(f"SIGTERM: {reason}; --resume continues", highlight=False)
@@ -78,12 +84,14 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
             while step < cfg.max_steps:
                 started = time.perf_counter()
                 window = [next(stream) for _ in range(cfg.accumulation)]
-                batches = [b.to(runtime.device) for _, _, b in window]
+                batches = [b.to(runtime.device, non_blocking=True) for _, _, b in window]
                 data_s = time.perf_counter() - started
                 total = global_counts(batches, runtime.device, runtime.world)
                 sums = torch.zeros(len(TERMS), dtype=torch.float64)
                 for i, batch in enumerate(batches):
-                    windows = (lambda e=window[i][0], j=window[i][1]: data.rank_batches(e)[j])
+                    def windows(e=window[i][0], j=window[i][1]):  # named only if the guard stops
+                        return data.rank_batches(e)[j]
+
                     guard.inputs(batch, windows, f"step {step + 1}")
                     last = i == len(batches) - 1
                     sync = contextlib.nullcontext() if last or runtime.world == 1 else ddp.no_sync()
@@ -103,17 +111,19 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                guard.gradients(norm, scaler, lambda: [w for e, j, _ in window for w in data.rank_batches(e)[j]],
+                guard.gradients(norm, scaler,
+                                lambda window=window: [w for e, j, _ in window for w in data.rank_batches(e)[j]],
                                 step + 1)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
-                monitor.after_optimizer_step()
+                skipped = monitor.after_optimizer_step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                if not skipped:  # GradScaler skipped the update (inf/NaN gradients): the schedule waits for it
+                    scheduler.step()
                 step += 1
                 epoch, index, _ = window[-1]
                 position = ({"epoch": epoch + 1, "batch": 0} if index + 1 >= data.steps_per_epoch
@@ -124,9 +134,11 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                     if runtime.world > 1:
                         sums = sums.to(runtime.device)
                         torch.distributed.all_reduce(sums)
-                    values = {t: float(s) / total[t] if total[t] else 0.0 for t, s in zip(TERMS, sums.tolist())}
+                    values = {t: float(s) / total[t] if total[t] else 0.0
+                              for t, s in zip(TERMS, sums.tolist(), strict=True)}
                     weights = loss_weights(cfg)
-                    loss_value = sum(getattr(weights, w) * values[t] for t, w in zip(TERMS, LOSS_WEIGHT_NAMES))
+                    loss_value = sum(getattr(weights, w) * values[t]
+                                     for t, w in zip(TERMS, LOSS_WEIGHT_NAMES, strict=True))
                     log({"step": step, "loss": loss_value, **values, "lr": lr, "tokens_per_s": tokens / step_s,
                          "epoch": epoch, "data_s": data_s, "step_s": step_s, **monitor.metrics()})
                     progress.update(task, loss=loss_value, tps=tokens / step_s)
