@@ -131,7 +131,6 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # a skipped first step
 def test_dst_train_logs_gradscaler_skips(tiny_shards, tmp_path, monkeypatch):
     """A real GradScaler on CPU, started at 2**127: the scaled loss overflows, steps are skipped and the scale backs
     off until the gradients fit. The forward stays finite, so training goes on."""
