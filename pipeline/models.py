@@ -43,15 +43,20 @@ def _looks_local(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None
+    name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    load_in_4bit: bool = False,
 ) -> tuple[SmolVLMForConditionalGeneration, PreTrainedTokenizerFast]:
     """Load `(model, tokenizer)`: `"tiny-random"` builds the tiny model, `"smollm2-135m"` loads the converted real
     SmolLM2 (see pipeline/smollm2.py); anything else is a hub name or local folder.
 
-    `dtype` defaults to float32. The model comes back in eval mode with SDPA attention.
+    `dtype` defaults to float32. The model comes back in eval mode with SDPA attention. `load_in_4bit`: NF4 weights
+    (bitsandbytes) placed on `device`, a CUDA GPU; everything else fp16, whatever `dtype` says, since fp16 is the
+    compute dtype of the 4-bit layers and runs on every CUDA GPU (bf16 does not on Turing).
     """
-    torch_dtype = _resolve_dtype(dtype)
     name = os.fspath(name_or_path)
+    if load_in_4bit:
+        return _load_4bit(name, device)
+    torch_dtype = _resolve_dtype(dtype)
     if name == TINY_RANDOM:
         model, tokenizer = build_tiny_random(0)
     elif name == SMOLLM2:
@@ -59,28 +64,68 @@ def load_model(
 
         model, tokenizer = load_smollm2()
     else:
-        if _looks_local(name) and not Path(name).expanduser().is_dir():
-            raise ModelLoadError(
-                f"model folder {name!r} does not exist or is not a folder; pass a folder written by save_pretrained, "
-                f"a hub name such as {CHECKPOINTS['256M']!r}, {SMOLLM2!r} or {TINY_RANDOM!r}"
-            )
-        path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
-        try:
-            model = SmolVLMForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype, attn_implementation="sdpa"  # `dtype`: `torch_dtype` is deprecated in 5.x
-            )
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:  # hub/network errors are OSError; bad repo ids are ValueError
-            raise ModelLoadError(
-                f"could not load SmolVLM2 model {name!r}: {err}\n"
-                "Without network access, download the checkpoint once elsewhere and pass its local folder, or set "
-                "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
-            ) from err
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            # pad == eos makes EOS a masked-out label, so the model never learns to stop (docs/design.md §4.2)
-            raise ModelLoadError(
-                f"tokenizer of {name!r} has pad token {tokenizer.pad_token!r} equal to EOS {tokenizer.eos_token!r} "
-                "or missing; SmolVLM2 uses pad <|im_end|> and EOS <end_of_utterance>"
-            )
+        model = _from_pretrained(name, dtype=torch_dtype)
+        tokenizer = _tokenizer_for(name)
     model = model.to(dtype=torch_dtype) if device is None else model.to(device=device, dtype=torch_dtype)
     return model.eval(), tokenizer
+
+
+def _load_4bit(name: str, device: str | torch.device | None):
+    if name in (TINY_RANDOM, SMOLLM2):  # neither is a checkpoint folder that bitsandbytes could quantize on load
+        raise ModelLoadError(
+            f"{name!r} is built in code (tiny-random) or converted from a GGUF (smollm2-135m) and cannot be loaded in "
+            f"4 bits; drop --load-in-4bit or pass a SmolVLM2 checkpoint such as {CHECKPOINTS['256M']!r}"
+        )
+    if device is None or torch.device(device).type != "cuda":
+        raise ModelLoadError(f"4-bit loading of {name!r} needs a CUDA GPU (bitsandbytes); this process has {device}")
+    try:
+        import bitsandbytes  # noqa: F401  (only checked: transformers loads it)
+    except ImportError:
+        raise ModelLoadError("4-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    tokenizer = _tokenizer_for(name)  # first: a wrong pad token fails before the weights load
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
+    # device_map: bitsandbytes quantizes the weights as it places them on the GPU
+    model = _from_pretrained(name, dtype=torch.float16, quantization_config=quant,
+                             device_map={"": torch.device(device)})
+    return model.eval(), tokenizer
+
+
+def _local_path(name: str) -> str:
+    """A local folder (user home expanded) or the hub name as given."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(
+            f"model folder {name!r} does not exist or is not a folder; pass a folder written by save_pretrained, "
+            f"a hub name such as {CHECKPOINTS['256M']!r}, {SMOLLM2!r} or {TINY_RANDOM!r}"
+        )
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def _loading(name: str, load):
+    path = _local_path(name)  # outside the try: its ModelLoadError is a ValueError too
+    try:
+        return load(path)
+    except (OSError, ValueError) as err:  # hub/network errors are OSError; bad repo ids are ValueError
+        raise ModelLoadError(
+            f"could not load SmolVLM2 model {name!r}: {err}\n"
+            "Without network access, download the checkpoint once elsewhere and pass its local folder, or set "
+            "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+        ) from err
+
+
+def _from_pretrained(name: str, **kwargs) -> SmolVLMForConditionalGeneration:
+    # `dtype`: `torch_dtype` is deprecated in transformers 5
+    return _loading(name, lambda path: SmolVLMForConditionalGeneration.from_pretrained(
+        path, attn_implementation="sdpa", **kwargs))
+
+
+def _tokenizer_for(name: str) -> PreTrainedTokenizerFast:
+    tokenizer = _loading(name, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos makes EOS a masked-out label, so the model never learns to stop (docs/design.md §4.2)
+        raise ModelLoadError(
+            f"tokenizer of {name!r} has pad token {tokenizer.pad_token!r} equal to EOS {tokenizer.eos_token!r} "
+            "or missing; SmolVLM2 uses pad <|im_end|> and EOS <end_of_utterance>"
+        )
+    return tokenizer

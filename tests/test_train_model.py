@@ -215,6 +215,7 @@ def test_save_then_load_gives_equal_logits(index, tmp_path, lora):
     batch = collate(index, fmt, windows_of(index, fmt)[:2], epoch_seed=0)
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
+    tolerance = 1e-5 if lora else 0  # eval merges the adapters: the same function, rounded in another order
     for key in ("update", "speak", "dst_text", "response"):
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+        torch.testing.assert_close(a[key], b[key], atol=tolerance, rtol=0)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()

@@ -57,13 +57,13 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> tuple[DSTModel, object]:
     if cfg.load_in_4bit:
         if runtime.device.type != "cuda":
             raise TrainConfigError("--load-in-4bit needs CUDA (bitsandbytes); this run has no GPU")
-        try:
-            import bitsandbytes  # noqa: F401  (only checked: transformers loads it)
-        except ImportError:
-            raise TrainConfigError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
         if not cfg.lora:
             raise TrainConfigError("--load-in-4bit trains LoRA adapters only; drop --full")
-        vlm, tokenizer = _load_4bit(cfg.model)
+        from peft import prepare_model_for_kbit_training
+
+        vlm, tokenizer = load_model(cfg.model, device=runtime.device, load_in_4bit=True)
+        # freezes the base and casts its weights that stay in fp16 (norms, embeddings) to fp32 master weights
+        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         vlm, tokenizer = load_model(cfg.model)
     freeze_vision(vlm)
@@ -75,18 +75,6 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> tuple[DSTModel, object]:
     model = DSTModel(vlm, frame_adapter=cfg.frame_adapter).to(runtime.device)
     model.train()
     return model, tokenizer
-
-
-def _load_4bit(name: str):
-    from transformers import (
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        SmolVLMForConditionalGeneration,
-    )
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
-    vlm = SmolVLMForConditionalGeneration.from_pretrained(name, quantization_config=quant, attn_implementation="sdpa")
-    return vlm, AutoTokenizer.from_pretrained(name)
 
 
 def build_optimizer(cfg: TrainConfig, model: DSTModel):

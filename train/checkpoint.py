@@ -177,16 +177,32 @@ def load_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
     return trainer
 
 
+def dst_meta(cfg, index) -> dict:
+    """dst.json: what eval needs to rebuild the model of a run of `cfg` (a TrainConfig) on shards `index`."""
+    return {"base_model": cfg.model, "variant": cfg.variant, "lora": cfg.lora, "load_in_4bit": cfg.load_in_4bit,
+            "frame_adapter": cfg.frame_adapter, "tokens_per_frame": index.tokens_per_frame,
+            "hidden_size": index.hidden_size, "max_seq_len": cfg.max_seq_len}
+
+
 def load_dst_model(folder: str | Path, device: str | torch.device = "cpu", dtype=torch.float32):
-    """A trained model for inference from a checkpoint folder: (DSTModel in eval mode, tokenizer, dst meta)."""
+    """A trained model for inference from a checkpoint folder: (DSTModel in eval mode, tokenizer, dst meta).
+
+    LoRA adapters are merged into the base weights (one matmul per projection instead of three small ones: the
+    streamed frames are short, so the adapters' extra kernels would dominate). A 4-bit base is loaded in 4 bits, as
+    it was trained, and keeps its adapters unmerged: merging would round the adapter deltas to the 4-bit grid."""
     folder = Path(folder).resolve()
     meta = json.loads((folder / DST_META).read_text())
+    in_4bit = meta.get("load_in_4bit", False)  # absent from checkpoints written before 4-bit was recorded
     if meta["lora"]:
         from peft import PeftModel
 
-        base, tokenizer = load_model(meta["base_model"], dtype=dtype)
+        # a 4-bit base is quantized as it lands on the GPU; a full one is merged on the CPU, then moved
+        base, tokenizer = load_model(meta["base_model"], dtype=dtype, device=device if in_4bit else None,
+                                     load_in_4bit=in_4bit)
         with quiet_peft():
             vlm = PeftModel.from_pretrained(base, str(folder / "model"))
+        if not in_4bit:
+            vlm = vlm.merge_and_unload()
     else:
         vlm, tokenizer = load_model(str(folder / "model"), dtype=dtype)
     model = DSTModel(vlm, frame_adapter=meta["frame_adapter"])

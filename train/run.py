@@ -26,7 +26,7 @@ from train.build import (
     build_scaler,
     init_runtime,
 )
-from train.checkpoint import load_training_state, load_weights
+from train.checkpoint import dst_meta, load_training_state, load_weights
 from train.config import TrainConfig, TrainConfigError
 from train.loader import Curriculum, TrainData
 from train.loop import jsonl_logger, train_loop
@@ -141,9 +141,7 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
         state = load_training_state(start.checkpoint, optimizer, scheduler, scaler)
         console.print(f"resumed from {start.checkpoint} at step {state['step']}")
 
-    dst_meta = {"base_model": cfg.model, "variant": cfg.variant, "lora": cfg.lora, "frame_adapter": cfg.frame_adapter,
-                "tokens_per_frame": index.tokens_per_frame, "hidden_size": index.hidden_size,
-                "max_seq_len": cfg.max_seq_len}
+    meta = dst_meta(cfg, index)
     if runtime.is_main:  # the inputs were accepted: only now is anything written
         cfg.out.mkdir(parents=True, exist_ok=True)
         for line in set_aside(cfg.out, start, state["step"]):
@@ -151,7 +149,7 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
         write_atomic(cfg.out / "config.json", json.dumps({
             "config": cfg.to_json(), "git_commit": git_commit(), "precision": runtime.precision,
             "world_size": runtime.world, "device": str(runtime.device), "token_budget": budget,
-            "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in dst_meta.items()},
+            "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in meta.items()},
         }, indent=1))
     if runtime.world > 1:  # the run folder exists before any rank writes to it
         torch.distributed.barrier()
@@ -161,6 +159,6 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
                   f"{runtime.device} x{runtime.world}: {data.steps_per_epoch} micro-batches per epoch per rank, "
                   f"{budget} tokens each", highlight=False, soft_wrap=True)
     step = train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log,
-                      console, dst_meta, preemption)
+                      console, meta, preemption)
     console.print(f"done at step {step}: {cfg.out}", highlight=False)
     return cfg.out
