@@ -33,8 +33,9 @@ class Ranks:
     @classmethod
     def from_env(cls) -> Ranks:
         """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     @property
     def main(self) -> bool:
@@ -61,8 +62,9 @@ def choose_device(requested: str, ranks: Ranks) -> torch.device:
     index = ranks.local_rank if device.index is None else device.index
     count = torch.cuda.device_count()
     if index >= count:
-        raise DeviceError(f"--device {requested}: GPU {index} requested (local rank {ranks.local_rank}), but only "
-                          f"{count} visible")
+        raise DeviceError(
+            f"--device {requested}: GPU {index} requested (local rank {ranks.local_rank}), but only {count} visible"
+        )
     return torch.device("cuda", index)
 
 

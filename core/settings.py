@@ -31,20 +31,42 @@ class ConfigError(InputError):
     """A missing, inconsistent or nonsensical setting; the message says which and why (exit 2)."""
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, minimum: float | None = None,
-            maximum: float | None = None, above: bool = False, choices: tuple | None = None,
-            flag: str | None = None, cli: bool = True, factory=None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: bool = False,
+    choices: tuple | None = None,
+    flag: str | None = None,
+    cli: bool = True,
+    factory=None,
+) -> Any:
     """A dataclass field with its help and rules. `above`: the minimum itself is excluded. `flag`: the Typer
     spelling of a boolean (`--lora/--full`). `cli=False`: set by config files or code only."""
-    meta = {"help": help, "minimum": minimum, "maximum": maximum, "above": above, "choices": choices,
-            "flag": flag, "cli": cli}
+    meta = {
+        "help": help,
+        "minimum": minimum,
+        "maximum": maximum,
+        "above": above,
+        "choices": choices,
+        "flag": flag,
+        "cli": cli,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def number_problem(name: str, value: object, minimum: float | None = None, maximum: float | None = None,
-                   integer: bool = False, above_minimum: bool = False) -> str | None:
+def number_problem(
+    name: str,
+    value: object,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    integer: bool = False,
+    above_minimum: bool = False,
+) -> str | None:
     """Why `value` is not a usable `name`: not a number (or not an integer when `integer`), NaN or infinite, or
     outside [minimum, maximum] ((minimum, maximum] with `above_minimum`)."""
     kind = "an integer" if integer else "a number"
@@ -117,8 +139,14 @@ def problem(name: str, value: Any, tp, meta) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         integer = int in _parts(tp) and float not in _parts(tp)
         if meta.get("minimum") is not None or meta.get("maximum") is not None or not integer:
-            return number_problem(name, value, meta.get("minimum"), meta.get("maximum"), integer=integer,
-                                  above_minimum=meta.get("above", False))
+            return number_problem(
+                name,
+                value,
+                meta.get("minimum"),
+                meta.get("maximum"),
+                integer=integer,
+                above_minimum=meta.get("above", False),
+            )
     return None
 
 
@@ -136,8 +164,11 @@ def check(cfg, error: type[ConfigError] = ConfigError) -> None:
 
 
 def required(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
 
 
 def from_table(cls, table: dict, where: str) -> dict:

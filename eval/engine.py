@@ -14,7 +14,7 @@ and only the shapes of the shared matrix products change (floating-point roundin
 
 from __future__ import annotations
 
-from typing import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import torch
 
@@ -26,8 +26,16 @@ Steps = Generator[Feed, torch.Tensor, object]  # a dialogue: yields Feed, receiv
 
 
 class StreamEngine:
-    def __init__(self, model, fmt: SequenceFormat, device: torch.device | str = "cpu", slots: int = 1,
-                 use_cache: bool = True, capacity: int = 4096, attention: str = "auto"):
+    def __init__(
+        self,
+        model,
+        fmt: SequenceFormat,
+        device: torch.device | str = "cpu",
+        slots: int = 1,
+        use_cache: bool = True,
+        capacity: int = 4096,
+        attention: str = "auto",
+    ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if attention not in ("auto", "segments", "padded"):
@@ -38,8 +46,7 @@ class StreamEngine:
         self.dtype = model.update_head.weight.dtype
         self.use_cache = use_cache  # False: recompute every context in full at every step (reference, slow)
         self.config = model.text_model.config
-        self.cache = SlotCache.for_model(self.config, slots, capacity, self.dtype, self.device) if use_cache \
-            else None
+        self.cache = SlotCache.for_model(self.config, slots, capacity, self.dtype, self.device) if use_cache else None
         self.sessions = [StreamSession(self, slot) for slot in range(slots)]
 
     # --------------------------------------------------------------------------------------------- forward
@@ -72,8 +79,13 @@ class StreamEngine:
         self.cache.step = step
         try:
             with packed_attention(self.config):
-                out = self.model.text_model(inputs_embeds=inputs, position_ids=step.position[None],
-                                            cache=self.cache, use_cache=True, packed_step=step)
+                out = self.model.text_model(
+                    inputs_embeds=inputs,
+                    position_ids=step.position[None],
+                    cache=self.cache,
+                    use_cache=True,
+                    packed_step=step,
+                )
         finally:
             self.cache.step = None
         hidden = out.last_hidden_state[0]

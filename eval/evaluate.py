@@ -18,7 +18,7 @@ process.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -63,13 +63,13 @@ class EvalError(InputError):
     """A user-facing problem with the eval inputs (missing checkpoint, mismatched shards)."""
 
 
-def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str,
-               ranks: Ranks = Ranks()) -> list[dict] | None:
+def _dialogues(
+    streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str, ranks: Ranks = Ranks()
+) -> list[dict] | None:
     """Stream every conversation of `video_ids` (this rank's share, `streamer`'s slots at a time); on rank 0 all
     records in the single-process order (video, then conversation), None on the other ranks."""
     cfg = streamer.cfg
-    items = [(pos, vid, c) for pos, vid in enumerate(video_ids)
-             for c in range(len(index.meta(vid).conversations))]
+    items = [(pos, vid, c) for pos, vid in enumerate(video_ids) for c in range(len(index.meta(vid).conversations))]
     lengths = [stream_rows(index.meta(vid), c, cfg.protocol) for _, vid, c in items]
     mine = [items[i] for i in balanced_shares(lengths, ranks.world)[ranks.rank]]
 
@@ -82,16 +82,24 @@ def _dialogues(streamer, index: ShardIndex, video_ids, thresholds: dict, console
             yield (pos, c), meta, loaded[1], c, thresholds.get(meta.dataset)
 
     records = {}
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as progress:
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
+    ) as progress:
         task = progress.add_task(label, total=len(mine))
         for (pos, c), streamed in streamer.run_many(jobs()):
             meta = index.meta(video_ids[pos])
-            records[pos, c] = {"dataset": meta.dataset, "video_uid": meta.video_uid, "conversation": c,
-                               "user_type": meta.conversations[c].user_type, "fps": meta.fps,
-                               "variant": cfg.variant, "protocol": cfg.protocol,
-                               "initial_state": meta.initial_state, "reseeds": streamed["reseeds"],
-                               "frames": streamed["frames"]}
+            records[pos, c] = {
+                "dataset": meta.dataset,
+                "video_uid": meta.video_uid,
+                "conversation": c,
+                "user_type": meta.conversations[c].user_type,
+                "fps": meta.fps,
+                "variant": cfg.variant,
+                "protocol": cfg.protocol,
+                "initial_state": meta.initial_state,
+                "reseeds": streamed["reseeds"],
+                "frames": streamed["frames"],
+            }
             progress.advance(task)
     gathered = gather_to_main(records, ranks)
     if gathered is None:
@@ -112,17 +120,24 @@ def load_checkpoint(cfg: EvalConfig, index: ShardIndex, device: torch.device):
     ckpt = Path(cfg.ckpt)
     if not (ckpt / DST_META).is_file():
         if (ckpt / "checkpoints" / "last").exists():
-            raise EvalError(f"--ckpt {ckpt} is a run folder; pass one of its checkpoints, e.g. "
-                            f"{ckpt / 'checkpoints' / 'last'}")
-        raise EvalError(f"--ckpt {ckpt}: not a checkpoint folder (no {DST_META}; expected RUN/checkpoints/last or "
-                        "RUN/checkpoints/step-NNNNNN)")
+            raise EvalError(
+                f"--ckpt {ckpt} is a run folder; pass one of its checkpoints, e.g. {ckpt / 'checkpoints' / 'last'}"
+            )
+        raise EvalError(
+            f"--ckpt {ckpt}: not a checkpoint folder (no {DST_META}; expected RUN/checkpoints/last or "
+            "RUN/checkpoints/step-NNNNNN)"
+        )
     model, tokenizer, meta = load_dst_model(ckpt, device, torch.float16 if device.type == "cuda" else torch.float32)
     if meta["tokens_per_frame"] != index.tokens_per_frame:
-        raise EvalError(f"the checkpoint was trained on {meta['tokens_per_frame']} tokens per frame, the shards "
-                        f"at {cfg.shards} hold {index.tokens_per_frame}")
+        raise EvalError(
+            f"the checkpoint was trained on {meta['tokens_per_frame']} tokens per frame, the shards "
+            f"at {cfg.shards} hold {index.tokens_per_frame}"
+        )
     if meta["hidden_size"] != index.hidden_size:
-        raise EvalError(f"the checkpoint was trained on embeddings of width {meta['hidden_size']}, the shards at "
-                        f"{cfg.shards} hold width {index.hidden_size} (prepared with another --model?)")
+        raise EvalError(
+            f"the checkpoint was trained on embeddings of width {meta['hidden_size']}, the shards at "
+            f"{cfg.shards} hold width {index.hidden_size} (prepared with another --model?)"
+        )
     variant = meta["variant"]
     if cfg.variant is not None and cfg.variant != variant:
         raise EvalError(f"--variant {cfg.variant} disagrees with the checkpoint, which was trained as {variant}")
@@ -133,8 +148,10 @@ def resolve_stream(cfg: EvalConfig, meta: dict | None) -> StreamConfig:
     """The stream settings with the checkpoint's variant and a context no longer than it was trained on."""
     trained = meta.get("max_seq_len") if meta else None
     if cfg.max_context is not None and trained is not None and cfg.max_context > trained:
-        raise EvalError(f"--max-context {cfg.max_context} exceeds the checkpoint's training max_seq_len {trained}: "
-                        "positions past it were never trained; pass at most that (the default)")
+        raise EvalError(
+            f"--max-context {cfg.max_context} exceeds the checkpoint's training max_seq_len {trained}: "
+            "positions past it were never trained; pass at most that (the default)"
+        )
     max_context = cfg.max_context or trained or cfg.stream.max_context
     variant = (meta["variant"] if meta else None) or cfg.variant or cfg.stream.variant
     return replace(cfg.stream, variant=variant, max_context=max_context)
@@ -161,8 +178,9 @@ def _run(cfg: EvalConfig, console: Console, ranks: Ranks, device: torch.device) 
             raise EvalError(f"--ckpt is required for mode {cfg.stream.mode}" + (" and --sweep" if cfg.sweep else ""))
         model, fmt, meta = load_checkpoint(cfg, index, device)
     stream = resolve_stream(cfg, meta)
-    thresholds = (_load_thresholds(cfg.thresholds_from, {index.dataset(v) for v in video_ids})
-                  if cfg.thresholds_from else {})
+    thresholds = (
+        _load_thresholds(cfg.thresholds_from, {index.dataset(v) for v in video_ids}) if cfg.thresholds_from else {}
+    )
     embed = load_embedder(cfg.sts_model) if ranks.main else None  # only rank 0 scores
     outputs: dict[str, str] = {}  # file name -> text; renamed into place together at the end
     sweep = None
@@ -170,8 +188,9 @@ def _run(cfg: EvalConfig, console: Console, ranks: Ranks, device: torch.device) 
         tf = Streamer(model, fmt, replace(stream, mode="teacher-forced"), device, cfg.batch_dialogues)
         swept = _dialogues(tf, index, video_ids, {}, console, "sweep", ranks)
         if ranks.main:
-            sweep = sweep_thresholds(swept, embed, protocol=stream.protocol, dst_window_s=cfg.dst_window,
-                                     console=console)
+            sweep = sweep_thresholds(
+                swept, embed, protocol=stream.protocol, dst_window_s=cfg.dst_window, console=console
+            )
             outputs["thresholds.json"] = dumps(sweep, indent=1)[0] + "\n"
             thresholds = best_from_sweep(sweep)
         thresholds = broadcast_from_main(thresholds, ranks)
@@ -186,12 +205,18 @@ def _run(cfg: EvalConfig, console: Console, ranks: Ranks, device: torch.device) 
         console.print(f"[yellow]warning:[/] {non_finite} non-finite values in the predictions (written as null)")
     outputs["predictions.jsonl"] = "".join(text + "\n" for text, _ in lines)
     outputs["metrics.json"] = dumps(metrics, indent=2)[0] + "\n"
-    run_info = {"checkpoint": str(cfg.ckpt), "mode": stream.mode, "variant": stream.variant,
-                "protocol": stream.protocol, "shards": str(cfg.shards),
-                "thresholds": thresholds or {"all": [stream.theta_update, stream.theta_speak]},
-                "context_strategy": stream.context_strategy, "max_context": stream.max_context,
-                "non_finite_predictions": non_finite,
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    run_info = {
+        "checkpoint": str(cfg.ckpt),
+        "mode": stream.mode,
+        "variant": stream.variant,
+        "protocol": stream.protocol,
+        "shards": str(cfg.shards),
+        "thresholds": thresholds or {"all": [stream.theta_update, stream.theta_speak]},
+        "context_strategy": stream.context_strategy,
+        "max_context": stream.max_context,
+        "non_finite_predictions": non_finite,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     outputs["report.html"] = render_report(dialogues, metrics, run_info, sweep=sweep)
     replace_together(cfg.out, outputs)  # never new predictions beside old metrics
     print_metrics(metrics, console, title=f"{stream.mode} ({stream.variant}, {stream.protocol}): {cfg.out}")
@@ -218,8 +243,13 @@ def score_file(cfg: ScoreConfig, console: Console | None = None, embed=None) -> 
     dialogues = read_predictions(cfg.predictions)
     check_scorable(dialogues, cfg.protocol)
     # `embed`: an embedder of `sts_model` already loaded (re-scoring many files loads it once)
-    metrics = score(dialogues, embed or load_embedder(cfg.sts_model), cfg.sts_model, protocol=cfg.protocol,
-                    dst_window_s=cfg.dst_window)
+    metrics = score(
+        dialogues,
+        embed or load_embedder(cfg.sts_model),
+        cfg.sts_model,
+        protocol=cfg.protocol,
+        dst_window_s=cfg.dst_window,
+    )
     write_metrics(cfg.out, metrics)
     print_metrics(metrics, console or Console(), title=str(cfg.out))
     return metrics

@@ -43,5 +43,6 @@ def memory_of(labels: str | None) -> str | None:
 
 def intent_recall(refs: Counter, tp: Counter) -> dict:
     """Per intent: recall (TP references / references), null for an intent without references, and the counts."""
-    return {i: {"recall": tp[i] / refs[i] if refs[i] else None, "num_ref": refs[i], "num_matched": tp[i]}
-            for i in INTENTS}
+    return {
+        i: {"recall": tp[i] / refs[i] if refs[i] else None, "num_ref": refs[i], "num_matched": tp[i]} for i in INTENTS
+    }

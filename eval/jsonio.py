@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -121,8 +122,9 @@ def check_dialogue(d: Any, where: str) -> None:
             if f.get(key) is not None and not isinstance(f[key], dict):
                 raise PredictionsError(f"{where}: frame {k}: '{key}' must be an object or null")
     reseeds = d.get("reseeds") or []
-    if not isinstance(reseeds, list) or not all(isinstance(r, dict) and isinstance(r.get("frame"), int)
-                                                for r in reseeds):
+    if not isinstance(reseeds, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("frame"), int) for r in reseeds
+    ):
         raise PredictionsError(f"{where}: 'reseeds' must be a list of objects with an integer 'frame'")
 
 

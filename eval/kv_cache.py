@@ -32,6 +32,7 @@ ATTENTION = "dst_packed_sdpa"
 class Segment:
     """One dialogue's new tokens in a packed step: `length` tokens at `[start, start + length)` of the packed
     sequence, going to cache slot `slot` after the `past` tokens it already holds."""
+
     slot: int
     start: int
     length: int
@@ -87,8 +88,11 @@ class PackedStep:
             j = torch.arange(self.keys, device=self.device)[None, None, :]
             allowed = ((i < length[:, None, None]) & (j <= past[:, None, None] + i)) | (j == 0)
             additive = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-            self._masks[key] = additive[:, None].expand(rows, groups, self.longest, self.keys).reshape(
-                rows, 1, groups * self.longest, self.keys)
+            self._masks[key] = (
+                additive[:, None]
+                .expand(rows, groups, self.longest, self.keys)
+                .reshape(rows, 1, groups * self.longest, self.keys)
+            )
         return self._masks[key]
 
 
@@ -121,8 +125,14 @@ class SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
         shape = (slots, kv_heads, capacity, head_dim)
-        super().__init__(layers=[SlotLayer(torch.zeros(shape, dtype=dtype, device=device),
-                                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(layers)])
+        super().__init__(
+            layers=[
+                SlotLayer(
+                    torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+                )
+                for _ in range(layers)
+            ]
+        )
         self.step: PackedStep | None = None
 
     @classmethod
@@ -154,16 +164,25 @@ class SlotCache(Cache):
             raise RuntimeError("SlotCache.update outside a packed step")
         if len(step.segments) == 1:  # one dialogue: a plain slice write
             s = step.segments[0]
-            layer.keys[s.slot, :, s.past: s.past + s.length] = key_states[0]
-            layer.values[s.slot, :, s.past: s.past + s.length] = value_states[0]
+            layer.keys[s.slot, :, s.past : s.past + s.length] = key_states[0]
+            layer.values[s.slot, :, s.past : s.past + s.length] = value_states[0]
         else:
             layer.keys[step.slot_index, :, step.position] = key_states[0].transpose(0, 1)
             layer.values[step.slot_index, :, step.position] = value_states[0].transpose(0, 1)
         return layer.keys, layer.values
 
 
-def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                packed_step: PackedStep | None = None, **kwargs):
+def packed_sdpa(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_step: PackedStep | None = None,
+    **kwargs,
+):
     """Attention for a packed step: per segment, its queries `[heads, q, d]` regrouped to
     `[kv_heads, groups * q, d]` against the filled view of its slot. Returns `[1, tokens, heads, d]`."""
     if packed_step is None:
@@ -175,11 +194,15 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return _padded_sdpa(query, key, value, scaling, packed_step, kv_heads, groups), None
     outputs = []
     for seg in packed_step.segments:
-        q = query[0, :, seg.start: seg.start + seg.length].reshape(1, kv_heads, groups * seg.length, dim)
+        q = query[0, :, seg.start : seg.start + seg.length].reshape(1, kv_heads, groups * seg.length, dim)
         end = seg.past + seg.length
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, key[seg.slot: seg.slot + 1, :, :end], value[seg.slot: seg.slot + 1, :, :end],
-            attn_mask=packed_step.mask(seg, groups, query.dtype), scale=scaling)
+            q,
+            key[seg.slot : seg.slot + 1, :, :end],
+            value[seg.slot : seg.slot + 1, :, :end],
+            attn_mask=packed_step.mask(seg, groups, query.dtype),
+            scale=scaling,
+        )
         outputs.append(out.reshape(heads, seg.length, dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
@@ -192,11 +215,18 @@ def _padded_sdpa(query, key, value, scaling, step: PackedStep, kv_heads: int, gr
     rows, longest = step.hi - step.lo, step.longest
     padded = query.new_zeros(rows, longest, heads, dim)
     padded[step.row, step.offset] = query[0].transpose(0, 1)
-    padded = padded.view(rows, longest, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
-        rows, kv_heads, groups * longest, dim)
+    padded = (
+        padded.view(rows, longest, kv_heads, groups, dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(rows, kv_heads, groups * longest, dim)
+    )
     out = torch.nn.functional.scaled_dot_product_attention(
-        padded, key[step.lo: step.hi, :, : step.keys], value[step.lo: step.hi, :, : step.keys],
-        attn_mask=step.padded_mask(groups, query.dtype), scale=scaling)
+        padded,
+        key[step.lo : step.hi, :, : step.keys],
+        value[step.lo : step.hi, :, : step.keys],
+        attn_mask=step.padded_mask(groups, query.dtype),
+        scale=scaling,
+    )
     out = out.view(rows, kv_heads, groups, longest, dim).permute(0, 3, 1, 2, 4).reshape(rows, longest, heads, dim)
     return out[step.row, step.offset].unsqueeze(0)
 

@@ -33,8 +33,17 @@ from eval.metrics_speak import Counts, match
 from pipeline.timeline import NOT_STARTED
 from train.sequence import parse_update
 
-DST_KEYS = ("update_precision", "update_recall", "update_f1", "node_accuracy", "joint_accuracy",
-            "transition_precision", "transition_recall", "transition_f1", "validity")
+DST_KEYS = (
+    "update_precision",
+    "update_recall",
+    "update_f1",
+    "node_accuracy",
+    "joint_accuracy",
+    "transition_precision",
+    "transition_recall",
+    "transition_f1",
+    "validity",
+)
 
 
 def dst_window_frames(dst_window_s: float, fps: float) -> tuple[int, int]:
@@ -69,8 +78,11 @@ def transition_counts(dialogues: list[dict], dst_window_s: float = DST_WINDOW_S)
         l, r = dst_window_frames(dst_window_s, d["fps"])
         pred, ref = _events(d["frames"], "pred_dst_delta"), _events(d["frames"], "ref_dst_delta")
         for event in pred.keys() | ref.keys():  # only equal events may match: match each kind on its own
-            counts += Counts(len(match(pred.get(event, []), ref.get(event, []), l, r)),
-                             len(pred.get(event, [])), len(ref.get(event, [])))
+            counts += Counts(
+                len(match(pred.get(event, []), ref.get(event, []), l, r)),
+                len(pred.get(event, [])),
+                len(ref.get(event, [])),
+            )
     return counts
 
 
@@ -120,16 +132,27 @@ def dst_metrics(dialogues: list[dict], dst_window_s: float = DST_WINDOW_S) -> di
     up, ur, uf = update_counts(dialogues, dst_window_s).prf()
     tp, tr, tf = transition_counts(dialogues, dst_window_s).prf()
     node_ok, nodes, joint_ok, frames = state_counts(dialogues)
-    values = (up, ur, uf, _share(node_ok, nodes), _share(joint_ok, frames), tp, tr, tf,
-              _share(*validity_counts(dialogues)))
+    values = (
+        up,
+        ur,
+        uf,
+        _share(node_ok, nodes),
+        _share(joint_ok, frames),
+        tp,
+        tr,
+        tf,
+        _share(*validity_counts(dialogues)),
+    )
     return dict(zip(DST_KEYS, values))
 
 
 def never_update(dialogue: dict) -> dict:
     """The dialogue as the never-update predictor would have it: no update, the state stays `initial_state`."""
     initial = dialogue["initial_state"]
-    frames = [{**f, "pred_dst_delta": {}, "pred_dst_text": "", "pred_state": dict(initial), "state_before": None}
-              for f in dialogue["frames"]]
+    frames = [
+        {**f, "pred_dst_delta": {}, "pred_dst_text": "", "pred_state": dict(initial), "state_before": None}
+        for f in dialogue["frames"]
+    ]
     return {**dialogue, "frames": frames}
 
 

@@ -57,7 +57,7 @@ def distance_table(rg: int, size: int) -> np.ndarray:
     """float32 `d ** 1.5 * (0.3 / rg ** 1.5)` for d = 0 .. size - 1, in torch's arithmetic as theirs.
     torch's scalar and vectorised float32 pow disagree in the last bit for some d >= 70, and theirs takes the
     vectorised path for almost every entry: compute on a buffer long enough to be vectorised."""
-    multiplier = DIST_FACTOR / rg ** DIST_POWER if rg else 0.0
+    multiplier = DIST_FACTOR / rg**DIST_POWER if rg else 0.0
     d = torch.arange(max(size, 256), dtype=torch.float32)
     return ((d.abs() ** DIST_POWER) * multiplier)[:size].numpy()
 
@@ -78,6 +78,7 @@ def semantic_costs(raw_embed: RawEmbed, pairs: list[tuple[str, str]]) -> np.ndar
 @dataclass
 class ProAssistCounts(SpeakCounts):
     """SpeakCounts plus the three things only this matcher has."""
+
     exact_copies: int = 0
     zero_cost_dropped: int = 0
     no_full_matching: int = 0  # dialogues
@@ -93,16 +94,21 @@ def _full_matching(graph: csr_matrix) -> tuple[np.ndarray, np.ndarray, bool]:
         n, m = graph.shape
         coo = graph.tocoo()
         big = n * (float(np.abs(coo.data).max(initial=0.0)) + 1.0) + 1.0
-        padded = csr_matrix((np.concatenate([coo.data.astype(np.float64), np.full(n, big)]),
-                             (np.concatenate([coo.row, np.arange(n)]), np.concatenate([coo.col, m + np.arange(n)]))),
-                            shape=(n, m + n))
+        padded = csr_matrix(
+            (
+                np.concatenate([coo.data.astype(np.float64), np.full(n, big)]),
+                (np.concatenate([coo.row, np.arange(n)]), np.concatenate([coo.col, m + np.arange(n)])),
+            ),
+            shape=(n, m + n),
+        )
         rows, cols = min_weight_full_bipartite_matching(padded)
         real = np.asarray(cols) < m
         return np.asarray(rows)[real], np.asarray(cols)[real], False
 
 
-def proassist_dialogue(frames: list[dict], l: int, r: int, fps: float, raw_embed: RawEmbed,
-                       counts: ProAssistCounts) -> None:
+def proassist_dialogue(
+    frames: list[dict], l: int, r: int, fps: float, raw_embed: RawEmbed, counts: ProAssistCounts
+) -> None:
     """Match one dialogue as ProAssist's find_match does and add its outcome to `counts`."""
     n = len(frames)
     gens = [i for i, f in enumerate(frames) if f["pred_text"] != ""]
@@ -114,8 +120,9 @@ def proassist_dialogue(frames: list[dict], l: int, r: int, fps: float, raw_embed
         return
     spans = [range(max(i + l, 0), min(i + r + 1, n)) for i in gens]
     pairs = [(i, j) for i, span in zip(gens, spans) for j in span if frames[j]["ref_text"] != ""]
-    sem = dict(zip(pairs, semantic_costs(raw_embed, [(frames[i]["pred_text"], frames[j]["ref_text"])
-                                                     for i, j in pairs])))
+    sem = dict(
+        zip(pairs, semantic_costs(raw_embed, [(frames[i]["pred_text"], frames[j]["ref_text"]) for i, j in pairs]))
+    )
     dist = distance_table(max(abs(l), r), max(abs(l), r) + 1)
     data, indices, indptr = [], [], [0]
     for i, span in zip(gens, spans):
@@ -129,8 +136,14 @@ def proassist_dialogue(frames: list[dict], l: int, r: int, fps: float, raw_embed
         indptr.append(len(data))
     rows, cols, full = np.zeros(0, int), np.zeros(0, int), True
     if gens:
-        graph = csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int32),
-                            np.asarray(indptr, dtype=np.int32)), shape=(len(gens), n))
+        graph = csr_matrix(
+            (
+                np.asarray(data, dtype=np.float32),
+                np.asarray(indices, dtype=np.int32),
+                np.asarray(indptr, dtype=np.int32),
+            ),
+            shape=(len(gens), n),
+        )
         rows, cols, full = _full_matching(graph)
     counts.no_full_matching += not full
     counts.num_redundant += len(gens) - len(rows)  # unmatched where no full matching exists
@@ -143,8 +156,9 @@ def proassist_dialogue(frames: list[dict], l: int, r: int, fps: float, raw_embed
             counts.num_redundant += 1
             continue
         score = 1.0 - float(sem[(i, j)])  # their `1 - match_cost[i, j].item()`
-        if counts.add_pair(gen, ref, score, frames[j].get("ref_labels"),
-                           abs(frames[j]["frame"] - frames[i]["frame"]) / fps):
+        if counts.add_pair(
+            gen, ref, score, frames[j].get("ref_labels"), abs(frames[j]["frame"] - frames[i]["frame"]) / fps
+        ):
             tp_refs.add(j)
     counts.num_missed += sum(1 for j in refs if j not in taken)
     for j in refs:
@@ -162,5 +176,9 @@ def proassist_counts(dialogues: list[dict], raw_embed: RawEmbed) -> ProAssistCou
 
 def proassist_metrics(c: ProAssistCounts) -> dict:
     """`speak`'s keys (ProAssist's pooling gives the same formulas on these counts) plus the quirk's counters."""
-    return {**speak_metrics(c), "exact_copies": c.exact_copies, "zero_cost_dropped": c.zero_cost_dropped,
-            "no_full_matching": c.no_full_matching}
+    return {
+        **speak_metrics(c),
+        "exact_copies": c.exact_copies,
+        "zero_cost_dropped": c.zero_cost_dropped,
+        "no_full_matching": c.no_full_matching,
+    }

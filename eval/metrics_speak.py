@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -24,8 +24,14 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from eval.intents import intent_recall, intents_of, memory_of
 
 # ProAssist's get_match_time_window, in its lookup order (a name matches by substring, e.g. "ego4d/dialog_val").
-SPEAK_WINDOWS_S = {"ego4d": (-4.0, 8.5), "epickitchens": (-1.5, 3.0), "holoassist": (-1.5, 2.5),
-                   "egoexolearn": (-2.0, 3.5), "assembly101": (-2.0, 4.0), "wtag": (-3.0, 6.0)}
+SPEAK_WINDOWS_S = {
+    "ego4d": (-4.0, 8.5),
+    "epickitchens": (-1.5, 3.0),
+    "holoassist": (-1.5, 2.5),
+    "egoexolearn": (-2.0, 3.5),
+    "assembly101": (-2.0, 4.0),
+    "wtag": (-3.0, 6.0),
+}
 DEFAULT_WINDOW_S = (-2.5, 2.5)
 DIST_FACTOR, DIST_POWER = 0.3, 1.5
 MATCH_THRESHOLD = 0.5  # TP when |cos| > this; semantic_score averages |cos| >= this (ProAssist's two comparisons)
@@ -55,8 +61,13 @@ def distance_cost(i: int, j: int, rg: int) -> float:
     return DIST_FACTOR * (abs(i - j) / rg) ** DIST_POWER if rg else 0.0
 
 
-def match(pred_frames: Sequence[int], target_frames: Sequence[int], l: int, r: int,
-          content_cost: Callable[[int, int], float] | None = None) -> list[tuple[int, int]]:
+def match(
+    pred_frames: Sequence[int],
+    target_frames: Sequence[int],
+    l: int,
+    r: int,
+    content_cost: Callable[[int, int], float] | None = None,
+) -> list[tuple[int, int]]:
     """Min-cost one-to-one matching of predictions (frames `pred_frames`) to targets (frames `target_frames`),
     pair `(p, t)` feasible only if `l <= target_frames[t] - pred_frames[p] <= r`, cost
     `content_cost(p, t) + D` (content 0 when None: timing-only). Among the matchings with the most pairs, the
@@ -68,7 +79,7 @@ def match(pred_frames: Sequence[int], target_frames: Sequence[int], l: int, r: i
     sorted_frames = [target_frames[t] for t in order]
     rows, cols, costs = [], [], []
     for p, i in enumerate(pred_frames):
-        for t in order[bisect_left(sorted_frames, i + l):bisect_right(sorted_frames, i + r)]:
+        for t in order[bisect_left(sorted_frames, i + l) : bisect_right(sorted_frames, i + r)]:
             rows.append(p)
             cols.append(t)
             costs.append(distance_cost(i, target_frames[t], rg) + (content_cost(p, t) if content_cost else 0.0))
@@ -79,9 +90,13 @@ def match(pred_frames: Sequence[int], target_frames: Sequence[int], l: int, r: i
     # target. Its cost exceeds any total of real edges, so a matching with fewer dummies always wins: the most pairs
     # first, then the least cost (unused whenever a full real matching exists, as for speaking).
     big = n * float(data.max()) + 1.0
-    graph = csr_matrix((np.concatenate([data, np.full(n, big)]),
-                        (np.concatenate([rows, np.arange(n)]), np.concatenate([cols, m + np.arange(n)]))),
-                       shape=(n, m + n))
+    graph = csr_matrix(
+        (
+            np.concatenate([data, np.full(n, big)]),
+            (np.concatenate([rows, np.arange(n)]), np.concatenate([cols, m + np.arange(n)])),
+        ),
+        shape=(n, m + n),
+    )
     row_ind, col_ind = min_weight_full_bipartite_matching(graph)
     return sorted((int(p), int(t)) for p, t in zip(row_ind, col_ind) if t < m)
 
@@ -98,13 +113,17 @@ def prf(tp: int, num_pred: int, num_ref: int) -> tuple[float, float, float]:
 @dataclass
 class Counts:
     """Pooled counts of a one-to-one detection match."""
+
     tp: int = 0
     num_pred: int = 0
     num_ref: int = 0
 
-    def __iadd__(self, other: "Counts") -> "Counts":
-        self.tp, self.num_pred, self.num_ref = (self.tp + other.tp, self.num_pred + other.num_pred,
-                                                self.num_ref + other.num_ref)
+    def __iadd__(self, other: Counts) -> Counts:
+        self.tp, self.num_pred, self.num_ref = (
+            self.tp + other.tp,
+            self.num_pred + other.num_pred,
+            self.num_ref + other.num_ref,
+        )
         return self
 
     def prf(self) -> tuple[float, float, float]:
@@ -164,8 +183,14 @@ class SplitCounts:
 
     def metrics(self) -> dict:
         p, r, f1 = prf(self.num_matched, self.num_matched + self.num_mismatched, self.num_ref)
-        return {"precision": p, "recall": r, "f1": f1, "num_ref": self.num_ref, "num_matched": self.num_matched,
-                "num_mismatched": self.num_mismatched}
+        return {
+            "precision": p,
+            "recall": r,
+            "f1": f1,
+            "num_ref": self.num_ref,
+            "num_matched": self.num_matched,
+            "num_mismatched": self.num_mismatched,
+        }
 
 
 @dataclass
@@ -222,8 +247,7 @@ class SpeakCounts:
         return None if tag is None else self.splits.setdefault(tag, SplitCounts())
 
 
-def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: EmbeddingCache,
-                   counts: SpeakCounts) -> None:
+def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: EmbeddingCache, counts: SpeakCounts) -> None:
     """Match one dialogue and add its outcome to `counts` (the texts must already be in `cache`)."""
     frame_ids = [f["frame"] for f in frames]
     preds = [k for k, f in enumerate(frames) if f["pred_text"]]
@@ -246,8 +270,13 @@ def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: Embedd
         if not ref:
             counts.num_redundant += 1
             continue
-        if counts.add_pair(gen, ref, cache.abs_cos(gen, ref), frames[t].get("ref_labels"),
-                           abs(frame_ids[t] - frame_ids[preds[p]]) / fps):
+        if counts.add_pair(
+            gen,
+            ref,
+            cache.abs_cos(gen, ref),
+            frames[t].get("ref_labels"),
+            abs(frame_ids[t] - frame_ids[preds[p]]) / fps,
+        ):
             tp_refs.add(t)
     for k in refs:
         counts.add_reference(frames[k].get("ref_labels"), k in tp_refs)
@@ -271,8 +300,17 @@ def speak_metrics(c: SpeakCounts) -> dict:
     # (= TP / (num_pred + num_ref - TP - num_mismatched)).
     union = c.num_matched + c.num_mismatched + c.num_missed + c.num_redundant
     jaccard = 1.0 if union == 0 else c.num_matched / union
-    return {"precision": p, "recall": r, "f1": f1, "num_pred": c.num_pred, "num_ref": c.num_ref,
-            "num_matched": c.num_matched, "num_mismatched": c.num_mismatched, "num_missed": c.num_missed,
-            "num_redundant": c.num_redundant, "jaccard": jaccard,
-            "time_diff_s": float(np.mean(c.time_diffs_s)) if c.time_diffs_s else 0.0,
-            "intent_recall": intent_recall(c.intent_refs, c.intent_tp)}
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+        "num_pred": c.num_pred,
+        "num_ref": c.num_ref,
+        "num_matched": c.num_matched,
+        "num_mismatched": c.num_mismatched,
+        "num_missed": c.num_missed,
+        "num_redundant": c.num_redundant,
+        "jaccard": jaccard,
+        "time_diff_s": float(np.mean(c.time_diffs_s)) if c.time_diffs_s else 0.0,
+        "intent_recall": intent_recall(c.intent_refs, c.intent_tp),
+    }

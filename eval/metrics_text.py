@@ -55,8 +55,12 @@ class MeteorScorer:
     turns METEOR off for the rest of the run (null from then on). `factory` makes the scorer object (a
     pycocoevalcap `Meteor` by default; tests pass a fake that hangs or dies)."""
 
-    def __init__(self, factory: Callable[[], object] | None = None, timeout_s: float = METEOR_TIMEOUT_S,
-                 per_pair_s: float = METEOR_PER_PAIR_S):
+    def __init__(
+        self,
+        factory: Callable[[], object] | None = None,
+        timeout_s: float = METEOR_TIMEOUT_S,
+        per_pair_s: float = METEOR_PER_PAIR_S,
+    ):
         self.factory, self.timeout_s, self.per_pair_s = factory or Meteor, timeout_s, per_pair_s
         self.failures: list[str] = []
         self.restarted = False
@@ -141,7 +145,7 @@ class MeteorScorer:
         if self._meteor is not None:
             self._kill()
 
-    def __enter__(self) -> "MeteorScorer":
+    def __enter__(self) -> MeteorScorer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -173,8 +177,14 @@ def tokenize(texts: list[str]) -> tuple[list[str], str]:
 def nlg_scores(hyps: list[str], refs: list[str], meteor: MeteorScorer, corpus: str = "") -> dict:
     """BLEU-1..4, CIDEr, METEOR on already tokenized pairs whose references are non-empty."""
     if not hyps:
-        return {"Bleu_1": 0.0, "Bleu_2": 0.0, "Bleu_3": 0.0, "Bleu_4": 0.0, "CIDEr": 0.0,
-                "METEOR": None if meteor.reason else 0.0}
+        return {
+            "Bleu_1": 0.0,
+            "Bleu_2": 0.0,
+            "Bleu_3": 0.0,
+            "Bleu_4": 0.0,
+            "CIDEr": 0.0,
+            "METEOR": None if meteor.reason else 0.0,
+        }
     gts = {k: [ref] for k, ref in enumerate(refs)}
     res = {k: [hyp] for k, hyp in enumerate(hyps)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -185,8 +195,12 @@ def nlg_scores(hyps: list[str], refs: list[str], meteor: MeteorScorer, corpus: s
     return out
 
 
-def text_metrics(tp_pairs: list[tuple[str, str, float]], matched_scores: list[float],
-                 meteor: MeteorScorer | None = None, corpus: str = "") -> tuple[dict, str]:
+def text_metrics(
+    tp_pairs: list[tuple[str, str, float]],
+    matched_scores: list[float],
+    meteor: MeteorScorer | None = None,
+    corpus: str = "",
+) -> tuple[dict, str]:
     """The text metrics of one dataset's TP pairs `(generated, reference, |cos|)` and the tokenizer label.
     `matched_scores`: |cos| of every prediction matched to a reference. Without `meteor`, one is opened and closed.
     `corpus` names the dataset in METEOR's failure notes."""
@@ -195,7 +209,7 @@ def text_metrics(tp_pairs: list[tuple[str, str, float]], matched_scores: list[fl
             return text_metrics(tp_pairs, matched_scores, own, corpus)
     if tp_pairs:
         tokens, tokenizer = tokenize([g for g, _, _ in tp_pairs] + [r for _, r, _ in tp_pairs])
-        hyps, refs = tokens[:len(tp_pairs)], tokens[len(tp_pairs):]
+        hyps, refs = tokens[: len(tp_pairs)], tokens[len(tp_pairs) :]
         kept = [(h, r) for h, r in zip(hyps, refs) if r]  # ProAssist drops pairs with an empty tokenized reference
         out = nlg_scores([h for h, _ in kept], [r for _, r in kept], meteor, corpus)
     else:

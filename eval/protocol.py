@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from core.errors import InputError
 from train.variants import DST, NAMES
@@ -54,9 +54,11 @@ def cut_to_protocol(dialogues: list[dict], protocol: str) -> list[dict]:
     if protocol == "full-video":
         for d in dialogues:
             if d["protocol"] == "proassist":
-                raise ScoringError(f"{dialogue_name(d)} was streamed under the proassist protocol (it stops at the "
-                                   f"last assistant turn), so it cannot be scored as full-video; score it with "
-                                   f"--protocol proassist or stream it again with --protocol full-video")
+                raise ScoringError(
+                    f"{dialogue_name(d)} was streamed under the proassist protocol (it stops at the "
+                    f"last assistant turn), so it cannot be scored as full-video; score it with "
+                    f"--protocol proassist or stream it again with --protocol full-video"
+                )
         return dialogues
     out = []
     for d in dialogues:

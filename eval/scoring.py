@@ -53,9 +53,21 @@ from eval.protocol import (
 )
 from train.variants import get_variant
 
-__all__ = ["DEFAULT_STS_MODEL", "score", "sweep_counts", "mean_over_datasets", "by_dataset", "load_embedder",
-           "read_predictions", "write_metrics", "speak_counts", "update_counts", "speak_metrics", "EmbeddingCache",
-           "PredictionsError"]
+__all__ = [
+    "DEFAULT_STS_MODEL",
+    "score",
+    "sweep_counts",
+    "mean_over_datasets",
+    "by_dataset",
+    "load_embedder",
+    "read_predictions",
+    "write_metrics",
+    "speak_counts",
+    "update_counts",
+    "speak_metrics",
+    "EmbeddingCache",
+    "PredictionsError",
+]
 
 PROASSIST_BATCH_SIZE = 128  # ProAssist's sts_eval_batch_size: part of what its embeddings are
 MEAN_OVER_AVAILABLE = ("intent_recall", "summary_similarity", "memory_split")
@@ -88,8 +100,12 @@ def mean_over_datasets(datasets: dict[str, dict]) -> dict:
 def summary_similarity(dialogues: list[dict], cache: EmbeddingCache) -> float | None:
     """Mean |cos| of each generated summary to the reference progress at its re-seed, over the re-seeds that have
     a reference progress (an empty generated summary scores 0); None when there is none."""
-    pairs = [(r.get("summary") or "", r["ref_progress"]) for d in dialogues for r in d.get("reseeds") or []
-             if r.get("ref_progress")]
+    pairs = [
+        (r.get("summary") or "", r["ref_progress"])
+        for d in dialogues
+        for r in d.get("reseeds") or []
+        if r.get("ref_progress")
+    ]
     if not pairs:
         return None
     cache.add(t for pair in pairs for t in pair)
@@ -113,8 +129,11 @@ def memory_split(counts: SpeakCounts, pro: SpeakCounts, meteor: MeteorScorer, na
     for tag in MEMORY_TAGS:
         split, pro_split = counts.splits.get(tag, SplitCounts()), pro.splits.get(tag, SplitCounts())
         text, _ = text_metrics(split.tp_pairs, split.matched_scores, meteor, f"{name} ({tag} turns)")
-        out[tag] = {"speak": split.metrics(), "speak_proassist": pro_split.metrics(),
-                    "text": {"semantic_score": text["semantic_score"], "METEOR": text["METEOR"]}}
+        out[tag] = {
+            "speak": split.metrics(),
+            "speak_proassist": pro_split.metrics(),
+            "text": {"semantic_score": text["semantic_score"], "METEOR": text["METEOR"]},
+        }
     return out
 
 
@@ -122,9 +141,13 @@ def dialogue_scores(d: dict, pro: SpeakCounts) -> dict:
     """One dialogue's ProAssist-matched speaking F1, on all its turns and on its memory turns (None when it has
     none): the numbers experiments pair across cells (experiments/compare.py)."""
     memory = pro.splits.get("memory")
-    return {"dataset": d["dataset"], "video_uid": d.get("video_uid"), "conversation": d.get("conversation"),
-            "speak_proassist_f1": proassist_metrics(pro)["f1"],
-            "memory_speak_proassist_f1": memory.metrics()["f1"] if memory and memory.num_ref else None}
+    return {
+        "dataset": d["dataset"],
+        "video_uid": d.get("video_uid"),
+        "conversation": d.get("conversation"),
+        "speak_proassist_f1": proassist_metrics(pro)["f1"],
+        "memory_speak_proassist_f1": memory.metrics()["f1"] if memory and memory.num_ref else None,
+    }
 
 
 def check_scorable(dialogues: list[dict], protocol: str) -> tuple[str, list[dict]]:
@@ -135,9 +158,15 @@ def check_scorable(dialogues: list[dict], protocol: str) -> tuple[str, list[dict
     return run_variant(dialogues), cut_to_protocol(dialogues, protocol)
 
 
-def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: str, *,
-          meteor: MeteorScorer | None = None, protocol: str = "proassist",
-          dst_window_s: float = DST_WINDOW_S) -> dict:
+def score(
+    dialogues: list[dict],
+    embed: Embed | EmbeddingCache,
+    sts_model_name: str,
+    *,
+    meteor: MeteorScorer | None = None,
+    protocol: str = "proassist",
+    dst_window_s: float = DST_WINDOW_S,
+) -> dict:
     """All metrics (see the module docstring). `embed(list[str]) -> [n, d]` is the sentence embedder named
     `sts_model_name` (its raw output: `speak_proassist` needs the unnormalised float32 vectors). `meteor`: an open
     scorer to reuse; by default one METEOR process serves every dataset of this call and is closed at the end.
@@ -157,19 +186,32 @@ def score(dialogues: list[dict], embed: Embed | EmbeddingCache, sts_model_name: 
         text, tokenizer = text_metrics(counts.tp_pairs, counts.matched_scores, meteor, name)
         tokenizers.append(tokenizer)
         datasets[name] = {
-            "speak": speak_metrics(counts), "speak_proassist": proassist_metrics(pro),
-            "text": text, "memory_split": memory_split(counts, pro, meteor, name),
+            "speak": speak_metrics(counts),
+            "speak_proassist": proassist_metrics(pro),
+            "text": text,
+            "memory_split": memory_split(counts, pro, meteor, name),
             **dst_blocks(group, variant, dst_window_s),
             "summary_similarity": summary_similarity(group, cache) if get_variant(variant).writes_summary else None,
-            "reseeds": sum(len(d.get("reseeds") or []) for d in group)}
-    metrics = {"protocol": protocol, "variant": variant, "dst_window_s": dst_window_s,
-               "num_dialogues": len(dialogues),
-               "dialogues_without_reference": sum(1 for d in dialogues if last_reference_row(d["frames"]) < 0),
-               "reseeds": {"total": sum(m["reseeds"] for m in datasets.values()),
-                           "datasets": {name: m["reseeds"] for name, m in datasets.items()}},
-               "sts_model": sts_model_name, "meteor": meteor.label, "meteor_failures": list(meteor.failures),
-               "tokenizer": "; ".join(dict.fromkeys(tokenizers)),
-               "datasets": datasets, "mean": mean_over_datasets(datasets), "per_dialogue": per_dialogue}
+            "reseeds": sum(len(d.get("reseeds") or []) for d in group),
+        }
+    metrics = {
+        "protocol": protocol,
+        "variant": variant,
+        "dst_window_s": dst_window_s,
+        "num_dialogues": len(dialogues),
+        "dialogues_without_reference": sum(1 for d in dialogues if last_reference_row(d["frames"]) < 0),
+        "reseeds": {
+            "total": sum(m["reseeds"] for m in datasets.values()),
+            "datasets": {name: m["reseeds"] for name, m in datasets.items()},
+        },
+        "sts_model": sts_model_name,
+        "meteor": meteor.label,
+        "meteor_failures": list(meteor.failures),
+        "tokenizer": "; ".join(dict.fromkeys(tokenizers)),
+        "datasets": datasets,
+        "mean": mean_over_datasets(datasets),
+        "per_dialogue": per_dialogue,
+    }
     metrics, replaced = sanitize(metrics)
     metrics["non_finite_values"] = replaced
     return metrics
@@ -180,12 +222,19 @@ def sweep_counts(dialogues: list[dict], embed: Embed | EmbeddingCache, dst_windo
     caller."""
     speak = speak_metrics(speak_counts(dialogues, embed))
     up, ur, uf = update_counts(dialogues, dst_window_s).prf()
-    return {"speak_precision": speak["precision"], "speak_recall": speak["recall"], "speak_f1": speak["f1"],
-            "update_precision": up, "update_recall": ur, "update_f1": uf}
+    return {
+        "speak_precision": speak["precision"],
+        "speak_recall": speak["recall"],
+        "speak_f1": speak["f1"],
+        "update_precision": up,
+        "update_recall": ur,
+        "update_f1": uf,
+    }
 
 
-def load_embedder(name_or_path: str | Path, batch_size: int = PROASSIST_BATCH_SIZE,
-                  device: str | None = None) -> EmbeddingCache:
+def load_embedder(
+    name_or_path: str | Path, batch_size: int = PROASSIST_BATCH_SIZE, device: str | None = None
+) -> EmbeddingCache:
     """A SentenceTransformer (hub name or local folder) as a caching `embed(list[str]) -> [n, d]`. The embedder
     returns the model's raw float32 output as ProAssist requests it (`encode(..., convert_to_tensor=True,
     batch_size=128)`, no extra normalisation); the exact matcher normalises in float64 itself."""

@@ -13,8 +13,8 @@ streaming rebuilds the training ids).
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 import torch
 
@@ -26,6 +26,7 @@ from train.sequence import format_state
 class Feed:
     """Append `ids` to `session`'s context; `embeds` holds one row per `<image>` id among them. `logits`: also
     compute the LM head's next-token logits at the last position (for greedy and constrained decoding)."""
+
     session: StreamSession
     ids: list[int]
     embeds: torch.Tensor
@@ -41,8 +42,15 @@ class StreamSession:
         self.model, self.fmt, self.dtype = engine.model, engine.fmt, engine.dtype
         # Never generated: ids that would need frame embeddings or that only the builder places.
         fmt, tokenizer = self.fmt, self.fmt.tokenizer
-        self.banned = sorted({fmt.image_id, fmt.pad_id, *fmt.bos, *fmt.frame,
-                              *(i for i in [tokenizer.bos_token_id, tokenizer.unk_token_id] if i is not None)})
+        self.banned = sorted(
+            {
+                fmt.image_id,
+                fmt.pad_id,
+                *fmt.bos,
+                *fmt.frame,
+                *(i for i in [tokenizer.bos_token_id, tokenizer.unk_token_id] if i is not None),
+            }
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -150,8 +158,13 @@ class StreamSession:
         fmt, delta = self.fmt, {}
         hidden = yield from self.feed(fmt.dst_prefix, logits=forced is None)
         while True:
-            clauses = [(node, s) for node, current in state.items() if node not in delta
-                       for s in STATE_RANK if STATE_RANK[s] > STATE_RANK[current]]
+            clauses = [
+                (node, s)
+                for node, current in state.items()
+                if node not in delta
+                for s in STATE_RANK
+                if STATE_RANK[s] > STATE_RANK[current]
+            ]
             options = [(fmt.clause_separator if delta else []) + fmt.clause(node, s) for node, s in clauses]
             if delta:
                 options.append([fmt.eos_id])

@@ -21,8 +21,8 @@ ProAssist's evaluation does; `full-video` to the last frame.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -55,12 +55,24 @@ def stream_rows(meta: VideoMeta, conversation: int, protocol: str) -> int:
 def reference_frames(meta: VideoMeta, conversation: int, n_rows: int) -> list[dict]:
     """Per frame: the inputs and the references, with empty predictions."""
     conv = meta.conversations[conversation]
-    return [{"frame": meta.frame[row], "time": meta.time[row], "user_text": conv.user_text[row],
-             "p_update": None, "p_speak": None, "pred_dst_delta": {},
-             "ref_dst_delta": json.loads(meta.dst_delta[row]) if meta.dst_delta[row] else {},
-             "pred_state": {}, "ref_state": json.loads(meta.dst_state[row]), "pred_text": "",
-             "ref_text": conv.response[row], "ref_labels": conv.response_labels[row], "pred_dst_text": ""}
-            for row in range(n_rows)]
+    return [
+        {
+            "frame": meta.frame[row],
+            "time": meta.time[row],
+            "user_text": conv.user_text[row],
+            "p_update": None,
+            "p_speak": None,
+            "pred_dst_delta": {},
+            "ref_dst_delta": json.loads(meta.dst_delta[row]) if meta.dst_delta[row] else {},
+            "pred_state": {},
+            "ref_state": json.loads(meta.dst_state[row]),
+            "pred_text": "",
+            "ref_text": conv.response[row],
+            "ref_labels": conv.response_labels[row],
+            "pred_dst_text": "",
+        }
+        for row in range(n_rows)
+    ]
 
 
 def baseline(meta: VideoMeta, conversation: int, cfg: StreamConfig, n_rows: int) -> list[dict]:
@@ -68,9 +80,14 @@ def baseline(meta: VideoMeta, conversation: int, cfg: StreamConfig, n_rows: int)
     every = max(1, round(cfg.every * meta.fps))
     for row, f in enumerate(frames):
         if cfg.mode == "oracle":
-            f.update(p_update=float(bool(f["ref_dst_delta"])), p_speak=float(bool(f["ref_text"])),
-                     pred_dst_delta=f["ref_dst_delta"], pred_state=f["ref_state"], pred_text=f["ref_text"],
-                     pred_dst_text=format_state(f["ref_dst_delta"]))
+            f.update(
+                p_update=float(bool(f["ref_dst_delta"])),
+                p_speak=float(bool(f["ref_text"])),
+                pred_dst_delta=f["ref_dst_delta"],
+                pred_state=f["ref_state"],
+                pred_text=f["ref_text"],
+                pred_dst_text=format_state(f["ref_dst_delta"]),
+            )
         else:  # never / periodic: no DST updates, the state stays where the stream started
             f.update(pred_state=dict(meta.initial_state))
             if cfg.mode == "periodic" and (row + 1) % every == 0:
@@ -123,13 +140,20 @@ class Streamer:
                 raise ValueError(f"mode {cfg.mode} needs a model")
             if fmt.variant.name != cfg.variant:
                 raise ValueError(f"the sequence format is for variant {fmt.variant.name}, the stream for {cfg.variant}")
-            self.engine = StreamEngine(model, fmt, device, slots, use_cache=cfg.use_cache,
-                                       capacity=cfg.max_context + 64)
+            self.engine = StreamEngine(
+                model, fmt, device, slots, use_cache=cfg.use_cache, capacity=cfg.max_context + 64
+            )
             self.session = self.engine.sessions[0]  # the one `run` uses
             self.tokenizer = fmt.tokenizer
 
-    def run(self, meta: VideoMeta, emb: np.ndarray, conversation: int, thetas: tuple[float, float] | None = None,
-            force: bool = False) -> dict:
+    def run(
+        self,
+        meta: VideoMeta,
+        emb: np.ndarray,
+        conversation: int,
+        thetas: tuple[float, float] | None = None,
+        force: bool = False,
+    ) -> dict:
         """One dialogue: `{"frames": [...], "reseeds": [...]}`; `emb` is the video's stored embeddings (row 0 =
         first frame). `force`: model mode with ground-truth decisions and texts (the replay test)."""
         if self.cfg.mode not in ("model", "teacher-forced"):
@@ -146,14 +170,22 @@ class Streamer:
             return
         yield from self.engine.run_many(
             (key, partial(self.dialogue, meta=meta, emb=emb, conversation=c, thetas=thetas))
-            for key, meta, emb, c, thetas in jobs)
+            for key, meta, emb, c, thetas in jobs
+        )
 
     def _baseline(self, meta: VideoMeta, conversation: int) -> dict:
         n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         return {"frames": baseline(meta, conversation, self.cfg, n_rows), "reseeds": []}
 
-    def dialogue(self, s: StreamSession, meta: VideoMeta, emb: np.ndarray, conversation: int,
-                 thetas: tuple[float, float] | None = None, force: bool = False) -> Model:
+    def dialogue(
+        self,
+        s: StreamSession,
+        meta: VideoMeta,
+        emb: np.ndarray,
+        conversation: int,
+        thetas: tuple[float, float] | None = None,
+        force: bool = False,
+    ) -> Model:
         """The generator of one dialogue on session `s`; returns `{"frames": [...], "reseeds": [...]}`."""
         n_rows = stream_rows(meta, conversation, self.cfg.protocol)
         theta_update, theta_speak = thetas or (self.cfg.theta_update, self.cfg.theta_speak)
@@ -165,8 +197,9 @@ class Streamer:
             apply_thresholds(frames, theta_update, theta_speak)
         else:
             truth = GroundTruth(self.fmt, meta, conversation) if force else None
-            reseeds = yield from self._model(s, meta, conversation, frames, embeds, nodes, theta_update,
-                                             theta_speak, truth)
+            reseeds = yield from self._model(
+                s, meta, conversation, frames, embeds, nodes, theta_update, theta_speak, truth
+            )
         return {"frames": frames, "reseeds": reseeds}
 
     def _text(self, ids: list[int]) -> str:
@@ -180,17 +213,23 @@ class Streamer:
         s.reset()
         yield from s.feed(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None))
         system_chunk = s.chunks[0]
-        reserve = (len(fmt.frame) + generation_budget(fmt, nodes, cfg.max_new_tokens)
-                   + summary_budget(fmt, cfg.max_summary_tokens))
+        reserve = (
+            len(fmt.frame)
+            + generation_budget(fmt, nodes, cfg.max_new_tokens)
+            + summary_budget(fmt, cfg.max_summary_tokens)
+        )
         for row, f in enumerate(frames):
             user = fmt.user(f["user_text"]) if f["user_text"] else []
             if s.length + len(user) + reserve > cfg.max_context:
-                record = yield from self._make_room(s, meta, conversation, row, f["frame"], embeds, nodes, state,
-                                                    history, system_chunk, truth)
+                record = yield from self._make_room(
+                    s, meta, conversation, row, f["frame"], embeds, nodes, state, history, system_chunk, truth
+                )
                 reseeds.append(record)
                 if s.length + len(user) + reserve > cfg.max_context:
-                    raise ValueError(f"{meta.video_uid}: the system prompt ({s.length} tokens) leaves no room for "
-                                     f"a frame within max_context {cfg.max_context}")
+                    raise ValueError(
+                        f"{meta.video_uid}: the system prompt ({s.length} tokens) leaves no room for "
+                        f"a frame within max_context {cfg.max_context}"
+                    )
             if user:
                 yield from s.feed(user)
                 history.append(("User", f["user_text"]))
@@ -214,32 +253,41 @@ class Streamer:
             f["pred_state"] = dict(state)
         return reseeds
 
-    def _make_room(self, s, meta, conversation, row, frame, embeds, nodes, state, history, system_chunk,
-                   truth) -> Model:
+    def _make_room(
+        self, s, meta, conversation, row, frame, embeds, nodes, state, history, system_chunk, truth
+    ) -> Model:
         """Apply the context strategy before frame row `row` (absolute frame `frame`); returns the re-seed record."""
         fmt, cfg = self.fmt, self.cfg
         recent = history[-RECENT_TURNS:] if RECENT_TURNS else []  # [-0:] would be everything
-        record = {"frame": frame, "row": row, "strategy": cfg.context_strategy,
-                  "ref_progress": progress_before(meta, conversation, row)}
+        record = {
+            "frame": frame,
+            "row": row,
+            "strategy": cfg.context_strategy,
+            "ref_progress": progress_before(meta, conversation, row),
+        }
         if cfg.context_strategy == "reseed-oracle":  # the bound: the memory read from the references
             record["strategy"] = f"reseed-oracle-{fmt.variant.name}"
             progress = record["summary"] = record["ref_progress"] if fmt.variant.writes_summary else ""
             if fmt.variant.tracks_state:  # the stream goes on tracking from the reference state
                 state.clear()
                 state.update(state_before(meta, row))
-            yield from s.refeed([(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent,
-                                             progress), None)])
+            yield from s.refeed(
+                [(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent, progress), None)]
+            )
         elif cfg.context_strategy == "reseed":
             record["strategy"] = f"reseed-{fmt.variant.name}"
             progress = ""
             if fmt.variant.writes_summary:
                 if row == 0:
-                    raise ValueError(f"{meta.video_uid}: no room for a summary before the first frame within "
-                                     f"max_context {cfg.max_context}")
+                    raise ValueError(
+                        f"{meta.video_uid}: no room for a summary before the first frame within "
+                        f"max_context {cfg.max_context}"
+                    )
                 progress = yield from self._summarize(s, row - 1, embeds, truth.summary(row) if truth else None)
                 record["summary"] = progress
-            yield from s.refeed([(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent,
-                                             progress), None)])
+            yield from s.refeed(
+                [(fmt.system(meta.goal, nodes, state if fmt.variant.tracks_state else None, recent, progress), None)]
+            )
         elif cfg.context_strategy == "drop-all":
             yield from s.refeed([system_chunk])
         else:  # drop-middle: the system prompt and the most recent chunks filling half the budget
@@ -273,8 +321,14 @@ class Streamer:
             if s.length + frame_cost(fmt, segments) + generation > cfg.max_context:
                 # start afresh exactly as a training window starting at this frame would
                 yield from s.refeed([(system_for(fmt, meta, conversation, row), None)])
-                reseeds.append({"frame": f["frame"], "row": row, "strategy": "teacher-forced",
-                                "ref_progress": progress_before(meta, conversation, row)})
+                reseeds.append(
+                    {
+                        "frame": f["frame"],
+                        "row": row,
+                        "strategy": "teacher-forced",
+                        "ref_progress": progress_before(meta, conversation, row),
+                    }
+                )
             if segments["user"]:
                 yield from s.feed(segments["user"])
             hidden = yield from s.feed(fmt.frame, embeds[row])
@@ -300,8 +354,12 @@ class Streamer:
             if conv.speak[row]:
                 yield from s.feed(fmt.response_prefix)
                 yield from s.feed(segments["response"])
-            f.update(gen_dst_delta=gen_delta, gen_dst_text=gen_text,
-                     gen_text="" if gen_speech in SILENT_TEXTS else gen_speech, state_before=before)
+            f.update(
+                gen_dst_delta=gen_delta,
+                gen_dst_text=gen_text,
+                gen_text="" if gen_speech in SILENT_TEXTS else gen_speech,
+                state_before=before,
+            )
         return reseeds
 
 

@@ -34,8 +34,7 @@ from eval.stream import apply_thresholds
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = ([0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04] + [round(0.05 * i, 2) for i in range(1, 20)]
-              + [0.97, 0.99])
+THRESHOLDS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04] + [round(0.05 * i, 2) for i in range(1, 20)] + [0.97, 0.99]
 DECISIONS = ("speak", "update")
 
 
@@ -53,19 +52,29 @@ def best_threshold(thresholds: list[float], f1: list[float]) -> float:
 def curve_warnings(dataset: str, decision: str, thresholds: list[float], f1: list[float]) -> list[str]:
     top = max(f1)
     if top == 0:
-        return [f"{dataset} {decision}: F1 is 0 at every threshold ({thresholds[0]} .. {thresholds[-1]}); "
-                f"the chosen threshold means nothing"]
+        return [
+            f"{dataset} {decision}: F1 is 0 at every threshold ({thresholds[0]} .. {thresholds[-1]}); "
+            f"the chosen threshold means nothing"
+        ]
     out = []
     for end, name in ((0, "lowest"), (-1, "highest")):
         if f1[end] == top:
-            out.append(f"{dataset} {decision}: the best F1 ({top:.3f}) is reached at the {name} threshold of the "
-                       f"grid ({thresholds[end]}); the best threshold may lie beyond it")
+            out.append(
+                f"{dataset} {decision}: the best F1 ({top:.3f}) is reached at the {name} threshold of the "
+                f"grid ({thresholds[end]}); the best threshold may lie beyond it"
+            )
     return out
 
 
-def sweep_thresholds(dialogues: list[dict], embed, thresholds: list[float] = THRESHOLDS, *,
-                     protocol: str = "proassist", dst_window_s: float = DST_WINDOW_S,
-                     console: Console | None = None) -> dict:
+def sweep_thresholds(
+    dialogues: list[dict],
+    embed,
+    thresholds: list[float] = THRESHOLDS,
+    *,
+    protocol: str = "proassist",
+    dst_window_s: float = DST_WINDOW_S,
+    console: Console | None = None,
+) -> dict:
     """F1 against each threshold, per dataset and decision, from teacher-forced records (which hold what the
     model generated wherever a probability exceeded the streamer's `generate_above`), and the best threshold."""
     result = {"protocol": protocol, "dst_window_s": dst_window_s, "datasets": {}, "warnings": []}
@@ -80,7 +89,8 @@ def sweep_thresholds(dialogues: list[dict], embed, thresholds: list[float] = THR
             curves["update"].append(f1["update_f1"])
         result["datasets"][dataset] = {
             name: {"thresholds": list(thresholds), "f1": values, "best": best_threshold(thresholds, values)}
-            for name, values in curves.items()}
+            for name, values in curves.items()
+        }
         for name, values in curves.items():
             result["warnings"] += curve_warnings(dataset, name, thresholds, values)
     for warning in result["warnings"]:
@@ -122,15 +132,22 @@ def load_thresholds(path: str | Path, datasets=None) -> dict[str, tuple[float, f
         pair = []
         for decision in ("update", "speak"):
             best = curves.get(decision, {}).get("best") if isinstance(curves, dict) else None
-            if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(best) \
-                    or not 0 <= best <= 1:
-                raise ThresholdsError(f"{path}: dataset '{dataset}' has no valid '{decision}' threshold "
-                                      f"(a number in [0, 1]), got {best!r}")
+            if (
+                not isinstance(best, (int, float))
+                or isinstance(best, bool)
+                or not math.isfinite(best)
+                or not 0 <= best <= 1
+            ):
+                raise ThresholdsError(
+                    f"{path}: dataset '{dataset}' has no valid '{decision}' threshold "
+                    f"(a number in [0, 1]), got {best!r}"
+                )
             pair.append(float(best))
         out[dataset] = (pair[0], pair[1])
     missing = sorted(set(datasets or ()) - set(out))
     if missing:
-        raise ThresholdsError(f"{path} has no thresholds for dataset(s) {', '.join(missing)} (it has "
-                              f"{', '.join(sorted(out))}); sweep on a split that contains them")
+        raise ThresholdsError(
+            f"{path} has no thresholds for dataset(s) {', '.join(missing)} (it has "
+            f"{', '.join(sorted(out))}); sweep on a split that contains them"
+        )
     return out
-

@@ -41,7 +41,8 @@ def paired_differences(a: list[dict], b: list[dict], key: str) -> dict[tuple, li
         for line in lines:
             for d in line["metrics"].get("test.per_dialogue") or []:
                 by_seed.setdefault((d["dataset"], d["video_uid"], d["conversation"], line["seed"]), [None, None])[
-                    side] = d[key]
+                    side
+                ] = d[key]
     diffs: dict[tuple, list[float]] = {}
     for (*dialogue, _seed), (x, y) in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
         if x is not None and y is not None:
@@ -49,8 +50,9 @@ def paired_differences(a: list[dict], b: list[dict], key: str) -> dict[tuple, li
     return diffs
 
 
-def bootstrap(diffs: dict[tuple, list[float]], samples: int = BOOTSTRAP_SAMPLES,
-              seed: int = BOOTSTRAP_SEED) -> Interval | None:
+def bootstrap(
+    diffs: dict[tuple, list[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Interval | None:
     """The pooled mean difference and its 95% percentile interval, dialogues resampled; None without pairs."""
     groups = [np.asarray(v, dtype=np.float64) for _, v in sorted(diffs.items(), key=lambda kv: str(kv[0]))]
     if not groups:

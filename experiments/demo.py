@@ -39,14 +39,17 @@ def start_clean(out: Path) -> None:
     """A demo always starts clean (no stale shards or runs), but deletes only a folder an earlier demo made (it
     holds DEMO_MARKER); any other non-empty folder, a file or a link is refused."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise DemoFolderError(f"--out {out} is not a folder (a file or a link): refusing to touch it; "
-                              "pick a new folder")
+        raise DemoFolderError(
+            f"--out {out} is not a folder (a file or a link): refusing to touch it; pick a new folder"
+        )
     if out.exists():
         if (out / DEMO_MARKER).is_file():
             shutil.rmtree(out)
         elif any(out.iterdir()):
-            raise DemoFolderError(f"--out {out} exists and was not created by dst demo (no {DEMO_MARKER} in it): "
-                                  "refusing to delete it; pick a new or empty folder")
+            raise DemoFolderError(
+                f"--out {out} exists and was not created by dst demo (no {DEMO_MARKER} in it): "
+                "refusing to delete it; pick a new or empty folder"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("created by dst demo: `dst demo --out` deletes this folder when run again\n")
 
@@ -54,8 +57,11 @@ def start_clean(out: Path) -> None:
 def run(cfg: DemoConfig, console: Console | None = None) -> dict:
     console = console or Console()
     started = time.time()
-    overrides = {"experiment": {"seeds": [cfg.seed]}, "data": {"seed": cfg.seed},
-                 "grid": [{"variant": list(cfg.variant_list)}]}
+    overrides = {
+        "experiment": {"seeds": [cfg.seed]},
+        "data": {"seed": cfg.seed},
+        "grid": [{"variant": list(cfg.variant_list)}],
+    }
     experiment = load(CONFIGS / f"{cfg.model}.toml", fast=cfg.fast, overrides=overrides)
     start_clean(cfg.out)
     lines = run_experiment(experiment, cfg.out / "experiment", console)
@@ -65,11 +71,15 @@ def run(cfg: DemoConfig, console: Console | None = None) -> dict:
         summary[name] = {c.summary: line["metrics"].get(f"test.mean.{c.path}") for c in summary_columns()}
     write_atomic(cfg.out / "summary.json", json.dumps(summary, indent=1))
     first = experiment.cells[0]
-    shutil.copy(cfg.out / "experiment" / "cells" / first.slug / f"seed-{cfg.seed}" / "test" / "report.html",
-                cfg.out / "report.html")
+    shutil.copy(
+        cfg.out / "experiment" / "cells" / first.slug / f"seed-{cfg.seed}" / "test" / "report.html",
+        cfg.out / "report.html",
+    )
     print_comparison(summary, console)
-    console.print(f"demo done in {time.time() - started:.0f} s: {cfg.out / 'summary.json'}, "
-                  f"{cfg.out / 'report.html'}", highlight=False)
+    console.print(
+        f"demo done in {time.time() - started:.0f} s: {cfg.out / 'summary.json'}, {cfg.out / 'report.html'}",
+        highlight=False,
+    )
     return summary
 
 
@@ -79,6 +89,7 @@ def print_comparison(summary: dict, console: Console) -> None:
     for name in summary:
         table.add_column(name, justify="right")
     for c in summary_columns():
-        table.add_row(c.summary, *("-" if summary[n][c.summary] is None else f"{summary[n][c.summary]:.3f}"
-                                   for n in summary))
+        table.add_row(
+            c.summary, *("-" if summary[n][c.summary] is None else f"{summary[n][c.summary]:.3f}" for n in summary)
+        )
     console.print(table)

@@ -38,8 +38,17 @@ EXPERIMENT_KEYS = {"name", "description", "seeds", "baselines", "curves"}
 DATA_DEFAULTS = {"setting": "demo", "videos": [120, 20, 20], "seed": 0, "model": "tiny-random", "tokens_per_frame": 5}
 # The `dst eval` settings a cell may set; their types, ranges and defaults are eval/config.py's (sts_model None:
 # the offline MiniLM if present).
-EVAL_KEYS = ("context_strategy", "protocol", "max_context", "max_new_tokens", "max_summary_tokens", "dst_window",
-             "sts_model", "max_videos", "device")
+EVAL_KEYS = (
+    "context_strategy",
+    "protocol",
+    "max_context",
+    "max_new_tokens",
+    "max_summary_tokens",
+    "dst_window",
+    "sts_model",
+    "max_videos",
+    "device",
+)
 EVAL_FIELDS = {f.name: (f, hints(StreamConfig)[f.name]) for f in fields(StreamConfig) if f.name in EVAL_KEYS}
 EVAL_FIELDS |= {f.name: (f, hints(EvalConfig)[f.name]) for f in fields(EvalConfig) if f.name in EVAL_KEYS}
 EVAL_DEFAULTS = {key: None if key == "sts_model" else EVAL_FIELDS[key][0].default for key in EVAL_KEYS}
@@ -51,9 +60,14 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - TRAIN_RESERVED
 FAST_DEFAULTS = {"videos": [8, 4, 4], "seeds": 2, "train": {"max_steps": 30}}
 # eval/columns.py's experiment columns, each falling back to its paired block (speak_proassist -> speak) in results
 # that lack it
-DEFAULT_COLUMNS = [{"name": c.label, "key": [f"test.mean.{c.path}"]
-                    + ([f"test.mean.{PAIRED[c.block]}.{c.key}"] if c.block in PAIRED else [])}
-                   for c in COLUMNS if c.experiment]
+DEFAULT_COLUMNS = [
+    {
+        "name": c.label,
+        "key": [f"test.mean.{c.path}"] + ([f"test.mean.{PAIRED[c.block]}.{c.key}"] if c.block in PAIRED else []),
+    }
+    for c in COLUMNS
+    if c.experiment
+]
 
 
 class ExperimentConfigError(ConfigError):
@@ -184,13 +198,17 @@ def _data(path: Path, table: dict) -> dict:
     _check_type(path, "data.seed", data["seed"], int)
     _check_type(path, "data.model", data["model"], str)
     if data["tokens_per_frame"] not in (1, 5, 17, "all"):
-        _fail(path, "data.tokens_per_frame", f"must be 1, 5, 17 or \"all\", got {data['tokens_per_frame']!r}")
+        _fail(path, "data.tokens_per_frame", f'must be 1, 5, 17 or "all", got {data["tokens_per_frame"]!r}')
     return data
 
 
 def _seeds(path: Path, value) -> tuple[int, ...]:
-    if not (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-            and len(set(value)) == len(value)):
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+        and len(set(value)) == len(value)
+    ):
         _fail(path, "experiment.seeds", f"must be a non-empty list of distinct integers, got {value!r}")
     return tuple(value)
 
@@ -206,8 +224,10 @@ def _columns(path: Path, report: dict) -> tuple[Column, ...]:
             spec = {"name": spec, "key": [spec]}
         keys = spec.get("key") if isinstance(spec, dict) else None
         keys = [keys] if isinstance(keys, str) else keys
-        if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)) or set(spec) - {"name",
-                                                                                                          "key"}:
+        if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)) or set(spec) - {
+            "name",
+            "key",
+        }:
             _fail(path, f"report.columns[{i}]", f"must be a key or {{name = ..., key = [keys]}}, got {spec!r}")
         columns.append(Column(str(spec.get("name", keys[0])), tuple(keys), any(k in lower for k in keys)))
     return tuple(columns)
@@ -251,15 +271,26 @@ def load(path: Path, fast: bool = False, overrides: dict | None = None) -> Exper
     curves = exp.get("curves", False)
     if not isinstance(curves, bool):
         _fail(path, "experiment.curves", f"must be true or false, got {curves!r}")
-    return ExperimentConfig(path, name, str(exp.get("description", "")), seeds, tuple(baselines), data, cells,
-                            _columns(path, raw.get("report", {})), fast, raw, curves,
-                            _comparisons(path, raw.get("compare", []), cells))
+    return ExperimentConfig(
+        path,
+        name,
+        str(exp.get("description", "")),
+        seeds,
+        tuple(baselines),
+        data,
+        cells,
+        _columns(path, raw.get("report", {})),
+        fast,
+        raw,
+        curves,
+        _comparisons(path, raw.get("compare", []), cells),
+    )
 
 
 def _comparisons(path: Path, tables, cells: tuple[Cell, ...]) -> tuple[tuple[str, str], ...]:
     names = [c.name for c in cells]
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        _fail(path, "compare", "must be [[compare]] tables of a = \"cell\", b = \"cell\"")
+        _fail(path, "compare", 'must be [[compare]] tables of a = "cell", b = "cell"')
     out = []
     for i, table in enumerate(tables):
         if set(table) != {"a", "b"} or not all(table[k] in names for k in ("a", "b")) or table["a"] == table["b"]:
@@ -302,15 +333,24 @@ def _cells(path: Path, grids, train: dict, evals: dict) -> tuple[Cell, ...]:
                 continue
             seen.add(key)
             where = f"grid[{g}] cell {Cell(0, assigned, {}, {}).name}"
-            cell_train = {**train, **_train_options(path, where, {k: v for k, v in assigned.items()
-                                                                   if k in TRAIN_KEYS})}
-            cell_eval = {**EVAL_DEFAULTS, **evals,
-                         **_eval_options(path, where, {k: v for k, v in assigned.items() if k in EVAL_DEFAULTS})}
+            cell_train = {
+                **train,
+                **_train_options(path, where, {k: v for k, v in assigned.items() if k in TRAIN_KEYS}),
+            }
+            cell_eval = {
+                **EVAL_DEFAULTS,
+                **evals,
+                **_eval_options(path, where, {k: v for k, v in assigned.items() if k in EVAL_DEFAULTS}),
+            }
             _check_train(path, where, cell_train)
             max_seq_len = cell_train.get("max_seq_len", TrainConfig.max_seq_len)
             if cell_eval["max_context"] is not None and cell_eval["max_context"] > max_seq_len:
-                _fail(path, where, f"eval max_context {cell_eval['max_context']} exceeds the training max_seq_len "
-                                   f"{max_seq_len} (positions past it were never trained)")
+                _fail(
+                    path,
+                    where,
+                    f"eval max_context {cell_eval['max_context']} exceeds the training max_seq_len "
+                    f"{max_seq_len} (positions past it were never trained)",
+                )
             cells.append(Cell(len(cells), assigned, cell_train, cell_eval))
     if not cells:
         _fail(path, "grid", "no cells")

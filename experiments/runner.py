@@ -62,13 +62,16 @@ def check_out(cfg: ExperimentConfig, out: Path) -> None:
     bound = _read(out / "experiment.json")
     if bound is not None and bound["identity"] != cfg.identity():
         diff = [k for k in cfg.identity() if bound["identity"].get(k) != cfg.identity()[k]]
-        raise ExperimentError(f"{out} holds an experiment with other {', '.join(diff)} ({bound['identity']}); "
-                              f"use another --out")
+        raise ExperimentError(
+            f"{out} holds an experiment with other {', '.join(diff)} ({bound['identity']}); use another --out"
+        )
     for cell in cfg.cells:
         stored = _read(out / "cells" / cell.slug / "cell.json")
         if stored is not None and stored != cell_record(cell):
-            raise ExperimentError(f"{out}: cell {cell.name!r} was run with other settings ({stored}); its results "
-                                  "would not match the config: use another --out or restore the config")
+            raise ExperimentError(
+                f"{out}: cell {cell.name!r} was run with other settings ({stored}); its results "
+                "would not match the config: use another --out or restore the config"
+            )
 
 
 def prepare_data(cfg: ExperimentConfig, out: Path, console: Console) -> dict[str, Path]:
@@ -85,9 +88,18 @@ def prepare_data(cfg: ExperimentConfig, out: Path, console: Console) -> dict[str
         if (shards[split] / "manifest.json").is_file():
             continue
         console.rule(f"prepare {split}")
-        prepare.run(PrepareConfig(split=split, dst_json=(Path(generated["splits"][split]["json"]),),
-                                  model=data["model"], out=shards[split], frames_root=Path(generated["frames_root"]),
-                                  tokens_per_frame=data["tokens_per_frame"], batch_size=64), console)
+        prepare.run(
+            PrepareConfig(
+                split=split,
+                dst_json=(Path(generated["splits"][split]["json"]),),
+                model=data["model"],
+                out=shards[split],
+                frames_root=Path(generated["frames_root"]),
+                tokens_per_frame=data["tokens_per_frame"],
+                batch_size=64,
+            ),
+            console,
+        )
     return shards
 
 
@@ -113,8 +125,10 @@ def _status(console: Console, done: int, total: int, started: float, ran: int) -
     elapsed = time.time() - started
     left = f", about {elapsed / ran * (total - done) / 60:.0f} min left" if ran and done < total else ""
     table = Table.grid(padding=(0, 1))
-    table.add_row(ProgressBar(total=total, completed=done, width=40),
-                  f"{done}/{total} cell runs done, {elapsed / 60:.1f} min{left}")
+    table.add_row(
+        ProgressBar(total=total, completed=done, width=40),
+        f"{done}/{total} cell runs done, {elapsed / 60:.1f} min{left}",
+    )
     console.print(table)
 
 
@@ -124,8 +138,9 @@ def run(rc: ExperimentRunConfig, console: Console | None = None) -> list[dict]:
     return run_experiment(cfg, rc.out, console, threads=rc.threads, rescore=rc.rescore, jobs=rc.jobs)
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, console: Console, threads: int | None = None,
-                   rescore: bool = False, jobs: int = 1) -> list[dict]:
+def run_experiment(
+    cfg: ExperimentConfig, out: Path, console: Console, threads: int | None = None, rescore: bool = False, jobs: int = 1
+) -> list[dict]:
     """The one chain of stages for `dst experiment` and `dst demo`: results lines of every finished cell."""
     check_out(cfg, out)
     default_threads = torch.get_num_threads()
@@ -158,8 +173,9 @@ def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
         splits = {"test": folder} if result["seed"] is None else {s: folder / s for s in ("val", "test")}
         metrics = {}
         for split, where in splits.items():  # what `dst score` does, with the embedder loaded once
-            score = ScoreConfig(where / "predictions.jsonl", where / "metrics.json", sts, e["protocol"],
-                                e["dst_window"])
+            score = ScoreConfig(
+                where / "predictions.jsonl", where / "metrics.json", sts, e["protocol"], e["dst_window"]
+            )
             metrics[split] = eval_run.score_file(score, Console(quiet=True), embed=embedders[sts])
         result["metrics"] = flatten(metrics)
         result["rescored"] = {"git_commit": commit}
@@ -167,8 +183,11 @@ def _rescore(cfg: ExperimentConfig, out: Path, console: Console) -> list[dict]:
         console.print(f"[{n}/{len(finished)}] re-scored {folder.relative_to(out)}", highlight=False)
     lines = collect(cfg, out)
     write_reports(cfg, out, lines)
-    console.print(f"re-scored {len(finished)} results of {len(folders)} cell runs and baselines: "
-                  f"{out / 'results.jsonl'}, {out / 'summary.md'}", highlight=False)
+    console.print(
+        f"re-scored {len(finished)} results of {len(folders)} cell runs and baselines: "
+        f"{out / 'results.jsonl'}, {out / 'summary.md'}",
+        highlight=False,
+    )
     return lines
 
 
@@ -183,8 +202,9 @@ def groups(cfg: ExperimentConfig, out: Path) -> list[list[tuple[Cell, int]]]:
     return list(by_run.values())
 
 
-def _run_group(cfg: ExperimentConfig, group: list[tuple[Cell, int]], out: Path, shards: dict[str, Path],
-               threads: int, log: Path) -> list[str]:
+def _run_group(
+    cfg: ExperimentConfig, group: list[tuple[Cell, int]], out: Path, shards: dict[str, Path], threads: int, log: Path
+) -> list[str]:
     """A worker process's share (`--jobs`): one training run and its cells, logged to `log`."""
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -196,10 +216,15 @@ def _run_group(cfg: ExperimentConfig, group: list[tuple[Cell, int]], out: Path, 
     return [f"{cell.name}, seed {seed}" for cell, seed in group]
 
 
-def _run_grid(cfg: ExperimentConfig, out: Path, console: Console, jobs: int = 1,
-              threads: int | None = None) -> list[dict]:
-    write_atomic(out / "experiment.json", json.dumps({"identity": cfg.identity(), "config_file": str(cfg.path),
-                                                      "config": cfg.raw}, indent=1, default=str))
+def _run_grid(
+    cfg: ExperimentConfig, out: Path, console: Console, jobs: int = 1, threads: int | None = None
+) -> list[dict]:
+    write_atomic(
+        out / "experiment.json",
+        json.dumps(
+            {"identity": cfg.identity(), "config_file": str(cfg.path), "config": cfg.raw}, indent=1, default=str
+        ),
+    )
     started = time.time()
     shards = prepare_data(cfg, out, console)
     for mode in cfg.baselines:
@@ -218,9 +243,18 @@ def _run_grid(cfg: ExperimentConfig, out: Path, console: Console, jobs: int = 1,
             _status(console, done, total, loop_started, ran)
     else:  # independent training runs in parallel processes; each writes what one process would
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_group, cfg, group, out, shards, threads or 1,
-                                   out / "logs" / f"{group[0][0].train_slug}-seed-{group[0][1]}.log"): group
-                       for group in todo}
+            futures = {
+                pool.submit(
+                    _run_group,
+                    cfg,
+                    group,
+                    out,
+                    shards,
+                    threads or 1,
+                    out / "logs" / f"{group[0][0].train_slug}-seed-{group[0][1]}.log",
+                ): group
+                for group in todo
+            }
             for future in as_completed(futures):
                 for name in future.result():
                     console.print(f"finished {name}", highlight=False)
@@ -229,6 +263,9 @@ def _run_grid(cfg: ExperimentConfig, out: Path, console: Console, jobs: int = 1,
                 _status(console, done, total, loop_started, ran)
     lines = collect(cfg, out)
     write_reports(cfg, out, lines)
-    console.print(f"experiment {cfg.name} done in {(time.time() - started) / 60:.1f} min: {out / 'results.jsonl'}, "
-                  f"{out / 'summary.md'}, {out / 'report.html'}", highlight=False)
+    console.print(
+        f"experiment {cfg.name} done in {(time.time() - started) / 60:.1f} min: {out / 'results.jsonl'}, "
+        f"{out / 'summary.md'}, {out / 'report.html'}",
+        highlight=False,
+    )
     return lines

@@ -75,8 +75,12 @@ class PrepareConfig:
     shard_size_mb: float = setting(1024.0, "Target shard size in MiB.", minimum=0, above=True)
     strict: bool = setting(False, "Fail if any record is unusable.")
     max_videos: int | None = setting(None, "Only the first N usable videos (for trials).", minimum=1)
-    workers: int | None = setting(None, "Processes that decode and resize frames ahead of the encoder (default "
-                                  "min(4, CPUs - 1); 0: in the main process).", minimum=0)
+    workers: int | None = setting(
+        None,
+        "Processes that decode and resize frames ahead of the encoder (default "
+        "min(4, CPUs - 1); 0: in the main process).",
+        minimum=0,
+    )
 
     def __post_init__(self):
         check(self)
@@ -129,8 +133,10 @@ def resolve(split: str | None, options: dict[str, Any], config_path: Path | None
     values["split"] = split
     values.setdefault("out", Path("shards") / split)
     if not values.get("dst_json"):
-        raise ConfigError(f"no --dst-json given and no dst_json for split {split!r} in "
-                          f"{path or f'a config file (default {DEFAULT_CONFIG} does not exist)'}")
+        raise ConfigError(
+            f"no --dst-json given and no dst_json for split {split!r} in "
+            f"{path or f'a config file (default {DEFAULT_CONFIG} does not exist)'}"
+        )
     if not values.get("model"):
         raise ConfigError("no --model given and none in the config file")
     if (values.get("frames_root") is None) == (values.get("videos_root") is None):

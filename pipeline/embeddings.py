@@ -112,9 +112,7 @@ def encode_frames(
     grid = vc.image_size // vc.patch_size // model.config.scale_factor
     count = tokens_per_frame_count(tokens_per_frame, grid)  # validates the option before any compute
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.float16) if run_device.type == "cuda" else nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.float16) if run_device.type == "cuda" else nullcontext()
     modules = (inner.vision_model, inner.connector)
     was_training = [m.training for m in modules]
     for m in modules:

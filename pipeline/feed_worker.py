@@ -9,8 +9,8 @@ from __future__ import annotations
 import mmap
 import signal
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -18,8 +18,9 @@ from pipeline.frame_sources import FrameSource, FrameSourceError, open_frames
 from pipeline.preprocess import preprocess_into
 
 
-def decode_and_preprocess(src: FrameSource, indices: list[int], image_size: int,
-                          out_for: Callable[[int], np.ndarray]) -> tuple[list[int], int]:
+def decode_and_preprocess(
+    src: FrameSource, indices: list[int], image_size: int, out_for: Callable[[int], np.ndarray]
+) -> tuple[list[int], int]:
     """Decode frames `indices` of `src` and write the decodable ones, in batch order, into `out_for(count)`.
     Returns (the indices that could not be decoded, the count written). Runs unchanged with or without workers,
     which is what makes the pixels identical for every worker count."""

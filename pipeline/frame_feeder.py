@@ -31,10 +31,10 @@ import signal
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -79,8 +79,9 @@ def default_workers() -> int:
 class FrameFeeder:
     def __init__(self, workers: int, image_size: int, batch_size: int, fps: float):
         if workers < 0 or batch_size < 1 or image_size < 1:
-            raise ValueError(f"need workers >= 0, batch_size >= 1, image_size >= 1; got {workers}, {batch_size}, "
-                             f"{image_size}")
+            raise ValueError(
+                f"need workers >= 0, batch_size >= 1, image_size >= 1; got {workers}, {batch_size}, {image_size}"
+            )
         self.workers, self.image_size, self.batch_size, self.fps = workers, image_size, batch_size, fps
         self._slots = max(1, _SLOTS_PER_WORKER * workers)
         # Every slot starts on a page, with or without workers: the encoder reads the same layout either way.
@@ -91,7 +92,7 @@ class FrameFeeder:
         self._shared: mmap.mmap | None = None
         self._next_worker = 0
 
-    def __enter__(self) -> "FrameFeeder":
+    def __enter__(self) -> FrameFeeder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -159,8 +160,12 @@ class FrameFeeder:
     def _slot(self, slot: int, count: int | None = None) -> np.ndarray:
         """Slot `slot` of the buffer as float32 [count (default: batch_size), 3, S, S]."""
         count = self.batch_size if count is None else count
-        return np.ndarray((count, 3, self.image_size, self.image_size), np.float32, buffer=self._shared,
-                          offset=slot * self._slot_bytes)
+        return np.ndarray(
+            (count, 3, self.image_size, self.image_size),
+            np.float32,
+            buffer=self._shared,
+            offset=slot * self._slot_bytes,
+        )
 
     def _receive(self, worker: int, path: Path, indices: list[int]) -> tuple:
         conn, proc = self._conns[worker], self._procs[worker]
@@ -179,8 +184,9 @@ class FrameFeeder:
     def _died(self, worker: int, path: Path, indices: list[int]) -> FrameFeedError:
         proc = self._procs[worker]
         proc.join(timeout=5)
-        return FrameFeedError(f"{batch_name(path, indices)}: decoding worker {proc.pid} died "
-                              f"({_exit_reason(proc.exitcode)})")
+        return FrameFeedError(
+            f"{batch_name(path, indices)}: decoding worker {proc.pid} died ({_exit_reason(proc.exitcode)})"
+        )
 
     @property
     def worker_pids(self) -> list[int]:
@@ -211,8 +217,11 @@ class FrameFeeder:
             ctx = multiprocessing.get_context("spawn")
             for _ in range(self.workers):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=worker_main, args=(child, name, self._slot_bytes, self.batch_size,
-                                                             self.image_size), daemon=True)
+                proc = ctx.Process(
+                    target=worker_main,
+                    args=(child, name, self._slot_bytes, self.batch_size, self.image_size),
+                    daemon=True,
+                )
                 proc.start()
                 child.close()
                 self._procs.append(proc)
@@ -224,8 +233,10 @@ class FrameFeeder:
                     ready = False
                 if not ready:
                     proc.join(timeout=1)
-                    raise FrameFeedError(f"decoding worker {proc.pid} did not start ({_exit_reason(proc.exitcode)}"
-                                         "; its error, if any, is printed above)")
+                    raise FrameFeedError(
+                        f"decoding worker {proc.pid} did not start ({_exit_reason(proc.exitcode)}"
+                        "; its error, if any, is printed above)"
+                    )
         except BaseException:
             self.close()
             raise
@@ -234,9 +245,11 @@ class FrameFeeder:
             os.unlink(name)  # every worker has mapped it (or failed): nothing is left behind in any case
 
     def _no_room(self, total: int, folder: Path, why: str) -> FrameFeedError:
-        return FrameFeedError(f"{self.workers} decoding workers need {total / 2**20:.0f} MiB of shared memory in "
-                              f"{folder} ({why}): use fewer --workers (0: none), a smaller --batch-size, or a larger "
-                              f"{folder} (docker: --shm-size)")
+        return FrameFeedError(
+            f"{self.workers} decoding workers need {total / 2**20:.0f} MiB of shared memory in "
+            f"{folder} ({why}): use fewer --workers (0: none), a smaller --batch-size, or a larger "
+            f"{folder} (docker: --shm-size)"
+        )
 
     def close(self) -> None:
         """Stop the workers: ask, then terminate, then kill; idempotent."""

@@ -22,8 +22,8 @@ import io
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -92,14 +92,16 @@ class FrameSource(ABC):
         pics = self._decode(uniq)
         bad = [i for i, p in zip(uniq, pics) if p is None]
         if len(bad) == len(uniq):
-            raise NoDecodableFrame(f"{self.path}: none of the {len(uniq)} frames asked for ({uniq[0]} to "
-                                   f"{uniq[-1]}) could be decoded")
+            raise NoDecodableFrame(
+                f"{self.path}: none of the {len(uniq)} frames asked for ({uniq[0]} to {uniq[-1]}) could be decoded"
+            )
         source = replacement_rows([p is not None for p in pics])
         by_index = {i: pics[source[j]] for j, i in enumerate(uniq)}
         out = [by_index[i] for i in idx]
         h, w = out[0].shape[:2]
-        out = [p if p.shape[:2] == (h, w) else np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR))
-               for p in out]
+        out = [
+            p if p.shape[:2] == (h, w) else np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR)) for p in out
+        ]
         return np.stack(out), bad
 
     def _checked(self, indices: Iterable[int]) -> list[int]:
@@ -119,7 +121,7 @@ class FrameSource(ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:
         return self
 
     def __exit__(self, *exc) -> None:

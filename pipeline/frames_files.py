@@ -36,7 +36,7 @@ def frames_file_name(dataset: str, video_uid: str) -> str:
             raise FramesFileError(f"assembly101 video_uid {video_uid!r} has no '_' to strip")
         return rest
     if dataset == "ego4d" and video_uid.startswith("grp-"):
-        return video_uid[len("grp-"):]
+        return video_uid[len("grp-") :]
     return video_uid
 
 
@@ -123,8 +123,10 @@ def synthetic_jpegs(n_frames: int, size: int = 64, seed: int = 0) -> list[bytes]
     yy, xx = np.mgrid[0:size, 0:size]
     out = []
     for k in range(n_frames):
-        pixels = np.stack([(xx * 4 + k * 7 + base[0]) % 256, (yy * 4 + k * 3 + base[1]) % 256,
-                           (xx + yy + k * 11 + base[2]) % 256], axis=-1).astype(np.uint8)
+        pixels = np.stack(
+            [(xx * 4 + k * 7 + base[0]) % 256, (yy * 4 + k * 3 + base[1]) % 256, (xx + yy + k * 11 + base[2]) % 256],
+            axis=-1,
+        ).astype(np.uint8)
         image = Image.fromarray(pixels, "RGB")
         ImageDraw.Draw(image).text((2, 2), str(k), fill=(255, 255, 255))
         buf = io.BytesIO()
@@ -142,10 +144,13 @@ def find_video_file(videos_root: str | Path, dataset: str, video_uid: str) -> Pa
     root = Path(videos_root)
     names = dict.fromkeys([video_uid, frames_file_name(dataset, video_uid)])
     _check_names(dataset, *names)
-    candidates = [folder / (name + ext) for folder in (root / dataset, root) for name in names
-                  for ext in VIDEO_SUFFIXES]
+    candidates = [
+        folder / (name + ext) for folder in (root / dataset, root) for name in names for ext in VIDEO_SUFFIXES
+    ]
     path = _first_file(candidates)
     if path is not None:
         return path
-    raise FramesFileError(f"no video file (looked for {root / dataset / video_uid}.* and {root / video_uid}.*, "
-                          f"extensions {', '.join(VIDEO_SUFFIXES)})")
+    raise FramesFileError(
+        f"no video file (looked for {root / dataset / video_uid}.* and {root / video_uid}.*, "
+        f"extensions {', '.join(VIDEO_SUFFIXES)})"
+    )

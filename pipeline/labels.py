@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -121,8 +121,9 @@ def arrow_frame_counter(frames_root: Path) -> FrameCounter:
     return count
 
 
-def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, report: LabelsReport,
-                      console: Console) -> Iterator[VideoLabels]:
+def iter_video_labels(
+    raws: list, count_frames_of: FrameCounter, fps: float, report: LabelsReport, console: Console
+) -> Iterator[VideoLabels]:
     """Labels of every usable record, in input order, with a progress bar; each unusable record is reported on one
     line (video_uid and reason) and recorded in `report`, never raised."""
     first_of: dict[tuple[str, str], int] = {}  # (dataset, video_uid) -> position of the record that is used
@@ -135,8 +136,11 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
                 key = (record.dataset, record.video_uid)
                 if key in first_of:
                     copy = "an exact copy" if _same(raws[first_of[key]], raw) else "different content"
-                    raise RecordError(record.video_uid, f"duplicate video_uid in dataset {record.dataset}: record "
-                                                        f"#{first_of[key]} has it too and is used ({copy})")
+                    raise RecordError(
+                        record.video_uid,
+                        f"duplicate video_uid in dataset {record.dataset}: record "
+                        f"#{first_of[key]} has it too and is used ({copy})",
+                    )
                 try:
                     n_frames = count_frames_of(record)
                 except FramesFileError as exc:
@@ -145,8 +149,9 @@ def iter_video_labels(raws: list, count_frames_of: FrameCounter, fps: float, rep
                 first_of[key] = index
             except RecordError as exc:
                 report.skipped.append((exc.video_uid, exc.reason))
-                progress.console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}",
-                                       highlight=False, soft_wrap=True)
+                progress.console.print(
+                    f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False, soft_wrap=True
+                )
                 continue
             report.written_videos += 1
             report.clamped_turns += labels.clamped_turns
@@ -186,8 +191,10 @@ def fail_if_strict(strict: bool, report: LabelsReport, console: Console, *leftov
     if strict and report.skipped:
         for path in leftovers:
             path.unlink(missing_ok=True)
-        console.print(f"[red]--strict: {len(report.skipped)} of {report.records} records unusable; "
-                      f"nothing written[/]", soft_wrap=True)
+        console.print(
+            f"[red]--strict: {len(report.skipped)} of {report.records} records unusable; nothing written[/]",
+            soft_wrap=True,
+        )
         raise SystemExit(1)
 
 
@@ -202,13 +209,17 @@ def fail_if_nothing_usable(report: LabelsReport, layout_hint: str, *leftovers: P
         raise NoUsableRecords("the input holds no records; nothing written")
     uid, reason = report.skipped[0]
     missing = any(r.startswith(("no frames file", "no video file")) for _, r in report.skipped)
-    raise NoUsableRecords(f"no usable record: all {len(report.skipped)} were skipped (the first, {uid}: {reason}); "
-                          f"{layout_hint if missing else 'see the skip lines above'}; nothing written")
+    raise NoUsableRecords(
+        f"no usable record: all {len(report.skipped)} were skipped (the first, {uid}: {reason}); "
+        f"{layout_hint if missing else 'see the skip lines above'}; nothing written"
+    )
 
 
 def frames_layout_hint(frames_root: Path) -> str:
-    return (f"frames files are expected at {frames_root}/{FRAMES_LAYOUT} (--frames-root is ProAssist's "
-            "processed_data folder, or one dataset's folder)")
+    return (
+        f"frames files are expected at {frames_root}/{FRAMES_LAYOUT} (--frames-root is ProAssist's "
+        "processed_data folder, or one dataset's folder)"
+    )
 
 
 def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
@@ -228,8 +239,14 @@ def run(cfg: LabelsConfig, console: Console | None = None) -> LabelsReport:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 _SUMMARY = (
@@ -258,8 +275,14 @@ def print_summary(labels_path: Path, report: LabelsReport, console: Console) -> 
     for name in ("dataset", "videos", "conversations", "decision\npoints", "speak\nrate", "update\nrate"):
         table.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=True)
     for row in summary_frame(labels_path).iter_rows(named=True):
-        table.add_row(row["dataset"], str(row["videos"]), str(row["conversations"]), str(row["decision_points"]),
-                      f"{row['speak_rate']:.4f}", f"{row['update_rate']:.4f}")
+        table.add_row(
+            row["dataset"],
+            str(row["videos"]),
+            str(row["conversations"]),
+            str(row["decision_points"]),
+            f"{row['speak_rate']:.4f}",
+            f"{row['update_rate']:.4f}",
+        )
     console.print(table)
     console.print(
         f"records {report.records}, written {report.written_videos}, skipped {len(report.skipped)}; "

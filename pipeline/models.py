@@ -23,8 +23,14 @@ class ModelLoadError(InputError):
     """A model name or folder that cannot be loaded here; the message says what to pass instead."""
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -43,7 +49,9 @@ def _looks_local(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
     load_in_4bit: bool = False,
 ) -> tuple[SmolVLMForConditionalGeneration, PreTrainedTokenizerFast]:
     """Load `(model, tokenizer)`: `"tiny-random"` builds the tiny model, `"smollm2-135m"` loads the converted real
@@ -87,8 +95,9 @@ def _load_4bit(name: str, device: str | torch.device | None):
     tokenizer = _tokenizer_for(name)  # first: a wrong pad token fails before the weights load
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
     # device_map: bitsandbytes quantizes the weights as it places them on the GPU
-    model = _from_pretrained(name, dtype=torch.float16, quantization_config=quant,
-                             device_map={"": torch.device(device)})
+    model = _from_pretrained(
+        name, dtype=torch.float16, quantization_config=quant, device_map={"": torch.device(device)}
+    )
     return model.eval(), tokenizer
 
 
@@ -116,8 +125,9 @@ def _loading(name: str, load):
 
 def _from_pretrained(name: str, **kwargs) -> SmolVLMForConditionalGeneration:
     # `dtype`: `torch_dtype` is deprecated in transformers 5
-    return _loading(name, lambda path: SmolVLMForConditionalGeneration.from_pretrained(
-        path, attn_implementation="sdpa", **kwargs))
+    return _loading(
+        name, lambda path: SmolVLMForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    )
 
 
 def _tokenizer_for(name: str) -> PreTrainedTokenizerFast:

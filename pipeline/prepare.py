@@ -94,8 +94,16 @@ def _frame_counter(cfg: PrepareConfig):
     return count
 
 
-def encode_video(model, labels: VideoLabels, path: Path, cfg: PrepareConfig, image_size: int,
-                 device: torch.device, feeder: FrameFeeder, on_frames=lambda n: None) -> tuple[np.ndarray, list[int]]:
+def encode_video(
+    model,
+    labels: VideoLabels,
+    path: Path,
+    cfg: PrepareConfig,
+    image_size: int,
+    device: torch.device,
+    feeder: FrameFeeder,
+    on_frames=lambda n: None,
+) -> tuple[np.ndarray, list[int]]:
     """float16 [n_stream_frames, tokens, hidden] for frames k0..n-1 (row 0 = frame k0), and the absolute indices
     of frames that could not be decoded. Only decodable frames are encoded; the row of an undecodable one is a copy
     of the nearest earlier decodable frame's row, or, before the first decodable frame, of that frame's
@@ -123,16 +131,19 @@ def encode_video(model, labels: VideoLabels, path: Path, cfg: PrepareConfig, ima
 
 
 def _plan(cfg: PrepareConfig, videos: list[VideoLabels], tokens: int, hidden: int) -> dict:
-    sizes = [(sample_key(v.record.dataset, v.record.video_uid), len(v.points) * tokens * hidden * 2)
-             for v in videos]
+    sizes = [(sample_key(v.record.dataset, v.record.video_uid), len(v.points) * tokens * hidden * 2) for v in videos]
     owners: dict[str, str] = {}
     for v, (key, _) in zip(videos, sizes):  # unique by construction (labels drop duplicate uids): make sure
         if key in owners:
             raise RuntimeError(f"sample key {key} for both {owners[key]} and {v.record.video_uid}")
         owners[key] = v.record.video_uid
     return {
-        "model": cfg.model, "tokens_per_frame": cfg.tokens_per_frame, "tokens": tokens, "hidden_size": hidden,
-        "fps": cfg.fps, "source": "arrow" if cfg.frames_root is not None else "video",
+        "model": cfg.model,
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "tokens": tokens,
+        "hidden_size": hidden,
+        "fps": cfg.fps,
+        "source": "arrow" if cfg.frames_root is not None else "video",
         "shards": plan_shards(sizes, int(cfg.shard_size_mb * 2**20)),
     }
 
@@ -148,8 +159,10 @@ def _check_plan(state: Path, plan: dict) -> None:
         raise PlanMismatch(f"{path} is unreadable ({exc}); use another --out or remove that folder") from None
     if old != plan:
         changed = [k for k in plan if not isinstance(old, dict) or old.get(k) != plan[k]]
-        raise PlanMismatch(f"{path.parent.parent} holds a prepare run with different {', '.join(changed)}; "
-                           "use another --out or remove that folder")
+        raise PlanMismatch(
+            f"{path.parent.parent} holds a prepare run with different {', '.join(changed)}; "
+            "use another --out or remove that folder"
+        )
 
 
 class UnusableVideo(ValueError):
@@ -163,8 +176,10 @@ def _check_encoded(emb: np.ndarray, bad: list[int], labels: VideoLabels) -> None
     finite = np.isfinite(emb).reshape(len(emb), -1).all(axis=1)
     if not finite.all():
         rows = np.flatnonzero(~finite)
-        raise UnusableVideo(f"non-finite embeddings at {len(rows)} of {len(emb)} frames (first: frame "
-                            f"{labels.k0 + int(rows[0])}); the encoder overflowed or the model is broken")
+        raise UnusableVideo(
+            f"non-finite embeddings at {len(rows)} of {len(emb)} frames (first: frame "
+            f"{labels.k0 + int(rows[0])}); the encoder overflowed or the model is broken"
+        )
 
 
 def _read_cache(emb_path: Path, info_path: Path, labels: VideoLabels) -> tuple[np.ndarray, dict] | None:
@@ -181,8 +196,9 @@ def _read_cache(emb_path: Path, info_path: Path, labels: VideoLabels) -> tuple[n
     return emb, info
 
 
-def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, device, feeder, progress,
-                  tasks) -> None:
+def _encode_shard(
+    shard: Path, keys: list[str], by_key: dict, model, cfg, spec, device, feeder, progress, tasks
+) -> None:
     """Encode (or take from the cache) every video of one shard; write its per-video status, then the shard."""
     cache = shard.parent / STATE_DIR / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -197,8 +213,16 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
                 progress.advance(tasks["frames"], len(labels.points))
             else:
                 path = _source_path(cfg, labels.record)
-                emb, bad = encode_video(model, labels, path, cfg, spec.image_size, device, feeder,
-                                        lambda n: progress.advance(tasks["frames"], n))
+                emb, bad = encode_video(
+                    model,
+                    labels,
+                    path,
+                    cfg,
+                    spec.image_size,
+                    device,
+                    feeder,
+                    lambda n: progress.advance(tasks["frames"], n),
+                )
                 info = {"source": str(path), "bad_frames": bad}
             _check_encoded(emb, info["bad_frames"], labels)
         except (FrameSourceError, UnusableVideo) as exc:  # found while encoding: report it, keep the rest
@@ -210,10 +234,17 @@ def _encode_shard(shard: Path, keys: list[str], by_key: dict, model, cfg, spec, 
             write_atomic(info_path, json.dumps(info).encode())
         samples.append(encode_sample(key, emb, VideoMeta.from_labels(labels, cfg.model, cfg.tokens_per_frame)))
         status[labels.record.video_uid] = {
-            "status": "written", "key": key, "shard": shard.name, "dataset": labels.record.dataset,
-            "first_frame": labels.k0, "num_frames": labels.n_frames, "frames": len(labels.points),
-            "bad_frames": info["bad_frames"], "source": info["source"],
-            "clamped_turns": labels.clamped_turns, "dropped_turns": labels.dropped_turns,
+            "status": "written",
+            "key": key,
+            "shard": shard.name,
+            "dataset": labels.record.dataset,
+            "first_frame": labels.k0,
+            "num_frames": labels.n_frames,
+            "frames": len(labels.points),
+            "bad_frames": info["bad_frames"],
+            "source": info["source"],
+            "clamped_turns": labels.clamped_turns,
+            "dropped_turns": labels.dropped_turns,
             "empty_turns": labels.empty_turns,
             "dropped_transitions": labels.dst.dropped,
         }
@@ -240,8 +271,10 @@ def run(cfg: PrepareConfig, console: Console | None = None) -> dict | None:
 def _layout_hint(cfg: PrepareConfig) -> str:
     if cfg.frames_root is not None:
         return frames_layout_hint(cfg.frames_root)
-    return (f"videos are expected at {cfg.videos_root}/{VIDEOS_LAYOUT} or {cfg.videos_root}/{{name}}.mp4 (also "
-            ".mkv .webm .avi .mov)")
+    return (
+        f"videos are expected at {cfg.videos_root}/{VIDEOS_LAYOUT} or {cfg.videos_root}/{{name}}.mp4 (also "
+        ".mkv .webm .avi .mov)"
+    )
 
 
 def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: Console) -> dict | None:
@@ -271,9 +304,10 @@ def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: C
     mine = [(i, keys) for i, keys in enumerate(plan["shards"]) if i % world == rank]
     todo = [(i, keys) for i, keys in mine if not (out / SHARD_PATTERN.format(i)).exists()]
     with _progress(say) as progress:
-        tasks = {"videos": progress.add_task("videos", total=sum(len(k) for _, k in todo)),
-                 "frames": progress.add_task("frames", total=sum(len(by_key[k].points) for _, ks in todo
-                                                                   for k in ks))}
+        tasks = {
+            "videos": progress.add_task("videos", total=sum(len(k) for _, k in todo)),
+            "frames": progress.add_task("frames", total=sum(len(by_key[k].points) for _, ks in todo for k in ks)),
+        }
         workers = default_workers() if cfg.workers is None else cfg.workers
         with FrameFeeder(workers, spec.image_size, cfg.batch_size, cfg.fps) as feeder:
             for i, keys in todo:
@@ -287,17 +321,27 @@ def _run(cfg: PrepareConfig, rank: int, world: int, device: torch.device, say: C
     print_summary(manifest, say, elapsed=time.time() - started)
     if not manifest["counts"]["videos_written"]:
         uid, failed = next((uid, s) for uid, s in manifest["videos"].items() if s["status"] != "written")
-        raise NoUsableRecords(f"no video could be encoded (the first, {uid}: {failed['reason']}); "
-                              f"see {out / 'manifest.json'}")
+        raise NoUsableRecords(
+            f"no video could be encoded (the first, {uid}: {failed['reason']}); see {out / 'manifest.json'}"
+        )
     return manifest
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description:>6}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def config_dict(cfg: PrepareConfig) -> dict:
     """The settings for manifest.json; `workers` is left out: it changes the speed, never the output."""
-    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, tuple) else v)
-            for k, v in asdict(cfg).items() if k != "workers"}
+    return {
+        k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, tuple) else v)
+        for k, v in asdict(cfg).items()
+        if k != "workers"
+    }

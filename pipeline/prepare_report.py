@@ -85,4 +85,7 @@ def print_summary(manifest: dict, console: Console, elapsed: float) -> None:
     console.print(
         f"records {counts['records']}, videos written {counts['videos_written']}, skipped {counts['videos_skipped']}, "
         f"shards {counts['shards']}, DST transitions dropped {counts['dropped_transitions']}; "
-        f"{elapsed:.1f} s this run", highlight=False, soft_wrap=True)
+        f"{elapsed:.1f} s this run",
+        highlight=False,
+        soft_wrap=True,
+    )

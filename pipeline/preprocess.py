@@ -15,7 +15,8 @@ processor exactly, at the cost of upsampling every frame to 2048 px first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -54,15 +55,17 @@ def check_frame(frame: np.ndarray) -> None:
         raise ValueError(f"expected a uint8 frame [H, W, 3], got {frame.dtype} {frame.shape}")
 
 
-def preprocess_into(frames: Sequence[np.ndarray], image_size: int, out: np.ndarray,
-                    longest_edge: int | None = None) -> None:
+def preprocess_into(
+    frames: Sequence[np.ndarray], image_size: int, out: np.ndarray, longest_edge: int | None = None
+) -> None:
     """Write the pixel values of uint8 RGB frames (each [H, W, 3], sizes may differ) into `out[:len(frames)]`,
     a float32 array [>= N, 3, image_size, image_size] (e.g. a shared-memory buffer of the frame feeder)."""
     if longest_edge is not None and not 0 < longest_edge <= _MAX_IMAGE_SIZE:
         raise ValueError(f"longest_edge must be in 1..{_MAX_IMAGE_SIZE}, got {longest_edge}")
     if out.dtype != np.float32 or out.shape[1:] != (3, image_size, image_size) or len(out) < len(frames):
-        raise ValueError(f"out must be float32 [>= {len(frames)}, 3, {image_size}, {image_size}], got "
-                         f"{out.dtype} {out.shape}")
+        raise ValueError(
+            f"out must be float32 [>= {len(frames)}, 3, {image_size}, {image_size}], got {out.dtype} {out.shape}"
+        )
     for i, frame in enumerate(frames):
         check_frame(frame)
         image = Image.fromarray(frame, "RGB")

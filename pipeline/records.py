@@ -168,7 +168,9 @@ def _parse_nodes(raw_dst: Any, name: str) -> tuple[DSTNode, ...]:
         seen.add(node_id)
         node_type = raw.get("type", "step")
         if node_type != "step":
-            raise RecordError(name, f"node {node_id} has type {quoted(node_type)}; only flat 'step' nodes are supported")
+            raise RecordError(
+                name, f"node {node_id} has type {quoted(node_type)}; only flat 'step' nodes are supported"
+            )
         nodes.append(
             DSTNode(
                 id=node_id,

@@ -57,8 +57,15 @@ def _npy_header(f, offset: int, where: str) -> tuple[int, tuple, np.dtype]:
 class ShardIndex:
     """Where every video's embeddings and metadata sit in the shards; `build` it, then `meta` and `rows`."""
 
-    def __init__(self, shards: list[Path], samples: dict[str, _Sample], tokens_per_frame: int, hidden_size: int,
-                 model: str, warnings: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        shards: list[Path],
+        samples: dict[str, _Sample],
+        tokens_per_frame: int,
+        hidden_size: int,
+        model: str,
+        warnings: tuple[str, ...] = (),
+    ):
         self.shards = shards
         self._samples = samples
         self.tokens_per_frame = tokens_per_frame
@@ -71,7 +78,7 @@ class ShardIndex:
     # ------------------------------------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, shard_dir: str | Path) -> "ShardIndex":
+    def build(cls, shard_dir: str | Path) -> ShardIndex:
         """Index every `shard-*.tar` of `shard_dir`, checking each sample; any problem raises `ShardFormatError`
         naming the shard file. With the folder's manifest.json the sample count of every shard is checked too
         (a shard cut at a sample boundary is otherwise a valid, shorter tar)."""
@@ -86,12 +93,15 @@ class ShardIndex:
         if expected is not None:
             missing = sorted(set(expected) - {p.name for p in shards})
             if missing:
-                raise ShardFormatError(f"{shard_dir / missing[0]} is listed in manifest.json but missing "
-                                       f"({len(missing)} missing shard(s))")
+                raise ShardFormatError(
+                    f"{shard_dir / missing[0]} is listed in manifest.json but missing ({len(missing)} missing shard(s))"
+                )
             extra = [p.name for p in shards if p.name not in expected]
             if extra:
-                warnings.append(f"{shard_dir / extra[0]} is not in manifest.json ({len(extra)} such shard(s)): "
-                                "its samples are used but cannot be checked")
+                warnings.append(
+                    f"{shard_dir / extra[0]} is not in manifest.json ({len(extra)} such shard(s)): "
+                    "its samples are used but cannot be checked"
+                )
         samples: dict[str, _Sample] = {}
         shapes: dict[tuple[int, int], str] = {}
         models: dict[str, str] = {}
@@ -102,24 +112,30 @@ class ShardIndex:
                 if key in samples:
                     raise ShardFormatError(f"{where}: key also in {shards[samples[key].shard]}")
                 if sample.shape[0] != meta.num_rows:
-                    raise ShardFormatError(f"{where}: {sample.shape[0]} embedding rows for {meta.num_rows} label "
-                                           "points")
+                    raise ShardFormatError(
+                        f"{where}: {sample.shape[0]} embedding rows for {meta.num_rows} label points"
+                    )
                 shapes.setdefault(sample.shape[1:], where)
                 models.setdefault(meta.model, where)
                 samples[key] = sample
                 found += 1
             if expected is not None and expected.get(path.name, found) != found:
-                raise ShardFormatError(f"{path}: holds {found} samples, manifest.json says {expected[path.name]} "
-                                       "(truncated or replaced shard: prepare it again)")
+                raise ShardFormatError(
+                    f"{path}: holds {found} samples, manifest.json says {expected[path.name]} "
+                    "(truncated or replaced shard: prepare it again)"
+                )
         if not samples:
             raise ShardFormatError(f"{shard_dir}: the shards hold no samples")
         if len(shapes) > 1:
-            raise ShardFormatError("samples disagree on [tokens_per_frame, hidden]: "
-                                   + "; ".join(f"{list(s)} in {w}" for s, w in shapes.items()))
+            raise ShardFormatError(
+                "samples disagree on [tokens_per_frame, hidden]: "
+                + "; ".join(f"{list(s)} in {w}" for s, w in shapes.items())
+            )
         if len(models) > 1:
-            raise ShardFormatError("samples were prepared with different models: "
-                                   + "; ".join(f"{m} in {w}" for m, w in models.items()))
-        (tokens, hidden), = shapes
+            raise ShardFormatError(
+                "samples were prepared with different models: " + "; ".join(f"{m} in {w}" for m, w in models.items())
+            )
+        ((tokens, hidden),) = shapes
         return cls(shards, samples, tokens, hidden, next(iter(models)), tuple(warnings))
 
     # ------------------------------------------------------------------------------------------------ access
@@ -151,7 +167,7 @@ class ShardIndex:
             self._metas.move_to_end(video_id)
             return self._metas[video_id]
         s = self._sample(video_id)
-        data = self._map(s.shard)[s.meta_offset:s.meta_offset + s.meta_size].tobytes()
+        data = self._map(s.shard)[s.meta_offset : s.meta_offset + s.meta_size].tobytes()
         if len(data) != s.meta_size:
             raise ShardFormatError(f"{self.describe(video_id)}: {META} cut short (the file shrank after indexing)")
         meta = VideoMeta.from_json(parse_meta(data, self.describe(video_id)), self.describe(video_id), checked=True)
@@ -167,7 +183,7 @@ class ShardIndex:
             raise IndexError(f"{video_id}: rows [{start}, {end}) outside [0, {s.shape[0]})")
         row_bytes = s.shape[1] * s.shape[2] * 2
         lo = s.emb_offset + start * row_bytes
-        data = self._map(s.shard)[lo:lo + (end - start) * row_bytes]
+        data = self._map(s.shard)[lo : lo + (end - start) * row_bytes]
         if data.size != (end - start) * row_bytes:
             raise ShardFormatError(f"{self.describe(video_id)}: {EMB} cut short (the file shrank after indexing)")
         return np.array(data.view("<f2").reshape(end - start, *s.shape[1:]), dtype=np.float16)  # plain ndarray
@@ -205,8 +221,9 @@ def _scan(path: Path, shard: int):
     for key in order:
         parts = pending[key]
         if EMB not in parts or META not in parts:
-            raise ShardFormatError(f"{path}: sample {key} has members {sorted(set(parts) - {'meta'})}, "
-                                   f"expected {[EMB, META]}")
+            raise ShardFormatError(
+                f"{path}: sample {key} has members {sorted(set(parts) - {'meta'})}, expected {[EMB, META]}"
+            )
         meta = VideoMeta.from_json(parts["meta"], f"{path}: sample {key}")
         yield key, _Sample(shard, meta.dataset, parts[EMB][0], parts[EMB][1], *parts[META]), meta
 
@@ -233,8 +250,9 @@ def _members(path: Path, size: int) -> tuple[dict[str, dict], list[str]]:
             else:
                 data, shape, dtype = _npy_header(raw, member.offset_data, where)
                 if dtype != np.dtype("<f2") or len(shape) != 3 or min(shape) < 0:
-                    raise ShardFormatError(f"{where}: {EMB} must be float16 [frames, tokens, hidden], "
-                                           f"got {dtype} {list(shape)}")
+                    raise ShardFormatError(
+                        f"{where}: {EMB} must be float16 [frames, tokens, hidden], got {dtype} {list(shape)}"
+                    )
                 if data - member.offset_data + math.prod(shape) * 2 != member.size:
                     raise ShardFormatError(f"{where}: {EMB} size does not match its header")
                 parts[EMB] = (data, tuple(int(x) for x in shape))

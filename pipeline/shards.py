@@ -16,9 +16,10 @@ import json
 import math
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -95,38 +96,70 @@ class VideoMeta:
     def from_labels(cls, labels: VideoLabels, model: str, tokens_per_frame: int | str) -> VideoMeta:
         rec, cols, n = labels.record, label_columns(labels), len(labels.points)
         return cls(
-            video_uid=rec.video_uid, dataset=rec.dataset, fps=labels.fps, first_frame=labels.k0,
-            num_frames=labels.n_frames, tokens_per_frame=tokens_per_frame, model=model, goal=rec.goal,
-            knowledge=rec.knowledge, nodes=[Node(x.id, x.name, x.start_ts, x.end_ts) for x in rec.nodes],
-            initial_state=json.loads(state_json(labels.dst.initial)), frame=cols["frame"][:n],
-            time=cols["time"][:n], dst_update=cols["dst_update"][:n], dst_delta=cols["dst_delta"][:n],
+            video_uid=rec.video_uid,
+            dataset=rec.dataset,
+            fps=labels.fps,
+            first_frame=labels.k0,
+            num_frames=labels.n_frames,
+            tokens_per_frame=tokens_per_frame,
+            model=model,
+            goal=rec.goal,
+            knowledge=rec.knowledge,
+            nodes=[Node(x.id, x.name, x.start_ts, x.end_ts) for x in rec.nodes],
+            initial_state=json.loads(state_json(labels.dst.initial)),
+            frame=cols["frame"][:n],
+            time=cols["time"][:n],
+            dst_update=cols["dst_update"][:n],
+            dst_delta=cols["dst_delta"][:n],
             dst_state=cols["dst_state"][:n],
             conversations=[
-                ConversationMeta(c.index, c.user_type, cols["user_text"][i * n:(i + 1) * n],
-                                 cols["speak"][i * n:(i + 1) * n], cols["response"][i * n:(i + 1) * n],
-                                 cols["progress"][i * n:(i + 1) * n],
-                                 [c.response_labels.get(k, "") for k in labels.points],
-                                 [{"role": t.role, "time": t.time, "content": t.content}
-                                  for t in rec.conversations[c.index].turns])
-                for i, c in enumerate(labels.conversations)])
+                ConversationMeta(
+                    c.index,
+                    c.user_type,
+                    cols["user_text"][i * n : (i + 1) * n],
+                    cols["speak"][i * n : (i + 1) * n],
+                    cols["response"][i * n : (i + 1) * n],
+                    cols["progress"][i * n : (i + 1) * n],
+                    [c.response_labels.get(k, "") for k in labels.points],
+                    [{"role": t.role, "time": t.time, "content": t.content} for t in rec.conversations[c.index].turns],
+                )
+                for i, c in enumerate(labels.conversations)
+            ],
+        )
 
     def to_json(self) -> dict:
         """The `json` member as written on disk."""
         return {
-            "video_uid": self.video_uid, "dataset": self.dataset, "fps": self.fps, "first_frame": self.first_frame,
-            "num_frames": self.num_frames, "tokens_per_frame": self.tokens_per_frame, "model": self.model,
-            "goal": self.goal, "knowledge": self.knowledge,
+            "video_uid": self.video_uid,
+            "dataset": self.dataset,
+            "fps": self.fps,
+            "first_frame": self.first_frame,
+            "num_frames": self.num_frames,
+            "tokens_per_frame": self.tokens_per_frame,
+            "model": self.model,
+            "goal": self.goal,
+            "knowledge": self.knowledge,
             "nodes": [{"id": x.id, "name": x.name, "start_ts": x.start_ts, "end_ts": x.end_ts} for x in self.nodes],
             "initial_state": self.initial_state,
             "conversations": [{"user_type": c.user_type, "turns": c.turns} for c in self.conversations],
             "labels": {
-                "frame": self.frame, "time": self.time, "dst_update": self.dst_update, "dst_delta": self.dst_delta,
+                "frame": self.frame,
+                "time": self.time,
+                "dst_update": self.dst_update,
+                "dst_delta": self.dst_delta,
                 "dst_state": self.dst_state,
                 "conversations": [
-                    {"conversation": c.conversation, "user_type": c.user_type, "user_text": c.user_text,
-                     "speak": c.speak, "response": c.response, "progress": c.progress,
-                     "response_labels": c.response_labels}
-                    for c in self.conversations],
+                    {
+                        "conversation": c.conversation,
+                        "user_type": c.user_type,
+                        "user_text": c.user_text,
+                        "speak": c.speak,
+                        "response": c.response,
+                        "progress": c.progress,
+                        "response_labels": c.response_labels,
+                    }
+                    for c in self.conversations
+                ],
             },
         }
 
@@ -140,16 +173,36 @@ class VideoMeta:
             _validate(meta, where)
         labels = meta["labels"]
         return cls(
-            video_uid=meta["video_uid"], dataset=meta["dataset"], fps=meta["fps"], first_frame=meta["first_frame"],
-            num_frames=meta["num_frames"], tokens_per_frame=meta["tokens_per_frame"], model=meta["model"],
-            goal=meta["goal"], knowledge=meta["knowledge"],
+            video_uid=meta["video_uid"],
+            dataset=meta["dataset"],
+            fps=meta["fps"],
+            first_frame=meta["first_frame"],
+            num_frames=meta["num_frames"],
+            tokens_per_frame=meta["tokens_per_frame"],
+            model=meta["model"],
+            goal=meta["goal"],
+            knowledge=meta["knowledge"],
             nodes=[Node(x["id"], x["name"], x["start_ts"], x["end_ts"]) for x in meta["nodes"]],
-            initial_state=meta["initial_state"], frame=labels["frame"], time=labels["time"],
-            dst_update=labels["dst_update"], dst_delta=labels["dst_delta"], dst_state=labels["dst_state"],
+            initial_state=meta["initial_state"],
+            frame=labels["frame"],
+            time=labels["time"],
+            dst_update=labels["dst_update"],
+            dst_delta=labels["dst_delta"],
+            dst_state=labels["dst_state"],
             conversations=[
-                ConversationMeta(c["conversation"], c["user_type"], c["user_text"], c["speak"], c["response"],
-                                 c["progress"], c["response_labels"], raw["turns"])
-                for c, raw in zip(labels["conversations"], meta["conversations"])])
+                ConversationMeta(
+                    c["conversation"],
+                    c["user_type"],
+                    c["user_text"],
+                    c["speak"],
+                    c["response"],
+                    c["progress"],
+                    c["response_labels"],
+                    raw["turns"],
+                )
+                for c, raw in zip(labels["conversations"], meta["conversations"])
+            ],
+        )
 
 
 def _fail(where: str, what: str) -> None:
@@ -197,8 +250,13 @@ def _validate(meta: Any, where: str) -> None:
     if tokens != "all" and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
         _fail(where, "tokens_per_frame is missing or not a positive integer or 'all'")
     nodes = _list(meta.get("nodes"), "nodes", where, dict, None)
-    if not all(isinstance(x.get("id"), str) and isinstance(x.get("name"), str) and _number(x.get("start_ts"))
-               and _number(x.get("end_ts")) for x in nodes):
+    if not all(
+        isinstance(x.get("id"), str)
+        and isinstance(x.get("name"), str)
+        and _number(x.get("start_ts"))
+        and _number(x.get("end_ts"))
+        for x in nodes
+    ):
         _fail(where, "nodes need string 'id' and 'name' and numbers 'start_ts' and 'end_ts'")
     node_ids = {x["id"] for x in nodes}
     initial = meta.get("initial_state")
@@ -304,8 +362,9 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray, VideoMeta]]:
         except (ValueError, EOFError, OSError) as exc:
             raise ShardFormatError(f"{where}: unreadable {EMB}: {exc}") from None
         if emb.dtype != np.float16 or emb.ndim != 3:
-            raise ShardFormatError(f"{where}: {EMB} must be float16 [frames, tokens, hidden], got {emb.dtype} "
-                                   f"{list(emb.shape)}")
+            raise ShardFormatError(
+                f"{where}: {EMB} must be float16 [frames, tokens, hidden], got {emb.dtype} {list(emb.shape)}"
+            )
         meta = VideoMeta.from_json(parse_meta(parts[META], where), where)
         if meta.num_rows != emb.shape[0]:
             raise ShardFormatError(f"{where}: {emb.shape[0]} embedding rows for {meta.num_rows} label points")
@@ -317,8 +376,9 @@ def parse_meta(data: bytes, where: str) -> object:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ShardFormatError(f"{where}: unreadable {META}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-            from None
+        raise ShardFormatError(
+            f"{where}: unreadable {META}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from None
 
 
 def expected_samples(shard_dir: Path) -> tuple[dict[str, int] | None, str | None]:
@@ -332,8 +392,7 @@ def expected_samples(shard_dir: Path) -> tuple[dict[str, int] | None, str | None
     except (ValueError, OSError) as exc:
         raise ShardFormatError(f"{path}: unreadable ({exc})") from None
     counts = manifest.get("shard_samples") if isinstance(manifest, dict) else None
-    if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                               for v in counts.values()):
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         raise ShardFormatError(f"{path}: 'shard_samples' is missing or not an object of counts")
     return counts, None
 

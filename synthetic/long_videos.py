@@ -58,15 +58,27 @@ from synthetic.tasks import (
     write_splits,
 )
 
-__all__ = ["generate", "make_video", "memory_tag", "LONG_MAX_CONTEXT", "LONG_TASKS", "MEMORY_HORIZON", "MIN_FRAMES", "QUESTIONS",
-           "splits", "frames_root"]
+__all__ = [
+    "generate",
+    "make_video",
+    "memory_tag",
+    "LONG_MAX_CONTEXT",
+    "LONG_TASKS",
+    "MEMORY_HORIZON",
+    "MIN_FRAMES",
+    "QUESTIONS",
+    "splits",
+    "frames_root",
+]
 
 LONG_MAX_CONTEXT = 768  # tokens: the context this setting is made for (train max_seq_len = eval max_context)
 MIN_FRAMES = 260  # 130 s at 2 fps: frame tokens alone fill more than three 768-token contexts (see the tests)
 # Two tasks per dataset with 5-6 steps: enough history to remember, and few enough step names for the tiny model to
 # learn in the minutes a CPU gives each run (the memory, not the vocabulary, is what this setting tests).
-LONG_TASKS = {"synth_assembly": ("assemble a toy excavator", "build a birdhouse"),
-              "synth_cooking": ("make an omelette", "make a salad")}
+LONG_TASKS = {
+    "synth_assembly": ("assemble a toy excavator", "build a birdhouse"),
+    "synth_cooking": ("make an omelette", "make a salad"),
+}
 STEP_FRAMES = (20, 40)  # 10-20 s per step at 2 fps
 PAUSE_FRAMES = (6, 16)
 GAP_FRAMES = (4, 8)
@@ -108,7 +120,7 @@ def render_pause(dataset: str, task: int, size: int, rng: np.random.Generator, d
     """The pause picture: the idle scene with a large white disc in the middle, then noise."""
     img = render_frame(dataset, task, None, 0.0, size, None, distractor, flicker).astype(np.float64)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.3 ** 2] = PAUSE_DISC + flicker
+    img[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.3**2] = PAUSE_DISC + flicker
     img = img + rng.normal(0.0, NOISE_SIGMA, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -132,8 +144,10 @@ def plan_segments(rng: np.random.Generator, order: list[int]) -> tuple[int, list
     k0 = int(rng.integers(0, 5))
     durations = [int(rng.integers(STEP_FRAMES[0], STEP_FRAMES[1] + 1)) for _ in order]
     pauses = [rng.random() < PAUSE_PROB for _ in order]
-    gaps = [int(rng.integers(GAP_FRAMES[0], GAP_FRAMES[1] + 1)) if j < len(order) - 1 and rng.random() < GAP_PROB
-            else 0 for j in range(len(order))]
+    gaps = [
+        int(rng.integers(GAP_FRAMES[0], GAP_FRAMES[1] + 1)) if j < len(order) - 1 and rng.random() < GAP_PROB else 0
+        for j in range(len(order))
+    ]
     pause_len = [int(rng.integers(PAUSE_FRAMES[0], PAUSE_FRAMES[1] + 1)) for _ in order]
     lead, tail = int(rng.integers(3, 6)), int(rng.integers(3, 7))
     total = k0 + lead + sum(durations) + sum(g for g in gaps) + sum(p for p, on in zip(pause_len, pauses) if on) + tail
@@ -179,12 +193,18 @@ class TrueState:
         finished, current, todo = self.at(b)
         n = len(self.names)
         if question == 0:
-            return (f"You have finished: {_join([self.names[c] for c in finished])}." if finished else
-                    "You have not finished any step yet.")
+            return (
+                f"You have finished: {_join([self.names[c] for c in finished])}."
+                if finished
+                else "You have not finished any step yet."
+            )
         if question == 1:
             if current is not None:
-                return (f"After this, {self.names[todo[0]]}." if todo else
-                        f"Finish {self.names[current]}; it is the last step.")
+                return (
+                    f"After this, {self.names[todo[0]]}."
+                    if todo
+                    else f"Finish {self.names[current]}; it is the last step."
+                )
             return f"Next, {self.names[todo[0]]}." if todo else "Nothing, the task is complete."
         if question == 2:
             return f"Steps left: {n - len(finished)} of {n}."
@@ -194,15 +214,18 @@ class TrueState:
         finished, current, _ = self.at(b)
         done = _join([self.names[c] for c in finished]) if finished else "nothing yet"
         now = self.names[current] if current is not None else "none"
-        return (f"The time elapsed since the start of the task is {elapsed:.1f} seconds. The user's task goal is to "
-                f"{goal}. Finished: {done}. Current step: {now}.")
+        return (
+            f"The time elapsed since the start of the task is {elapsed:.1f} seconds. The user's task goal is to "
+            f"{goal}. Finished: {done}. Current step: {now}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- one video
 
 
-def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, size: int,
-               user_types: tuple[str, ...] = USER_TYPES) -> tuple[dict, list[bytes]]:
+def make_video(
+    dataset: str, uid: str, rng: np.random.Generator, fps: float, size: int, user_types: tuple[str, ...] = USER_TYPES
+) -> tuple[dict, list[bytes]]:
     domain, knowledge_type, _, tasks = DATASETS[dataset]
     candidates = long_tasks(dataset)
     task = candidates[int(rng.integers(len(candidates)))]
@@ -240,13 +263,17 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
     said: dict[int, tuple[str, str]] = {}
     for j, c in enumerate(order):
         s, e = spans[c]
-        said[s] = ((FIRST_INSTRUCTION if j == 0 else INSTRUCTIONS[int(rng.integers(2))]).format(step=names[c]),
-                   tagged("initiative|instruction", s, None))
+        said[s] = (
+            (FIRST_INSTRUCTION if j == 0 else INSTRUCTIONS[int(rng.integers(2))]).format(step=names[c]),
+            tagged("initiative|instruction", s, None),
+        )
         if j == len(order) - 1:
             said[e] = (FINAL.format(goal=goal), tagged("initiative|feedback", e, history))
         elif e not in {spans[o][0] for o in order}:  # an idle gap follows: name the next step of the recipe
-            said[e] = (NEXT_AFTER_GAP.format(step=names[state.at(e)[2][0]]),
-                       tagged("initiative|instruction", e, history))
+            said[e] = (
+                NEXT_AFTER_GAP.format(step=names[state.at(e)[2][0]]),
+                tagged("initiative|instruction", e, history),
+            )
     opening = k0 + 1
     busy = {opening} | {x for span in spans.values() for x in span} | pause_edges
     free = [b for b in range(opening + 2, n_frames - 1) if all(abs(b - o) >= 2 and abs(b + 1 - o) >= 2 for o in busy)]
@@ -259,16 +286,31 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
         picked = question_frames(rng, free, QUESTIONS_PER_TYPE[user_type])
         turns = [(opening, {"role": "user", "time": t(opening), "content": f"I want to {goal}.", "labels": ""})]
         for b, (content, labels) in said.items():
-            turns.append((b, {"role": "assistant", "time": t(b), "content": content, "labels": labels,
-                              "progress": progress(b)}))
+            turns.append(
+                (b, {"role": "assistant", "time": t(b), "content": content, "labels": labels, "progress": progress(b)})
+            )
         for b in picked:
             q = int(rng.integers(len(QUESTIONS)))
             turns.append((b, {"role": "user", "time": t(b), "content": QUESTIONS[q], "labels": ""}))
-            turns.append((b + 1, {"role": "assistant", "time": t(b + 1), "content": state.answer(q, b),
-                                  "labels": tagged("responsive|info_sharing", b + 1, None if q == 3 else history),
-                                  "progress": progress(b + 1)}))
-        conversations.append({"user_type": user_type, "auto_quality_eval": {},
-                              "conversation": [turn for _, turn in sorted(turns, key=lambda x: x[0])]})
+            turns.append(
+                (
+                    b + 1,
+                    {
+                        "role": "assistant",
+                        "time": t(b + 1),
+                        "content": state.answer(q, b),
+                        "labels": tagged("responsive|info_sharing", b + 1, None if q == 3 else history),
+                        "progress": progress(b + 1),
+                    },
+                )
+            )
+        conversations.append(
+            {
+                "user_type": user_type,
+                "auto_quality_eval": {},
+                "conversation": [turn for _, turn in sorted(turns, key=lambda x: x[0])],
+            }
+        )
 
     steps_text = "".join(f"[{t(spans[c][0]):.1f}s-{t(spans[c][1]):.1f}s] {names[c]}\n" for c in order)
     title = goal[0].upper() + goal[1:]
@@ -279,16 +321,30 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
         "video_labels": {},
         "conversations": conversations,
         "parsed_video_anns": {
-            "dataset": dataset, "domain": domain, "knowedge_type": knowledge_type, "video_uid": uid,
-            "goal_description": goal, "all_step_descriptions": steps_text,
+            "dataset": dataset,
+            "domain": domain,
+            "knowedge_type": knowledge_type,
+            "video_uid": uid,
+            "goal_description": goal,
+            "all_step_descriptions": steps_text,
             "clips": [[t(spans[order[0]][0]), t(spans[order[-1]][1]), steps_text]],
-            "duration": (n_frames - k0) / fps, "ann_ratio": 1.0, "num_steps": len(names),
-            "video_start_time": k0 / fps, "has_mistake": False, "num_substeps": 0, "fps": fps,
-            "task_index": task, "step_order": order, "pauses": pauses, "setting": "long",
+            "duration": (n_frames - k0) / fps,
+            "ann_ratio": 1.0,
+            "num_steps": len(names),
+            "video_start_time": k0 / fps,
+            "has_mistake": False,
+            "num_substeps": 0,
+            "fps": fps,
+            "task_index": task,
+            "step_order": order,
+            "pauses": pauses,
+            "setting": "long",
         },
         # Nodes in recipe order; the user's order shows in their times.
-        "dst": [{"type": "step", "id": f"S{c + 1}", "start_ts": t(spans[c][0]), "end_ts": t(spans[c][1]),
-                 "name": names[c]} for c in range(len(names))],
+        "dst": [
+            {"type": "step", "id": f"S{c + 1}", "start_ts": t(spans[c][0]), "end_ts": t(spans[c][1]), "name": names[c]}
+            for c in range(len(names))
+        ],
     }
 
     # Frame k shows the scene of boundary interval [k+1, k+2), i.e. the end of its own interval.
@@ -312,18 +368,22 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 # ---------------------------------------------------------------------------------------------- all splits
 
 
-def generate(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0,
-             size: int = 64) -> dict:
+def generate(
+    out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0, size: int = 64
+) -> dict:
     """Write the three splits; videos alternate between the datasets. Returns a summary with paths and counts."""
+
     def video(split: str, split_index: int, i: int, dataset: str):
         uid = f"long-{split}-{dataset}-{i:04d}"
         # One conversation per val/test video (user types in turn): a long video costs minutes to stream on a
         # CPU, and one dialogue each from more videos is the better sample for the same time.
         user_types = USER_TYPES if split == "train" else (EVAL_USER_TYPES[i % len(EVAL_USER_TYPES)],)
         # stream 7 keeps these draws apart from the demo generator's [seed, split, i]
-        return (uid, *make_video(dataset, uid, np.random.default_rng([seed, 7, split_index, i]), fps, size,
-                                 user_types))
+        return (uid, *make_video(dataset, uid, np.random.default_rng([seed, 7, split_index, i]), fps, size, user_types))
 
-    return write_splits(Path(out_dir), (n_train, n_val, n_test), video,
-                        {"fps": fps, "size": size, "seed": seed, "setting": "long",
-                         "max_context": LONG_MAX_CONTEXT})
+    return write_splits(
+        Path(out_dir),
+        (n_train, n_val, n_test),
+        video,
+        {"fps": fps, "size": size, "seed": seed, "setting": "long", "max_context": LONG_MAX_CONTEXT},
+    )

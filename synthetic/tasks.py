@@ -38,39 +38,127 @@ IDLE_GREY = np.array([40.0, 40.0, 40.0])  # darker than every step background
 # Per dataset: domain, knowledge type, visual theme (background pattern, first shape kind) and its tasks
 # (goal, steps). Names are in one vocabulary per dataset so the two datasets differ in words as in pictures.
 DATASETS = {
-    "synth_assembly": ("assembly", "assembly steps", 0, [
-        ("assemble a toy car", ["attach the chassis parts", "attach the wheels", "screw the cabin",
-                                "attach the roof", "fix the bumper"]),
-        ("assemble a toy excavator", ["attach the tracks", "mount the cabin", "attach the arm", "attach the bucket",
-                                      "screw the arm joint", "test the arm"]),
-        ("build a bookshelf", ["lay out the side panels", "insert the dowels", "attach the shelves",
-                               "fix the back panel"]),
-        ("assemble a desk lamp", ["screw the base", "insert the pole", "attach the lamp head", "fit the bulb",
-                                  "plug in the cable"]),
-        ("assemble a toy crane", ["attach the base plate", "mount the tower", "attach the boom", "thread the cable",
-                                  "attach the hook", "attach the counterweight", "test the crane"]),
-        ("build a birdhouse", ["nail the floor", "attach the walls", "attach the roof", "drill the entrance hole",
-                               "paint the front"]),
-        ("assemble a bicycle wheel", ["fit the tire", "inflate the tube", "mount the wheel",
-                                      "tighten the axle nuts"]),
-        ("assemble a toy truck", ["attach the wheels", "mount the trailer", "attach the cabin", "screw the mirrors",
-                                  "attach the ladder", "fix the lights", "attach the bumper", "test the truck"]),
-    ]),
-    "synth_cooking": ("cooking", "recipe steps", 1, [
-        ("make a salad", ["wash the lettuce", "chop the tomatoes", "slice the cucumber", "mix the dressing",
-                          "toss the salad"]),
-        ("make an omelette", ["crack the eggs", "whisk the eggs", "heat the pan", "pour the eggs",
-                              "fold the omelette", "plate the omelette"]),
-        ("make tea", ["boil the water", "warm the teapot", "add the tea leaves", "steep the tea"]),
-        ("make pancakes", ["mix the flour and milk", "add the eggs", "whisk the batter", "heat the griddle",
-                           "pour the batter", "flip the pancakes", "serve the pancakes"]),
-        ("make a sandwich", ["toast the bread", "spread the butter", "add the cheese", "add the ham",
-                             "cut the sandwich"]),
-        ("cook pasta", ["boil the water", "salt the water", "add the pasta", "drain the pasta"]),
-        ("make coffee", ["grind the beans", "fill the filter", "pour the hot water"]),
-        ("bake cookies", ["preheat the oven", "cream the butter and sugar", "add the flour", "shape the dough",
-                          "bake the cookies", "cool the cookies"]),
-    ]),
+    "synth_assembly": (
+        "assembly",
+        "assembly steps",
+        0,
+        [
+            (
+                "assemble a toy car",
+                [
+                    "attach the chassis parts",
+                    "attach the wheels",
+                    "screw the cabin",
+                    "attach the roof",
+                    "fix the bumper",
+                ],
+            ),
+            (
+                "assemble a toy excavator",
+                [
+                    "attach the tracks",
+                    "mount the cabin",
+                    "attach the arm",
+                    "attach the bucket",
+                    "screw the arm joint",
+                    "test the arm",
+                ],
+            ),
+            (
+                "build a bookshelf",
+                ["lay out the side panels", "insert the dowels", "attach the shelves", "fix the back panel"],
+            ),
+            (
+                "assemble a desk lamp",
+                ["screw the base", "insert the pole", "attach the lamp head", "fit the bulb", "plug in the cable"],
+            ),
+            (
+                "assemble a toy crane",
+                [
+                    "attach the base plate",
+                    "mount the tower",
+                    "attach the boom",
+                    "thread the cable",
+                    "attach the hook",
+                    "attach the counterweight",
+                    "test the crane",
+                ],
+            ),
+            (
+                "build a birdhouse",
+                ["nail the floor", "attach the walls", "attach the roof", "drill the entrance hole", "paint the front"],
+            ),
+            (
+                "assemble a bicycle wheel",
+                ["fit the tire", "inflate the tube", "mount the wheel", "tighten the axle nuts"],
+            ),
+            (
+                "assemble a toy truck",
+                [
+                    "attach the wheels",
+                    "mount the trailer",
+                    "attach the cabin",
+                    "screw the mirrors",
+                    "attach the ladder",
+                    "fix the lights",
+                    "attach the bumper",
+                    "test the truck",
+                ],
+            ),
+        ],
+    ),
+    "synth_cooking": (
+        "cooking",
+        "recipe steps",
+        1,
+        [
+            (
+                "make a salad",
+                ["wash the lettuce", "chop the tomatoes", "slice the cucumber", "mix the dressing", "toss the salad"],
+            ),
+            (
+                "make an omelette",
+                [
+                    "crack the eggs",
+                    "whisk the eggs",
+                    "heat the pan",
+                    "pour the eggs",
+                    "fold the omelette",
+                    "plate the omelette",
+                ],
+            ),
+            ("make tea", ["boil the water", "warm the teapot", "add the tea leaves", "steep the tea"]),
+            (
+                "make pancakes",
+                [
+                    "mix the flour and milk",
+                    "add the eggs",
+                    "whisk the batter",
+                    "heat the griddle",
+                    "pour the batter",
+                    "flip the pancakes",
+                    "serve the pancakes",
+                ],
+            ),
+            (
+                "make a sandwich",
+                ["toast the bread", "spread the butter", "add the cheese", "add the ham", "cut the sandwich"],
+            ),
+            ("cook pasta", ["boil the water", "salt the water", "add the pasta", "drain the pasta"]),
+            ("make coffee", ["grind the beans", "fill the filter", "pour the hot water"]),
+            (
+                "bake cookies",
+                [
+                    "preheat the oven",
+                    "cream the butter and sugar",
+                    "add the flour",
+                    "shape the dough",
+                    "bake the cookies",
+                    "cool the cookies",
+                ],
+            ),
+        ],
+    ),
 }
 INSTRUCTIONS = ("Now, {step}.", "Next, please {step}.")
 FIRST_INSTRUCTION = "Let's start. First, {step}."
@@ -101,17 +189,28 @@ def step_look(dataset: str, task: int, step: int) -> tuple[np.ndarray, np.ndarra
     theme = DATASETS[dataset][2]
     hue = 0.07 * task + 0.03 * theme + 0.382 * step
     bright = step % 2 == 0
-    return (_rgb(hue, 0.8, 0.95 if bright else 0.6), _rgb(hue + 0.5, 0.9, 0.35 if bright else 1.0),
-            step % 4, (step // 4 + theme) % 2)
+    return (
+        _rgb(hue, 0.8, 0.95 if bright else 0.6),
+        _rgb(hue + 0.5, 0.9, 0.35 if bright else 1.0),
+        step % 4,
+        (step // 4 + theme) % 2,
+    )
 
 
 def task_colour(dataset: str, task: int) -> np.ndarray:
     return _rgb(task / 8 + 0.5 * DATASETS[dataset][2] / 8, 1.0, 1.0)
 
 
-def render_frame(dataset: str, task: int, step: int | None, progress: float = 0.0, size: int = 64,
-                 rng: np.random.Generator | None = None, distractor: tuple[float, float, np.ndarray] | None = None,
-                 flicker: float = 0.0) -> np.ndarray:
+def render_frame(
+    dataset: str,
+    task: int,
+    step: int | None,
+    progress: float = 0.0,
+    size: int = 64,
+    rng: np.random.Generator | None = None,
+    distractor: tuple[float, float, np.ndarray] | None = None,
+    flicker: float = 0.0,
+) -> np.ndarray:
     """One picture (uint8 HxWx3): the step's look (`step=None`: idle), a progress bar, a distractor square, flicker
     and pixel noise (only when `rng` is given)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -129,11 +228,11 @@ def render_frame(dataset: str, task: int, step: int | None, progress: float = 0.
     b = max(2, size // 12)
     bar = max(1, size // 32)
     if step is not None:
-        img[size - b - bar:size - b, b:b + int(round(progress * (size - 2 * b)))] = 255.0
+        img[size - b - bar : size - b, b : b + int(round(progress * (size - 2 * b)))] = 255.0
     if distractor is not None:
         x, y, colour = distractor
         side = max(2, size // 8)
-        img[int(y * size):int(y * size) + side, int(x * size):int(x * size) + side] = colour
+        img[int(y * size) : int(y * size) + side, int(x * size) : int(x * size) + side] = colour
     img[:b], img[-b:], img[:, :b], img[:, -b:] = (task_colour(dataset, task),) * 4
     img = img + flicker
     if rng is not None:
@@ -183,8 +282,13 @@ def _state_text(order: list[int], names: list[str], spans: list[tuple[int, int]]
         where = f"All {n} steps are done."
     else:
         where = f"No step is in progress; {done} of {n} steps are done."
-    nxt = ("Nothing, the task is complete." if upcoming is None and current is None else
-           "This is the last step." if upcoming is None else f"After this, {names[upcoming]}.")
+    nxt = (
+        "Nothing, the task is complete."
+        if upcoming is None and current is None
+        else "This is the last step."
+        if upcoming is None
+        else f"After this, {names[upcoming]}."
+    )
     return where, nxt, f"Steps left: {n - done} of {n}."
 
 
@@ -217,6 +321,7 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
         spans.append((m, m + d))
         m += d + g
     n_frames = m + tail
+
     def t(b: int) -> float:
         return _time(b, fps)
 
@@ -224,8 +329,10 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
     # the final message at the last end. Their cursor anchor is the boundary, so they speak at the update points.
     said: dict[int, tuple[str, str]] = {}
     for j, (s, e) in enumerate(spans):
-        said[s] = ((FIRST_INSTRUCTION if j == 0 else INSTRUCTIONS[int(rng.integers(2))]).format(step=names[j]),
-                   "initiative|instruction")
+        said[s] = (
+            (FIRST_INSTRUCTION if j == 0 else INSTRUCTIONS[int(rng.integers(2))]).format(step=names[j]),
+            "initiative|instruction",
+        )
         if j == len(spans) - 1:
             said[e] = (FINAL.format(goal=goal), "initiative|feedback")
         elif gaps[j] and rng.random() < FEEDBACK_PROB:
@@ -237,25 +344,51 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 
     def progress(b: int, state: str) -> str:
         where = _state_text(order, names, spans, b)[0]
-        return (f"The time elapsed since the start of the task is {t(b) - k0 / fps:.1f} seconds. The user's task "
-                f"goal is to {goal}; {state} {where}")
+        return (
+            f"The time elapsed since the start of the task is {t(b) - k0 / fps:.1f} seconds. The user's task "
+            f"goal is to {goal}; {state} {where}"
+        )
 
     conversations = []
     for user_type in USER_TYPES:
         picked = question_frames(rng, free, QUESTIONS_PER_TYPE[user_type])
         turns = [(opening, {"role": "user", "time": t(opening), "content": f"I want to {goal}.", "labels": ""})]
         for b, (content, labels) in said.items():
-            turns.append((b, {"role": "assistant", "time": t(b), "content": content, "labels": labels,
-                              "progress": progress(b, f"the assistant says: {content}")}))
+            turns.append(
+                (
+                    b,
+                    {
+                        "role": "assistant",
+                        "time": t(b),
+                        "content": content,
+                        "labels": labels,
+                        "progress": progress(b, f"the assistant says: {content}"),
+                    },
+                )
+            )
         for b in picked:
             q = int(rng.integers(len(QUESTIONS)))
             answer = _state_text(order, names, spans, b)[q]
             turns.append((b, {"role": "user", "time": t(b), "content": QUESTIONS[q], "labels": ""}))
-            turns.append((b + 1, {"role": "assistant", "time": t(b + 1), "content": answer,
-                                  "labels": "responsive|info_sharing",
-                                  "progress": progress(b + 1, f"the user asked: {QUESTIONS[q]}")}))
-        conversations.append({"user_type": user_type, "auto_quality_eval": {},
-                              "conversation": [turn for _, turn in sorted(turns, key=lambda x: x[0])]})
+            turns.append(
+                (
+                    b + 1,
+                    {
+                        "role": "assistant",
+                        "time": t(b + 1),
+                        "content": answer,
+                        "labels": "responsive|info_sharing",
+                        "progress": progress(b + 1, f"the user asked: {QUESTIONS[q]}"),
+                    },
+                )
+            )
+        conversations.append(
+            {
+                "user_type": user_type,
+                "auto_quality_eval": {},
+                "conversation": [turn for _, turn in sorted(turns, key=lambda x: x[0])],
+            }
+        )
 
     steps_text = "".join(f"[{t(s):.1f}s-{t(e):.1f}s] {name}\n" for (s, e), name in zip(spans, names))
     record = {
@@ -265,14 +398,27 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
         "video_labels": {},
         "conversations": conversations,
         "parsed_video_anns": {
-            "dataset": dataset, "domain": domain, "knowedge_type": knowledge_type, "video_uid": uid,
-            "goal_description": goal, "all_step_descriptions": steps_text,
-            "clips": [[t(spans[0][0]), t(spans[-1][1]), steps_text]], "duration": (n_frames - k0) / fps,
-            "ann_ratio": 1.0, "num_steps": len(names), "video_start_time": k0 / fps, "has_mistake": False,
-            "num_substeps": 0, "fps": fps, "task_index": task, "step_order": order,
+            "dataset": dataset,
+            "domain": domain,
+            "knowedge_type": knowledge_type,
+            "video_uid": uid,
+            "goal_description": goal,
+            "all_step_descriptions": steps_text,
+            "clips": [[t(spans[0][0]), t(spans[-1][1]), steps_text]],
+            "duration": (n_frames - k0) / fps,
+            "ann_ratio": 1.0,
+            "num_steps": len(names),
+            "video_start_time": k0 / fps,
+            "has_mistake": False,
+            "num_substeps": 0,
+            "fps": fps,
+            "task_index": task,
+            "step_order": order,
         },
-        "dst": [{"type": "step", "id": f"S{j + 1}", "start_ts": t(s), "end_ts": t(e), "name": name}
-                for j, ((s, e), name) in enumerate(zip(spans, names))],
+        "dst": [
+            {"type": "step", "id": f"S{j + 1}", "start_ts": t(s), "end_ts": t(e), "name": name}
+            for j, ((s, e), name) in enumerate(zip(spans, names))
+        ],
     }
 
     # Frame k shows the scene at boundary k + 1 (the end of its interval).
@@ -295,23 +441,23 @@ def make_video(dataset: str, uid: str, rng: np.random.Generator, fps: float, siz
 # ---------------------------------------------------------------------------------------------- all splits
 
 
-def generate(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0,
-             size: int = 64) -> dict:
+def generate(
+    out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, fps: float = 2.0, size: int = 64
+) -> dict:
     """Write the three splits; videos alternate between the datasets. Returns a summary with paths and counts."""
+
     def video(split: str, split_index: int, i: int, dataset: str):
         uid = f"{split}-{dataset}-{i:04d}"  # the split in the name keeps splits disjoint
         return (uid, *make_video(dataset, uid, np.random.default_rng([seed, split_index, i]), fps, size))
 
-    return write_splits(Path(out_dir), (n_train, n_val, n_test), video,
-                        {"fps": fps, "size": size, "seed": seed})
+    return write_splits(Path(out_dir), (n_train, n_val, n_test), video, {"fps": fps, "size": size, "seed": seed})
 
 
 def write_splits(out_dir: Path, counts: tuple[int, int, int], video, settings: dict) -> dict:
     """The splits' records and frames files: `video(split, split_index, i, dataset)` makes `(uid, record, jpegs)`
     for the i-th video of a split; videos alternate between the datasets. Returns the summary (`settings` first)."""
     paths, root = splits(out_dir), frames_root(out_dir)
-    summary = {"out_dir": str(out_dir), "frames_root": str(root), **settings, "datasets": list(DATASETS),
-               "splits": {}}
+    summary = {"out_dir": str(out_dir), "frames_root": str(root), **settings, "datasets": list(DATASETS), "splits": {}}
     for split_index, (split, count) in enumerate(zip(SPLITS, counts)):
         records, frames, turns = [], 0, 0
         for i in range(count):
@@ -323,9 +469,15 @@ def write_splits(out_dir: Path, counts: tuple[int, int, int], video, settings: d
             turns += sum(len(c["conversation"]) for c in record["conversations"])
         paths[split].parent.mkdir(parents=True, exist_ok=True)
         paths[split].write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-        summary["splits"][split] = {"json": str(paths[split]), "videos": count, "frames": frames,
-                                    "steps": sum(len(r["dst"]) for r in records), "turns": turns}
+        summary["splits"][split] = {
+            "json": str(paths[split]),
+            "videos": count,
+            "frames": frames,
+            "steps": sum(len(r["dst"]) for r in records),
+            "turns": turns,
+        }
     return summary
+
 
 if __name__ == "__main__":
     import argparse

@@ -37,26 +37,41 @@ def example_record() -> dict:
 
 
 # Small videos for the training tests: (uid, dataset, start time, frames, turns).
-TINY_VIDEOS = (("vid-a", "wtag", 1.0, 30, 6), ("vid-b", "ego4d", 0.0, 18, 5), ("vid-c", "wtag", 2.0, 26, 7),
-               ("vid-d", "ego4d", 0.5, 24, 4))
+TINY_VIDEOS = (
+    ("vid-a", "wtag", 1.0, 30, 6),
+    ("vid-b", "ego4d", 0.0, 18, 5),
+    ("vid-c", "wtag", 2.0, 26, 7),
+    ("vid-d", "ego4d", 0.5, 24, 4),
+)
 
 
 def tiny_record(uid: str, dataset: str, start: float, n_turns: int) -> dict:
-    turns = [{"role": "assistant" if j % 2 else "user", "time": start + 0.7 + 1.9 * j,
-              "content": ["please open the lid", "now turn the screw", "hold the board"][j % 3]}
-             for j in range(n_turns)]
+    turns = [
+        {
+            "role": "assistant" if j % 2 else "user",
+            "time": start + 0.7 + 1.9 * j,
+            "content": ["please open the lid", "now turn the screw", "hold the board"][j % 3],
+        }
+        for j in range(n_turns)
+    ]
     for j, turn in enumerate(turns):
         if turn["role"] == "assistant":  # ProAssist's fields of assistant turns (progress: the summary variant)
             turn["labels"] = ["initiative|instruction", "responsive|qa", "initiative|instruction,feedback"][j % 3]
             turn["progress"] = f"After {1.9 * j:.1f} seconds the user has done {j // 2} steps of the toy."
     return {
-        "video_uid": uid, "inferred_goal": "assemble the toy", "inferred_knowledge": "1. a\n2. b\n3. c",
+        "video_uid": uid,
+        "inferred_goal": "assemble the toy",
+        "inferred_knowledge": "1. a\n2. b\n3. c",
         "parsed_video_anns": {"dataset": dataset, "video_start_time": start, "duration": 15.0},
-        "dst": [{"type": "step", "id": "S1", "start_ts": start + 1.0, "end_ts": start + 4.0, "name": "open"},
-                {"type": "step", "id": "S2", "start_ts": start + 4.0, "end_ts": start + 9.0, "name": "screw"},
-                {"type": "step", "id": "S3", "start_ts": start + 9.0, "end_ts": start + 12.0, "name": "hold"}],
-        "conversations": [{"user_type": "talk_some", "conversation": turns},
-                          {"user_type": "no_talk", "conversation": turns[1:2]}],
+        "dst": [
+            {"type": "step", "id": "S1", "start_ts": start + 1.0, "end_ts": start + 4.0, "name": "open"},
+            {"type": "step", "id": "S2", "start_ts": start + 4.0, "end_ts": start + 9.0, "name": "screw"},
+            {"type": "step", "id": "S3", "start_ts": start + 9.0, "end_ts": start + 12.0, "name": "hold"},
+        ],
+        "conversations": [
+            {"user_type": "talk_some", "conversation": turns},
+            {"user_type": "no_talk", "conversation": turns[1:2]},
+        ],
     }
 
 
@@ -70,8 +85,17 @@ def tiny_shards(tmp_path_factory) -> Path:
     for i, (uid, dataset, _, n, _) in enumerate(TINY_VIDEOS):
         write_frames_file(frames_file_candidates(tmp / "frames", dataset, uid)[0], synthetic_jpegs(n, 32, seed=i))
     dst_json = write_records(tmp / "train.json", [tiny_record(u, d, s, t) for u, d, s, _, t in TINY_VIDEOS])
-    prepare.run(PrepareConfig(split="train", dst_json=(dst_json,), model="tiny-random", out=tmp / "out",
-                              frames_root=tmp / "frames", tokens_per_frame=5, shard_size_mb=0.02))
+    prepare.run(
+        PrepareConfig(
+            split="train",
+            dst_json=(dst_json,),
+            model="tiny-random",
+            out=tmp / "out",
+            frames_root=tmp / "frames",
+            tokens_per_frame=5,
+            shard_size_mb=0.02,
+        )
+    )
     return tmp / "out"
 
 
@@ -82,8 +106,20 @@ def tiny_run(tiny_shards, tmp_path_factory) -> Path:
     from train.config import resolve
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    train_run.run(resolve({"shards": tiny_shards, "model": "tiny-random", "out": out, "max_steps": 8,
-                           "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "lr": 3e-3}))
+    train_run.run(
+        resolve(
+            {
+                "shards": tiny_shards,
+                "model": "tiny-random",
+                "out": out,
+                "max_steps": 8,
+                "batch_size": "600",
+                "max_seq_len": 300,
+                "num_workers": 0,
+                "lr": 3e-3,
+            }
+        )
+    )
     return out / "checkpoints" / "last"
 
 

@@ -13,8 +13,14 @@ from train.sequence import SequenceFormat
 
 # Low thresholds: the barely trained model updates and speaks often, so generation, constrained decoding, rollback
 # and re-seeds (small contexts) all happen while other dialogues feed frames in the same rounds.
-OPTIONS = dict(theta_update=0.3, theta_speak=0.25, max_new_tokens=6, max_summary_tokens=6, generate_above=0.25,
-               protocol="full-video")
+OPTIONS = dict(
+    theta_update=0.3,
+    theta_speak=0.25,
+    max_new_tokens=6,
+    max_summary_tokens=6,
+    generate_above=0.25,
+    protocol="full-video",
+)
 MAX_CONTEXT = {"dst": 250, "summary": 235}
 
 
@@ -34,17 +40,25 @@ def dialogues(index):
 
 def with_ids(streamer, meta, emb, conversation):
     """A job that also returns the dialogue's final context ids."""
+
     def start(session):
         result = yield from streamer.dialogue(session, meta, emb, conversation)
         return result, list(session.ids)
+
     return start
 
 
-@pytest.mark.parametrize("mode,variant,attention", [
-    ("model", "dst", "segments"), ("teacher-forced", "dst", "segments"), ("model", "summary", "segments"),
-    ("teacher-forced", "summary", "segments"),
-    ("model", "dst", "padded"), ("teacher-forced", "summary", "padded"),  # the GPU default, checked on the CPU
-])
+@pytest.mark.parametrize(
+    "mode,variant,attention",
+    [
+        ("model", "dst", "segments"),
+        ("teacher-forced", "dst", "segments"),
+        ("model", "summary", "segments"),
+        ("teacher-forced", "summary", "segments"),
+        ("model", "dst", "padded"),
+        ("teacher-forced", "summary", "padded"),  # the GPU default, checked on the CPU
+    ],
+)
 def test_batched_streaming_equals_one_at_a_time(setup, mode, variant, attention):
     model, tokenizer, tokens, index = setup
     fmt = SequenceFormat(tokenizer, tokens, variant)
@@ -72,10 +86,12 @@ def test_batched_streaming_equals_one_at_a_time(setup, mode, variant, attention)
                     assert a[name] is None
                 else:
                     assert a[name] == pytest.approx(b[name], abs=1e-5), (key, a["frame"], name)
-            assert {k: v for k, v in a.items() if not k.startswith("p_")} == \
-                {k: v for k, v in b.items() if not k.startswith("p_")}, (key, a["frame"])
-            generated += bool(a.get("pred_text") or a.get("gen_text") or a.get("pred_dst_delta")
-                              or a.get("gen_dst_delta"))
+            assert {k: v for k, v in a.items() if not k.startswith("p_")} == {
+                k: v for k, v in b.items() if not k.startswith("p_")
+            }, (key, a["frame"])
+            generated += bool(
+                a.get("pred_text") or a.get("gen_text") or a.get("pred_dst_delta") or a.get("gen_dst_delta")
+            )
     assert generated >= 20, "the comparison must cover generated text and updates"
     assert reseeded >= 8, "and re-seeds"
 
@@ -121,10 +137,30 @@ def test_eval_batch_dialogues_option(tiny_run, tiny_shards, tmp_path):
 
     def lines(batch: int) -> list[dict]:
         out = tmp_path / str(batch)
-        result = CliRunner().invoke(app, ["eval", "--ckpt", str(tiny_run), "--shards", str(tiny_shards), "--out",
-                                          str(out), "--sts-model", offline_sts_model(), "--max-new-tokens", "6",
-                                          "--max-context", "300", "--theta-speak", "0.3", "--theta-update", "0.3",
-                                          "--batch-dialogues", str(batch)])
+        result = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "--ckpt",
+                str(tiny_run),
+                "--shards",
+                str(tiny_shards),
+                "--out",
+                str(out),
+                "--sts-model",
+                offline_sts_model(),
+                "--max-new-tokens",
+                "6",
+                "--max-context",
+                "300",
+                "--theta-speak",
+                "0.3",
+                "--theta-update",
+                "0.3",
+                "--batch-dialogues",
+                str(batch),
+            ],
+        )
         assert result.exit_code == 0, result.output
         return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
@@ -135,6 +171,18 @@ def test_eval_batch_dialogues_option(tiny_run, tiny_shards, tmp_path):
         for fa, fb in zip(a["frames"], b["frames"]):
             assert fa["p_speak"] == pytest.approx(fb["p_speak"], abs=1e-5)
             assert (fa["pred_text"], fa["pred_dst_delta"]) == (fb["pred_text"], fb["pred_dst_delta"])
-    result = CliRunner().invoke(app, ["eval", "--shards", str(tiny_shards), "--out", str(tmp_path / "bad"),
-                                      "--mode", "never", "--batch-dialogues", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "bad"),
+            "--mode",
+            "never",
+            "--batch-dialogues",
+            "0",
+        ],
+    )
     assert result.exit_code == 2 and "batch_dialogues must be >= 1" in result.output

@@ -32,9 +32,11 @@ def test_a_folder_the_demo_did_not_create_is_refused_through_the_command(tmp_pat
     (home / "thesis.tex").write_text("years of work")
     result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(home)])
     assert result.exit_code == 2
-    assert " ".join(result.output.split()) == (f"error: --out {home} exists and was not created by dst demo (no "
-                                               f"{DEMO_MARKER} in it): refusing to delete it; pick a new or empty "
-                                               "folder")
+    assert " ".join(result.output.split()) == (
+        f"error: --out {home} exists and was not created by dst demo (no "
+        f"{DEMO_MARKER} in it): refusing to delete it; pick a new or empty "
+        "folder"
+    )
     assert [p.name for p in home.iterdir()] == ["thesis.tex"]
 
 

@@ -31,24 +31,39 @@ RECORD = {
         {"type": "step", "id": "S7", "start_ts": 7.0, "end_ts": 6.5, "name": "f"},
     ],
     "conversations": [
-        {"user_type": "talk_more", "conversation": [
-            {"role": "user", "time": 1.0, "content": "u-before-start"},     # f 2 <= 4 -> 5: input of point 5
-            {"role": "assistant", "time": 3.0, "content": "a-3.0"},        # f 6 -> point 5
-            {"role": "assistant", "time": 2.0, "content": "a-out-of-order"},  # f 4 <= 6 -> 7 -> point 6
-            {"role": "user", "time": 7.4, "content": "u-7.4"},             # f 14: input of point 14
-            {"role": "assistant", "time": 7.0, "content": "a-7.0-late"},   # f 14 <= 14 -> 15 -> point 14
-            {"role": "assistant", "time": 50.0, "content": "a-past-end"},  # f 100 -> clamp 19 -> point 18
-            {"role": "user", "time": 60.0, "content": "u-dropped"},        # 19 <= 19 -> 20 > 19: dropped
-            {"role": "assistant", "time": 61.0, "content": "a-dropped"},   # and everything after it
-        ]},
+        {
+            "user_type": "talk_more",
+            "conversation": [
+                {"role": "user", "time": 1.0, "content": "u-before-start"},  # f 2 <= 4 -> 5: input of point 5
+                {"role": "assistant", "time": 3.0, "content": "a-3.0"},  # f 6 -> point 5
+                {"role": "assistant", "time": 2.0, "content": "a-out-of-order"},  # f 4 <= 6 -> 7 -> point 6
+                {"role": "user", "time": 7.4, "content": "u-7.4"},  # f 14: input of point 14
+                {"role": "assistant", "time": 7.0, "content": "a-7.0-late"},  # f 14 <= 14 -> 15 -> point 14
+                {"role": "assistant", "time": 50.0, "content": "a-past-end"},  # f 100 -> clamp 19 -> point 18
+                {"role": "user", "time": 60.0, "content": "u-dropped"},  # 19 <= 19 -> 20 > 19: dropped
+                {"role": "assistant", "time": 61.0, "content": "a-dropped"},  # and everything after it
+            ],
+        },
         {"user_type": "no_talk", "conversation": []},
     ],
 }
 N_FRAMES = 20
-INITIAL = {"S1": "in_progress", "S2": "not_started", "S4": "not_started", "S5": "not_started",
-           "S6": "completed", "S7": "not_started"}
-UPDATES = {4: {"S2": "in_progress"}, 5: {"S1": "completed"}, 9: {"S2": "completed"}, 11: {"S4": "completed"},
-           13: {"S7": "completed"}, 15: {"S5": "in_progress"}}
+INITIAL = {
+    "S1": "in_progress",
+    "S2": "not_started",
+    "S4": "not_started",
+    "S5": "not_started",
+    "S6": "completed",
+    "S7": "not_started",
+}
+UPDATES = {
+    4: {"S2": "in_progress"},
+    5: {"S1": "completed"},
+    9: {"S2": "completed"},
+    11: {"S4": "completed"},
+    13: {"S7": "completed"},
+    15: {"S5": "in_progress"},
+}
 
 
 def labels():
@@ -61,15 +76,26 @@ def test_dst_timeline():
     assert vl.dst.initial == INITIAL
     assert vl.dst.updates == UPDATES
     assert vl.dst.dropped == 1
-    assert vl.dst.state_after(19) == {"S1": "completed", "S2": "completed", "S4": "completed",
-                                      "S5": "in_progress", "S6": "completed", "S7": "completed"}
+    assert vl.dst.state_after(19) == {
+        "S1": "completed",
+        "S2": "completed",
+        "S4": "completed",
+        "S5": "in_progress",
+        "S6": "completed",
+        "S7": "completed",
+    }
 
 
 def test_turn_placement():
     placement = labels().conversations[0].placement
     assert [(t.content, t.frame, t.point) for t in placement.turns] == [
-        ("u-before-start", 5, 5), ("a-3.0", 6, 5), ("a-out-of-order", 7, 6), ("u-7.4", 14, 14),
-        ("a-7.0-late", 15, 14), ("a-past-end", 19, 18)]
+        ("u-before-start", 5, 5),
+        ("a-3.0", 6, 5),
+        ("a-out-of-order", 7, 6),
+        ("u-7.4", 14, 14),
+        ("a-7.0-late", 15, 14),
+        ("a-past-end", 19, 18),
+    ]
     assert (placement.shifted, placement.clamped, placement.dropped) == (3, 1, 2)
     assert labels().conversations[1].placement.turns == ()
 
@@ -110,8 +136,11 @@ def test_clamp_against_short_frames_file():
     # A dialogue longer than its frames file (sparse_mismatches.json: a 99-frame file, clips to frame 1264).
     turns = parse_record(RECORD).conversations[0].turns
     placement = place_turns(turns, k0=4, n_frames=8, fps=2.0)
-    assert [(t.content, t.frame) for t in placement.turns] == [("u-before-start", 5), ("a-3.0", 6),
-                                                               ("a-out-of-order", 7)]
+    assert [(t.content, t.frame) for t in placement.turns] == [
+        ("u-before-start", 5),
+        ("a-3.0", 6),
+        ("a-out-of-order", 7),
+    ]
     assert placement.dropped == 5 and placement.clamped == 0
 
 
@@ -119,11 +148,27 @@ def test_empty_assistant_turn_moves_the_cursor_but_is_not_a_speaking_label():
     """A turn with no text (or only spaces) keeps ProAssist's cursor (later turns land where ProAssist puts them)
     but is no response: nothing to learn to say, and no reference to match."""
     record = json.loads(json.dumps(RECORD))
-    record["conversations"] = [{"user_type": "talk_some", "conversation": [
-        {"role": "assistant", "time": 3.0, "content": "  ", "progress": "p-empty", "labels": "initiative|feedback"},
-        {"role": "assistant", "time": 2.0, "content": "a-after-empty", "progress": "p-1",
-         "labels": "initiative|instruction"},
-    ]}]
+    record["conversations"] = [
+        {
+            "user_type": "talk_some",
+            "conversation": [
+                {
+                    "role": "assistant",
+                    "time": 3.0,
+                    "content": "  ",
+                    "progress": "p-empty",
+                    "labels": "initiative|feedback",
+                },
+                {
+                    "role": "assistant",
+                    "time": 2.0,
+                    "content": "a-after-empty",
+                    "progress": "p-1",
+                    "labels": "initiative|instruction",
+                },
+            ],
+        }
+    ]
     labels = video_labels(parse_record(record), n_frames=20, fps=2.0)
     conv = labels.conversations[0]
     # f 6 -> point 5 (empty); the next turn is shifted past it exactly as if it had text: f 7 -> point 6

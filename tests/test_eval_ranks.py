@@ -26,14 +26,44 @@ def test_torchrun_two_processes_write_what_one_writes(tiny_run, tiny_shards, tmp
     """With --sweep: both passes (teacher-forced sweep, then model mode with the swept thresholds) are split over
     the ranks; rank 0 writes predictions.jsonl byte for byte as one process does, and the same metrics."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in both runs: the same float rounding
-    args = ["eval", "--ckpt", str(tiny_run), "--shards", str(tiny_shards), "--sweep", "--sts-model",
-            offline_sts_model(), "--max-new-tokens", "6", "--max-context", "300"]
-    one = subprocess.run([DST, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env,
-                         timeout=600)
+    args = [
+        "eval",
+        "--ckpt",
+        str(tiny_run),
+        "--shards",
+        str(tiny_shards),
+        "--sweep",
+        "--sts-model",
+        offline_sts_model(),
+        "--max-new-tokens",
+        "6",
+        "--max-context",
+        "300",
+    ]
+    one = subprocess.run(
+        [DST, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29533", "--no-python", DST, *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "--no-python",
+            DST,
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     lines = {name: (tmp_path / name / "predictions.jsonl").read_text().splitlines() for name in ("one", "two")}
     assert len(lines["one"]) == 8

@@ -31,13 +31,38 @@ def test_oracle_scores_exactly_one(tiny_shards, tmp_path):
 
 def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     out = tmp_path / "val"
-    invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", out, "--sweep", "--sts-model", STS,
-           "--max-new-tokens", "6", "--max-context", "300")
+    invoke(
+        "eval",
+        "--ckpt",
+        tiny_run,
+        "--shards",
+        tiny_shards,
+        "--out",
+        out,
+        "--sweep",
+        "--sts-model",
+        STS,
+        "--max-new-tokens",
+        "6",
+        "--max-context",
+        "300",
+    )
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 8  # 4 videos x 2 conversations
     frame = lines[0]["frames"][0]
-    assert set(frame) >= {"frame", "time", "user_text", "p_update", "p_speak", "pred_dst_delta", "ref_dst_delta",
-                          "pred_state", "ref_state", "pred_text", "ref_text"}
+    assert set(frame) >= {
+        "frame",
+        "time",
+        "user_text",
+        "p_update",
+        "p_speak",
+        "pred_dst_delta",
+        "ref_dst_delta",
+        "pred_state",
+        "ref_state",
+        "pred_text",
+        "ref_text",
+    }
     assert isinstance(frame["pred_state"], dict) and 0.0 <= frame["p_speak"] <= 1.0
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "http://" not in html and "https://" not in html
@@ -53,8 +78,23 @@ def test_model_eval_sweep_and_rescore(tiny_run, tiny_shards, tmp_path):
     invoke("score", "--predictions", out / "predictions.jsonl", "--out", tmp_path / "again.json", "--sts-model", STS)
     assert json.loads((tmp_path / "again.json").read_text()) == metrics
     # the swept thresholds carry over to another split
-    invoke("eval", "--ckpt", tiny_run, "--shards", tiny_shards, "--out", tmp_path / "test", "--thresholds-from",
-           out / "thresholds.json", "--sts-model", STS, "--max-new-tokens", "6", "--max-context", "300")
+    invoke(
+        "eval",
+        "--ckpt",
+        tiny_run,
+        "--shards",
+        tiny_shards,
+        "--out",
+        tmp_path / "test",
+        "--thresholds-from",
+        out / "thresholds.json",
+        "--sts-model",
+        STS,
+        "--max-new-tokens",
+        "6",
+        "--max-context",
+        "300",
+    )
     assert (tmp_path / "test" / "metrics.json").exists()
 
 

@@ -45,8 +45,21 @@ def expected_state(k: int) -> dict:
 
 
 def test_shape_and_columns(rows):
-    assert rows.columns == ["dataset", "video_uid", "conversation", "user_type", "frame", "time", "user_text",
-                            "dst_update", "dst_delta", "dst_state", "speak", "response", "progress"]
+    assert rows.columns == [
+        "dataset",
+        "video_uid",
+        "conversation",
+        "user_type",
+        "frame",
+        "time",
+        "user_text",
+        "dst_update",
+        "dst_delta",
+        "dst_state",
+        "speak",
+        "response",
+        "progress",
+    ]
     assert rows.height == 256
     assert rows["frame"].to_list() == list(range(190, 446))
     assert rows["time"][0] == 95.5 and rows["time"][-1] == 223.0  # (k + 1) / fps
@@ -57,9 +70,15 @@ def test_shape_and_columns(rows):
 def test_dst_updates(rows):
     updates = rows.filter(pl.col("dst_update"))
     assert {k: json.loads(d) for k, d in zip(updates["frame"], updates["dst_delta"])} == {
-        193: {"S1": "in_progress"}, 236: {"S1": "completed"}, 260: {"S2": "in_progress"},
-        272: {"S2": "completed"}, 303: {"S3": "in_progress"}, 323: {"S3": "completed"},
-        369: {"S4": "in_progress"}, 389: {"S4": "completed"}, 409: {"S5": "in_progress"},
+        193: {"S1": "in_progress"},
+        236: {"S1": "completed"},
+        260: {"S2": "in_progress"},
+        272: {"S2": "completed"},
+        303: {"S3": "in_progress"},
+        323: {"S3": "completed"},
+        369: {"S4": "in_progress"},
+        389: {"S4": "completed"},
+        409: {"S5": "in_progress"},
         429: {"S5": "completed"},
     }
     assert set(rows.filter(~pl.col("dst_update"))["dst_delta"]) == {""}
@@ -100,5 +119,11 @@ def test_summary_counts(rows, tmp_path):
     path = tmp_path / "l.parquet"
     rows.write_parquet(path)
     summary = labels_cmd.summary_frame(path).row(0, named=True)
-    assert summary == {"dataset": "assembly101", "videos": 1, "conversations": 1, "decision_points": 256,
-                       "speak_rate": 8 / 256, "update_rate": 10 / 256}
+    assert summary == {
+        "dataset": "assembly101",
+        "videos": 1,
+        "conversations": 1,
+        "decision_points": 256,
+        "speak_rate": 8 / 256,
+        "update_rate": 10 / 256,
+    }

@@ -40,24 +40,27 @@ def write(tmp_path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("change, message", [
-    (("[data]", "[data]\ncolour = 1"), "data.colour: unknown data setting"),
-    (("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown train setting"),
-    (("[train]", "[train]\nseed = 3"), "train.seed: is set by the runner"),
-    (("max_steps = 5", "max_steps = \"many\""), "train.max_steps: must be an integer, got 'many'"),
-    (("[train]", "[train]\ndecision_loss = \"hinge\""), "decision_loss must be one of"),
-    (("[train]", "[train]\nrho = 0.0"), "rho must be > 0, got 0.0"),
-    (("variant = [\"dst\", \"none\"]", "variant = [\"dst\", \"ips\"]"), "variant must be one of"),
-    (("variant = [\"dst\", \"none\"]", "variant = \"dst\""), "grid[0].variant: must be a non-empty list"),
-    (("variant = [\"dst\", \"none\"]", "temperature = [1]"), "grid[0].temperature: unknown setting"),
-    (("[data]", "[eval]\ncontext_strategy = \"forget\"\n[data]"), "eval.context_strategy: must be one of"),
-    (("[data]", "[eval]\nmax_context = 9000\n[data]"), "exceeds the training max_seq_len 4096"),
-    (("setting = \"demo\"", "setting = \"huge\""), "data.setting: must be one of"),
-    (("videos = [4, 2, 2]", "videos = [4, 2]"), "data.videos: must be [train, val, test]"),
-    (("seeds = [0, 1]", "seeds = [0, 0]"), "experiment.seeds: must be a non-empty list of distinct"),
-    (("[data]", "[plots]\nx = 1\n[data]"), "plots: unknown table"),
-    (("[data]", "[fast]\nseeds = 0\n[data]"), "fast.seeds: must be a number of seeds >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("[data]", "[data]\ncolour = 1"), "data.colour: unknown data setting"),
+        (("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown train setting"),
+        (("[train]", "[train]\nseed = 3"), "train.seed: is set by the runner"),
+        (("max_steps = 5", 'max_steps = "many"'), "train.max_steps: must be an integer, got 'many'"),
+        (("[train]", '[train]\ndecision_loss = "hinge"'), "decision_loss must be one of"),
+        (("[train]", "[train]\nrho = 0.0"), "rho must be > 0, got 0.0"),
+        (('variant = ["dst", "none"]', 'variant = ["dst", "ips"]'), "variant must be one of"),
+        (('variant = ["dst", "none"]', 'variant = "dst"'), "grid[0].variant: must be a non-empty list"),
+        (('variant = ["dst", "none"]', "temperature = [1]"), "grid[0].temperature: unknown setting"),
+        (("[data]", '[eval]\ncontext_strategy = "forget"\n[data]'), "eval.context_strategy: must be one of"),
+        (("[data]", "[eval]\nmax_context = 9000\n[data]"), "exceeds the training max_seq_len 4096"),
+        (('setting = "demo"', 'setting = "huge"'), "data.setting: must be one of"),
+        (("videos = [4, 2, 2]", "videos = [4, 2]"), "data.videos: must be [train, val, test]"),
+        (("seeds = [0, 1]", "seeds = [0, 0]"), "experiment.seeds: must be a non-empty list of distinct"),
+        (("[data]", "[plots]\nx = 1\n[data]"), "plots: unknown table"),
+        (("[data]", "[fast]\nseeds = 0\n[data]"), "fast.seeds: must be a number of seeds >= 1"),
+    ],
+)
 def test_bad_configs_are_refused_with_the_key_named(tmp_path, change, message):
     old, new = change
     assert old in BASE
@@ -78,18 +81,27 @@ def test_the_cli_refuses_a_bad_config_before_anything_runs(tmp_path):
 def test_the_two_study_configs():
     memory = load(CONFIGS / "memory.toml")
     assert memory.data["setting"] == "long" and len(memory.seeds) >= 3
-    assert [c.name for c in memory.cells] == ["variant=dst", "variant=summary", "variant=none",
-                                             "variant=dst context_strategy=drop-all"]
+    assert [c.name for c in memory.cells] == [
+        "variant=dst",
+        "variant=summary",
+        "variant=none",
+        "variant=dst context_strategy=drop-all",
+    ]
     # drop-all is an eval setting: it reuses the dst training runs
     assert memory.cells[0].train_slug == memory.cells[3].train_slug != memory.cells[1].train_slug
     assert memory.cells[3].eval["context_strategy"] == "drop-all"
     imbalance = load(CONFIGS / "imbalance.toml")
     assert imbalance.data["setting"] == "demo" and len(imbalance.seeds) >= 3
     assert [c.name for c in imbalance.cells] == [
-        "decision_loss=focal rho=1.0 focal_alpha=0.25", "decision_loss=focal rho=1.0 focal_alpha=0.75",
-        "decision_loss=focal rho=0.1 focal_alpha=0.25", "decision_loss=focal rho=0.1 focal_alpha=0.75",
-        "decision_loss=balanced_bce rho=1.0", "decision_loss=balanced_bce rho=0.1",
-        "decision_loss=bce rho=1.0", "decision_loss=bce rho=0.1"]
+        "decision_loss=focal rho=1.0 focal_alpha=0.25",
+        "decision_loss=focal rho=1.0 focal_alpha=0.75",
+        "decision_loss=focal rho=0.1 focal_alpha=0.25",
+        "decision_loss=focal rho=0.1 focal_alpha=0.75",
+        "decision_loss=balanced_bce rho=1.0",
+        "decision_loss=balanced_bce rho=0.1",
+        "decision_loss=bce rho=1.0",
+        "decision_loss=bce rho=0.1",
+    ]
     fast = load(CONFIGS / "memory.toml", fast=True)
     assert fast.seeds == (0, 1) and fast.data["videos"] == [2, 1, 1]
     assert fast.cells[0].train["max_steps"] == 3 and fast.cells[0].eval["max_new_tokens"] == 4
@@ -99,9 +111,14 @@ def test_the_two_study_configs():
 
 
 def _line(cell: str, seed, value: float, variant: str = "dst", extra: dict | None = None) -> dict:
-    return {"cell": cell, "seed": seed, "config": {"train": {"variant": variant}},
-            "metrics": {"test.mean.speak.f1": value, "test.mean.dst.joint_accuracy": value / 2, **(extra or {})},
-            "stream": {"test.reseeds_per_dialogue": 4.0}, "timings": {"train_s": 120.0}}
+    return {
+        "cell": cell,
+        "seed": seed,
+        "config": {"train": {"variant": variant}},
+        "metrics": {"test.mean.speak.f1": value, "test.mean.dst.joint_accuracy": value / 2, **(extra or {})},
+        "stream": {"test.reseeds_per_dialogue": 4.0},
+        "timings": {"train_s": 120.0},
+    }
 
 
 def test_flatten_and_statistics():
@@ -120,8 +137,9 @@ def test_a_difference_inside_the_spread_is_not_a_win():
 
 def test_summary_marks_and_fallback_keys(tmp_path):
     cfg = load(write(tmp_path, BASE))
-    lines = ([_line("variant=dst", s, v) for s, v in ((0, 0.8), (1, 0.9))]
-             + [_line("variant=none", s, v, "none") for s, v in ((0, 0.3), (1, 0.5))])
+    lines = [_line("variant=dst", s, v) for s, v in ((0, 0.8), (1, 0.9))] + [
+        _line("variant=none", s, v, "none") for s, v in ((0, 0.3), (1, 0.5))
+    ]
     text = rep.summary_markdown(cfg, lines)
     # no speak_proassist in these lines: the column falls back to speak and says so
     assert "speaking F1 (`test.mean.speak.f1`)" in text
@@ -132,8 +150,11 @@ def test_summary_marks_and_fallback_keys(tmp_path):
     lines.append(_line("variant=none", 2, 0.3, "none", {"test.mean.speak_proassist.f1": 0.2}))
     assert "speaking F1 (`test.mean.speak_proassist.f1`)" in rep.summary_markdown(cfg, lines)
     html = rep.report_html(cfg, lines[:4])
-    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "http://" not in html.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert (
+        html.startswith("<!DOCTYPE html>")
+        and "<svg" in html
+        and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
 
 
 # ----------------------------------------------------------------------------------------------- resuming
@@ -171,15 +192,21 @@ class Stubs:
 
 def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
     stubs = Stubs(monkeypatch, tmp_path)
-    cfg_path = write(tmp_path, BASE.replace("\"none\"]", "\"none\"]\ncontext_strategy = [\"reseed\", \"drop-all\"]")
-                     .replace("seeds = [0, 1]", "seeds = [0, 1]\nbaselines = [\"never\"]"))
+    cfg_path = write(
+        tmp_path,
+        BASE.replace('"none"]', '"none"]\ncontext_strategy = ["reseed", "drop-all"]').replace(
+            "seeds = [0, 1]", 'seeds = [0, 1]\nbaselines = ["never"]'
+        ),
+    )
     out = tmp_path / "out"
     stubs.fail_eval_at = 5  # baseline, cell 1 seed 0 (val, test), cell 1 seed 1 val, then killed at its test
     with pytest.raises(KeyboardInterrupt):
         ex.run(ex.ExperimentRunConfig(cfg_path, out))
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert [(x["cell"], x["seed"]) for x in lines] == [("variant=dst context_strategy=reseed", 0),
-                                                       ("baseline never", None)]
+    assert [(x["cell"], x["seed"]) for x in lines] == [
+        ("variant=dst context_strategy=reseed", 0),
+        ("baseline never", None),
+    ]
     assert lines[0]["metrics"]["test.mean.speak.f1"] == 0.5 and lines[0]["stream"]["test.reseeds_per_dialogue"] == 3
     assert lines[0]["thresholds"] == {"d": {"update": 0.3, "speak": 0.4}}
     stubs.fail_eval_at, stubs.train_calls, stubs.eval_calls = None, [], []
@@ -241,7 +268,9 @@ def test_a_folder_of_another_experiment_is_refused(tmp_path, monkeypatch):
 
 def test_fast_end_to_end(tmp_path):
     """The real stages (generate, prepare, train, eval) through the command line on a --fast grid."""
-    config = write(tmp_path, """
+    config = write(
+        tmp_path,
+        """
 [experiment]
 name = "e2e"
 seeds = [0, 1, 2]
@@ -266,18 +295,25 @@ max_steps = 2
 eval_every = 2
 [fast.eval]
 max_new_tokens = 3
-""")
+""",
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out), "--fast",
-                                      "--threads", "1"])
+    result = CliRunner().invoke(
+        app, ["experiment", "--config", str(config), "--out", str(out), "--fast", "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [(x["cell"], x["seed"]) for x in lines] == [("context_strategy=reseed", 0), ("context_strategy=reseed", 1)]
     assert all(x["config"]["fast"] and x["config"]["train"]["max_steps"] == 2 for x in lines)
     for x in lines:
         for split in ("val", "test"):
-            metrics = rep.flatten(json.loads((out / "cells" / x["cell"].replace("=", "-") / f"seed-{x['seed']}" / split
-                                              / "metrics.json").read_text()))
+            metrics = rep.flatten(
+                json.loads(
+                    (
+                        out / "cells" / x["cell"].replace("=", "-") / f"seed-{x['seed']}" / split / "metrics.json"
+                    ).read_text()
+                )
+            )
             assert {f"{split}.{k}": v for k, v in metrics.items()}.items() <= x["metrics"].items()
     assert [x["timings"]["train_reused"] for x in lines] == [False, False]
     assert lines[0]["config"]["train"]["seed"] == 0 and lines[1]["config"]["train"]["seed"] == 1
@@ -289,23 +325,25 @@ max_new_tokens = 3
     (cell / "result.json").write_text(json.dumps({**before, "metrics": {"test.mean.speak.f1": -1.0}}))
     (cell / "test" / "metrics.json").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("predictions.jsonl")}
-    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out), "--fast",
-                                      "--rescore"])
+    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out), "--fast", "--rescore"])
     assert result.exit_code == 0, result.output
     after = json.loads((cell / "result.json").read_text())
     assert after["metrics"] == before["metrics"] and after["rescored"]["git_commit"] == before["git_commit"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("predictions.jsonl")} == stamps
-    assert [json.loads(x)["metrics"] for x in (out / "results.jsonl").read_text().splitlines()] == \
-        [x["metrics"] for x in lines]
+    assert [json.loads(x)["metrics"] for x in (out / "results.jsonl").read_text().splitlines()] == [
+        x["metrics"] for x in lines
+    ]
     # --jobs 2: the two seeds train and stream in two processes at once, with the same results as --jobs 1
     out2 = tmp_path / "out2"
-    result = CliRunner().invoke(app, ["experiment", "--config", str(config), "--out", str(out2), "--fast",
-                                      "--jobs", "2"])
+    result = CliRunner().invoke(
+        app, ["experiment", "--config", str(config), "--out", str(out2), "--fast", "--jobs", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert sorted((out2 / "logs").iterdir()) and len(list((out2 / "logs").iterdir())) == 2
     parallel = [json.loads(x) for x in (out2 / "results.jsonl").read_text().splitlines()]
-    assert [(x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in parallel] == \
-        [(x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in lines]
+    assert [(x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in parallel] == [
+        (x["cell"], x["seed"], x["metrics"], x["thresholds"]) for x in lines
+    ]
 
 
 def test_paired_bootstrap_is_reproducible_and_covers_a_known_difference():
@@ -314,10 +352,19 @@ def test_paired_bootstrap_is_reproducible_and_covers_a_known_difference():
     rng = np.random.default_rng(1)
     a, b = [], []
     for seed in range(3):
-        base = [{"dataset": "d", "video_uid": f"v{i}", "conversation": 0, "speak_proassist_f1": float(x),
-                 "memory_speak_proassist_f1": None if i % 4 == 0 else float(x)} for i, x in enumerate(rng.random(20))]
-        shifted = [{**d, "speak_proassist_f1": d["speak_proassist_f1"] + 0.1 + float(rng.normal(0, 0.05))}
-                   for d in base]
+        base = [
+            {
+                "dataset": "d",
+                "video_uid": f"v{i}",
+                "conversation": 0,
+                "speak_proassist_f1": float(x),
+                "memory_speak_proassist_f1": None if i % 4 == 0 else float(x),
+            }
+            for i, x in enumerate(rng.random(20))
+        ]
+        shifted = [
+            {**d, "speak_proassist_f1": d["speak_proassist_f1"] + 0.1 + float(rng.normal(0, 0.05))} for d in base
+        ]
         b.append({"cell": "b", "seed": seed, "metrics": {"test.per_dialogue": base}})
         a.append({"cell": "a", "seed": seed, "metrics": {"test.per_dialogue": shifted}})
     result = compare.compare(a + b, "a", "b")
@@ -337,15 +384,22 @@ def test_study3_fast(tmp_path):
     is scored, the paired comparisons and the learning curves reach the summary."""
     config = load(CONFIGS / "memory_bounds.toml")
     names = [c.name for c in config.cells]
-    assert names == ["variant=dst", "variant=summary", "variant=none", "variant=dst context_strategy=reseed-oracle",
-                     "variant=summary context_strategy=reseed-oracle", "variant=dst context_strategy=drop-all",
-                     "variant=dst curriculum_steps=300 curriculum_max_seq_len=384",
-                     "variant=none max_seq_len=3584 batch_size=3584 max_context=3584"]
+    assert names == [
+        "variant=dst",
+        "variant=summary",
+        "variant=none",
+        "variant=dst context_strategy=reseed-oracle",
+        "variant=summary context_strategy=reseed-oracle",
+        "variant=dst context_strategy=drop-all",
+        "variant=dst curriculum_steps=300 curriculum_max_seq_len=384",
+        "variant=none max_seq_len=3584 batch_size=3584 max_context=3584",
+    ]
     assert len(config.seeds) == 3 and config.data["videos"][2] >= 20 and config.curves
     assert len({c.train_slug for c in config.cells}) == 5  # the oracle and drop-all cells reuse their trainings
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["experiment", "--config", str(CONFIGS / "memory_bounds.toml"), "--out",
-                                      str(out), "--fast", "--jobs", "2"])
+    result = CliRunner().invoke(
+        app, ["experiment", "--config", str(CONFIGS / "memory_bounds.toml"), "--out", str(out), "--fast", "--jobs", "2"]
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(x["cell"] for x in lines) == sorted(names + ["baseline never"])

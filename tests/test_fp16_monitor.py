@@ -61,8 +61,9 @@ def tiny_batch(tiny_shards):
     torch.manual_seed(0)
     model = DSTModel(vlm)
     index = ShardIndex.build(tiny_shards)
-    cfg = resolve({"shards": tiny_shards, "model": "tiny-random", "out": "unused", "batch_size": "600",
-                   "max_seq_len": 300})
+    cfg = resolve(
+        {"shards": tiny_shards, "model": "tiny-random", "out": "unused", "batch_size": "600", "max_seq_len": 300}
+    )
     data = TrainData.from_config(index, SequenceFormat(tokenizer, index.tokens_per_frame), cfg, 600)
     return model, next(iter(data.batches_for_epoch(0)))
 
@@ -91,8 +92,11 @@ def test_monitor_counts_and_stops_with_the_layer_name(tiny_batch):
     finally:
         handle.remove()
     assert monitor.metrics()["nonfinite_forwards"] == 1
-    with pytest.raises(ActivationOverflow, match=r"step 5, micro-batch 1: .* first in "
-                                                 r"text_model\.layers\.0\.self_attn\.o_proj \(decoder layer 0\)"):
+    with pytest.raises(
+        ActivationOverflow,
+        match=r"step 5, micro-batch 1: .* first in "
+        r"text_model\.layers\.0\.self_attn\.o_proj \(decoder layer 0\)",
+    ):
         monitor.stop_if_overflowed()
 
 
@@ -122,8 +126,19 @@ def _train(tiny_shards, out, steps, monkeypatch, scaler=None, overflow_from_step
     monkeypatch.setattr(train_run, "build_model", build_model)
     if scaler is not None:
         monkeypatch.setattr(train_run, "build_scaler", lambda runtime: scaler)
-    cfg = resolve({"shards": tiny_shards, "model": "tiny-random", "out": out, "max_steps": steps, "batch_size": "600",
-                   "max_seq_len": 300, "num_workers": 0, "log_every": 1, "lora": False})
+    cfg = resolve(
+        {
+            "shards": tiny_shards,
+            "model": "tiny-random",
+            "out": out,
+            "max_steps": steps,
+            "batch_size": "600",
+            "max_seq_len": 300,
+            "num_workers": 0,
+            "log_every": 1,
+            "lora": False,
+        }
+    )
     train_run.run(cfg)
 
 
@@ -134,10 +149,10 @@ def read_metrics(out):
 def test_dst_train_logs_gradscaler_skips(tiny_shards, tmp_path, monkeypatch):
     """A real GradScaler on CPU, started at 2**127: the scaled loss overflows, steps are skipped and the scale backs
     off until the gradients fit. The forward stays finite, so training goes on."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     _train(tiny_shards, tmp_path / "run", 6, monkeypatch, scaler=scaler)
     lines = read_metrics(tmp_path / "run")
-    scales = [2.0 ** 127] + [line["loss_scale"] for line in lines]
+    scales = [2.0**127] + [line["loss_scale"] for line in lines]
     decreases = sum(b < a for a, b in zip(scales, scales[1:]))
     assert decreases > 0
     assert [line["skipped_steps"] for line in lines][-1] == decreases

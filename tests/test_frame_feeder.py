@@ -32,9 +32,11 @@ from pipeline.preprocess import preprocess_frames
 from pipeline.shards import read_shard, sample_key
 
 # Frames files: (uid, start time, frames, undecodable rows). k0 = 2 * start.
-VIDEOS = (("vid-ok", 1.0, 22, ()),
-          ("vid-holes", 0.0, 20, (0, 1, 5, 8, 9)),  # leading bad rows, one mid-batch, two at a batch start
-          ("vid-dead", 0.0, 12, tuple(range(12))))  # nothing decodes
+VIDEOS = (
+    ("vid-ok", 1.0, 22, ()),
+    ("vid-holes", 0.0, 20, (0, 1, 5, 8, 9)),  # leading bad rows, one mid-batch, two at a batch start
+    ("vid-dead", 0.0, 12, tuple(range(12))),
+)  # nothing decodes
 
 
 @pytest.fixture(autouse=True)
@@ -55,13 +57,28 @@ def data(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_prepare(dst_json: Path, out: Path, workers: int, **source) -> dict:
     source = source or {"frames_root": dst_json.parent / "frames"}
-    return prepare.run(resolve("val", {"dst_json": (dst_json,), "model": "tiny-random", "out": out, "batch_size": 4,
-                                       "shard_size_mb": 0.002, "workers": workers, **source}))
+    return prepare.run(
+        resolve(
+            "val",
+            {
+                "dst_json": (dst_json,),
+                "model": "tiny-random",
+                "out": out,
+                "batch_size": 4,
+                "shard_size_mb": 0.002,
+                "workers": workers,
+                **source,
+            },
+        )
+    )
 
 
 def tree_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_two_workers_write_the_same_bytes_as_none(data, tmp_path):
@@ -79,8 +96,12 @@ def test_undecodable_frames_take_the_nearest_decodable_row_and_a_dead_video_is_s
     manifest = run_prepare(dst_json, tmp_path / "out", workers=1)
     assert manifest["videos"]["vid-holes"]["bad_frames"] == [0, 1, 5, 8, 9]
     assert manifest["videos"]["vid-dead"]["status"] == "skipped"
-    assert manifest["skipped"] == [{"video_uid": "vid-dead", "reason": f"{frames_file('vid-dead', dst_json)}: none "
-                                                                      "of its 12 frames (0 to 11) could be decoded"}]
+    assert manifest["skipped"] == [
+        {
+            "video_uid": "vid-dead",
+            "reason": f"{frames_file('vid-dead', dst_json)}: none of its 12 frames (0 to 11) could be decoded",
+        }
+    ]
     assert manifest["counts"]["videos_written"] == 2 and manifest["counts"]["bad_frames"] == 5
     samples = {key: emb for shard in manifest["shards"] for key, emb, _ in read_shard(tmp_path / "out" / shard)}
     assert sorted(samples) == sorted(sample_key("wtag", uid) for uid in ("vid-ok", "vid-holes"))
@@ -133,8 +154,11 @@ def test_pixels_are_those_of_in_process_preprocessing(tmp_path):
     batches = [range(0, 4), range(4, 8), range(8, 11)]
     with FrameFeeder(0, 32, 4, 2.0) as none, FrameFeeder(2, 32, 4, 2.0) as two:
         alone, fed = _feed_all(none, tmp_path / "v.arrow", batches), _feed_all(two, tmp_path / "v.arrow", batches)
-    assert [(i, b) for i, b, _ in fed] == [(i, b) for i, b, _ in alone] == [
-        ([0, 1, 2, 3], []), ([4, 5, 6, 7], [4]), ([8, 9, 10], [])]
+    assert (
+        [(i, b) for i, b, _ in fed]
+        == [(i, b) for i, b, _ in alone]
+        == [([0, 1, 2, 3], []), ([4, 5, 6, 7], [4]), ([8, 9, 10], [])]
+    )
     expected = preprocess_frames(open_frames(tmp_path / "v.arrow").read([k for k in range(11) if k != 4])[0], 32)
     assert torch.equal(torch.cat([p for _, _, p in fed]), expected)
     assert torch.equal(torch.cat([p for _, _, p in alone]), expected)
@@ -162,8 +186,11 @@ def test_a_worker_that_dies_or_stalls_is_an_error_not_a_hang(tmp_path, monkeypat
     write_frames_file(tmp_path / "v.arrow", synthetic_jpegs(40, size=16))
     batches = [range(k, k + 4) for k in range(0, 40, 4)]
     with FrameFeeder(2, image_size=16, batch_size=4, fps=2.0) as feeder:
-        with pytest.raises(FrameFeedError, match=r"v.arrow: frames \d+-\d+: decoding worker \d+ died \(killed by "
-                                                 r"SIGKILL\)"):
+        with pytest.raises(
+            FrameFeedError,
+            match=r"v.arrow: frames \d+-\d+: decoding worker \d+ died \(killed by "
+            r"SIGKILL\)",
+        ):
             with feeder.feed(tmp_path / "v.arrow", batches) as fed:
                 next(fed)
                 for pid in feeder.worker_pids:
@@ -184,8 +211,11 @@ def test_too_little_shared_memory_is_refused_up_front(tmp_path, monkeypatch):
     real = os.statvfs(tempfile_dir())
     monkeypatch.setattr(os, "statvfs", lambda _: os.statvfs_result((real.f_bsize, 4096, 1000, 10, 10, *real[5:])))
     with FrameFeeder(2, image_size=512, batch_size=32, fps=2.0) as feeder:
-        with pytest.raises(FrameFeedError, match=r"2 decoding workers need 384 MiB of shared memory in \S+ \(0 MiB "
-                                                 r"free\): use fewer --workers \(0: none\)"):
+        with pytest.raises(
+            FrameFeedError,
+            match=r"2 decoding workers need 384 MiB of shared memory in \S+ \(0 MiB "
+            r"free\): use fewer --workers \(0: none\)",
+        ):
             _feed_all(feeder, tmp_path / "v.arrow", [range(0, 4)])
         assert feeder.worker_pids == []
 
@@ -215,8 +245,13 @@ if __name__ == "__main__":
 def test_ctrl_c_and_sigterm_leave_no_worker(tmp_path, sig):
     write_frames_file(tmp_path / "v.arrow", synthetic_jpegs(40, size=16))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-c", FEEDING_SCRIPT, str(tmp_path / "v.arrow")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FEEDING_SCRIPT, str(tmp_path / "v.arrow")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids), proc.stderr.read()
@@ -244,10 +279,34 @@ def test_torchrun_ranks_with_workers_match_one_process(data, tmp_path):
     run_prepare(dst_json, tmp_path / "out", workers=0)
     (tmp_path / "out").rename(tmp_path / "in-process")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "--no-python", str(Path(sys.executable).with_name("dst")), "prepare", "--split", "val",
-           "--dst-json", str(dst_json), "--frames-root", str(frames), "--model", "tiny-random",
-           "--out", str(tmp_path / "out"), "--shard-size-mb", "0.002", "--batch-size", "4", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "--no-python",
+        str(Path(sys.executable).with_name("dst")),
+        "prepare",
+        "--split",
+        "val",
+        "--dst-json",
+        str(dst_json),
+        "--frames-root",
+        str(frames),
+        "--model",
+        "tiny-random",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-size-mb",
+        "0.002",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree_digests(tmp_path / "out") == tree_digests(tmp_path / "in-process")
@@ -272,7 +331,9 @@ def test_workers_option_and_config_key(data, tmp_path):
     with pytest.raises(ConfigError, match="workers must be >= 0, got -1"):
         resolve("val", {**given, "workers": -1})
     config = tmp_path / "data.toml"
-    config.write_text(f'[prepare]\nworkers = 0\n[splits.val]\ndst_json = ["{dst_json}"]\nframes_root = "{frames}"\n'
-                      'model = "tiny-random"\n')
+    config.write_text(
+        f'[prepare]\nworkers = 0\n[splits.val]\ndst_json = ["{dst_json}"]\nframes_root = "{frames}"\n'
+        'model = "tiny-random"\n'
+    )
     assert resolve("val", {}, config).workers == 0
     assert "workers" not in prepare.config_dict(resolve("val", {}, config))  # the manifest never depends on it

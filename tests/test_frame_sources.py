@@ -68,11 +68,14 @@ def test_arrow_corrupt_rows_are_reported_and_replaced(tmp_path):
         src.read([5, 3])
 
 
-@pytest.mark.parametrize("decodable, rows", [
-    ([True, False, False, True, False], [0, 0, 0, 3, 3]),  # the nearest earlier decodable row
-    ([False, False, True, False, True], [2, 2, 2, 2, 4]),  # before the first decodable row: that row
-    ([True], [0]),
-])
+@pytest.mark.parametrize(
+    "decodable, rows",
+    [
+        ([True, False, False, True, False], [0, 0, 0, 3, 3]),  # the nearest earlier decodable row
+        ([False, False, True, False, True], [2, 2, 2, 2, 4]),  # before the first decodable row: that row
+        ([True], [0]),
+    ],
+)
 def test_replacement_rows(decodable, rows):
     assert fs.replacement_rows(decodable) == rows
 
@@ -126,8 +129,9 @@ def mp4(tmp_path_factory):
     return path
 
 
-DECORD = pytest.param("decord", marks=pytest.mark.skipif(importlib.util.find_spec("decord") is None,
-                                                         reason="decord not installed"))
+DECORD = pytest.param(
+    "decord", marks=pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason="decord not installed")
+)
 BACKENDS = [DECORD, "pyav"]
 
 

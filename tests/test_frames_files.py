@@ -17,14 +17,25 @@ from pipeline.frames_files import (
 )
 
 
-@pytest.mark.parametrize("dataset, uid, name", [
-    ("assembly101", "assembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021", "nusar-2021_action_both_9011-c03f_9011_user_id_2021"),
-    ("assembly101", "disassembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021", "nusar-2021_action_both_9011-c03f_9011_user_id_2021"),
-    ("ego4d", "grp-0a1b2c3d-aaaa", "0a1b2c3d-aaaa"),
-    ("ego4d", "0a1b2c3d-grp-", "0a1b2c3d-grp-"),
-    ("epickitchens", "P01_11", "P01_11"),
-    ("holoassist", "R007-7July-DSLR", "R007-7July-DSLR"),
-])
+@pytest.mark.parametrize(
+    "dataset, uid, name",
+    [
+        (
+            "assembly101",
+            "assembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021",
+            "nusar-2021_action_both_9011-c03f_9011_user_id_2021",
+        ),
+        (
+            "assembly101",
+            "disassembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021",
+            "nusar-2021_action_both_9011-c03f_9011_user_id_2021",
+        ),
+        ("ego4d", "grp-0a1b2c3d-aaaa", "0a1b2c3d-aaaa"),
+        ("ego4d", "0a1b2c3d-grp-", "0a1b2c3d-grp-"),
+        ("epickitchens", "P01_11", "P01_11"),
+        ("holoassist", "R007-7July-DSLR", "R007-7July-DSLR"),
+    ],
+)
 def test_frames_file_name(dataset, uid, name):
     assert frames_file_name(dataset, uid) == name
 

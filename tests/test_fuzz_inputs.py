@@ -25,20 +25,43 @@ from pipeline.shard_index import ShardIndex
 from pipeline.shards import ShardFormatError, VideoMeta, read_shard, sample_key
 from pipeline.timeline import video_labels
 
-FUZZ = settings(max_examples=100, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-odd_numbers = st.sampled_from([1e308, -1e308, float("inf"), float("-inf"), float("nan"), -0.0, 5e-324, -1e-9,
-                               10**400, -(10**400), 2**63, 86400.0, 86400.0001, 0.49999999999, 1e-300])
+odd_numbers = st.sampled_from(
+    [
+        1e308,
+        -1e308,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        -0.0,
+        5e-324,
+        -1e-9,
+        10**400,
+        -(10**400),
+        2**63,
+        86400.0,
+        86400.0001,
+        0.49999999999,
+        1e-300,
+    ]
+)
 numbers = st.integers() | st.floats() | odd_numbers
 # Text includes lone surrogates (valid JSON escapes) and control characters.
-texts = (st.text(st.characters(exclude_categories=()), max_size=12)
-         | st.text(st.characters(categories=["Cs", "Cc"]), min_size=1, max_size=3)
-         | st.sampled_from(["..", "/", "../x", "a\x00b", "", "\ud800"]))
+texts = (
+    st.text(st.characters(exclude_categories=()), max_size=12)
+    | st.text(st.characters(categories=["Cs", "Cc"]), min_size=1, max_size=3)
+    | st.sampled_from(["..", "/", "../x", "a\x00b", "", "\ud800"])
+)
 leaves = st.none() | st.booleans() | numbers | texts
-json_values = st.recursive(leaves,
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-                           max_leaves=10)
+json_values = st.recursive(
+    leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=10
+)
 
 
 def one_line(exc: Exception) -> str:
@@ -130,8 +153,11 @@ def _set(record, path, value):
 
 
 @settings(max_examples=60, derandomize=True, deadline=None)
-@given(st.text(st.characters(exclude_categories=("Cs",)), max_size=60) | st.integers(1, 120_000).map(
-    lambda n: "[" * n + "]" * n) | json_values.map(lambda v: json.dumps(v, allow_nan=True)))
+@given(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
+    | st.integers(1, 120_000).map(lambda n: "[" * n + "]" * n)
+    | json_values.map(lambda v: json.dumps(v, allow_nan=True))
+)
 def test_any_file_text(text):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "in.json"
@@ -214,8 +240,15 @@ json_like = st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v, al
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["k1", "k2", "k.x"]), st.sampled_from(["emb.npy", "json", "txt"]),
-                          npy_like | json_like), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["k1", "k2", "k.x"]), st.sampled_from(["emb.npy", "json", "txt"]), npy_like | json_like
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_random_bytes_in_a_valid_tar(members):
     data = tar_of([(f"{key}.{suffix}", payload) for key, suffix, payload in members])
     folder, shard = write_case(data, "random")
@@ -239,8 +272,12 @@ def test_any_meta_field_replaced_by_random_json(path, value):
 
     meta = copy.deepcopy(GOOD_META)
     _set(meta, path, value)
-    data = tar_of([(f"{GOOD_SAMPLE['__key__']}.emb.npy", GOOD_SAMPLE["emb.npy"]),
-                   (f"{GOOD_SAMPLE['__key__']}.json", json.dumps(meta, allow_nan=True).encode())])
+    data = tar_of(
+        [
+            (f"{GOOD_SAMPLE['__key__']}.emb.npy", GOOD_SAMPLE["emb.npy"]),
+            (f"{GOOD_SAMPLE['__key__']}.json", json.dumps(meta, allow_nan=True).encode()),
+        ]
+    )
     folder, shard = write_case(data, "meta")
     try:
         index = ShardIndex.build(folder)

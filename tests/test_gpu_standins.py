@@ -31,8 +31,16 @@ from train.checkpoint import load_dst_model
 from train.config import resolve
 from train.sequence import SequenceFormat
 
-BASE = {"model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "log_every": 1,
-        "warmup_steps": 10, "lr": 3e-3, "device": "cpu"}
+BASE = {
+    "model": "tiny-random",
+    "batch_size": "600",
+    "max_seq_len": 300,
+    "num_workers": 0,
+    "log_every": 1,
+    "warmup_steps": 10,
+    "lr": 3e-3,
+    "device": "cpu",
+}
 INIT_SCALE = 2.0**10  # small enough that the tiny model's fp16 gradients never overflow by themselves
 TIMING = ("tokens_per_s", "data_s", "step_s")
 
@@ -53,8 +61,10 @@ def metrics(run: Path) -> list[dict]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     last = run / "checkpoints" / "last"
-    return {**load_file(str(last / "model" / "adapter_model.safetensors")),
-            **load_file(str(last / "heads.safetensors"))}
+    return {
+        **load_file(str(last / "model" / "adapter_model.safetensors")),
+        **load_file(str(last / "heads.safetensors")),
+    }
 
 
 def trainer_state(run: Path) -> dict:
@@ -81,11 +91,15 @@ def train_fp16(monkeypatch, shards, out: Path, max_steps: int, inf_at: int | Non
         return model, tokenizer
 
     monkeypatch.setattr(train_run, "build_model", build_model)
-    monkeypatch.setattr(train_run, "init_runtime", lambda cfg, ranks, device: train_run.Runtime(
-        ranks.rank, ranks.world, ranks.local_rank, device, "fp16"))  # resolve_precision allows fp16 on CUDA only
+    monkeypatch.setattr(
+        train_run,
+        "init_runtime",
+        lambda cfg, ranks, device: train_run.Runtime(ranks.rank, ranks.world, ranks.local_rank, device, "fp16"),
+    )  # resolve_precision allows fp16 on CUDA only
     monkeypatch.setattr(train_run, "build_scaler", lambda runtime: torch.amp.GradScaler("cpu", init_scale=INIT_SCALE))
-    train_run.run(resolve({"shards": shards, "out": out, **BASE, "max_steps": max_steps, "save_every": 2,
-                           "resume": resume}))
+    train_run.run(
+        resolve({"shards": shards, "out": out, **BASE, "max_steps": max_steps, "save_every": 2, "resume": resume})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +136,9 @@ def test_fp16_resume_restores_the_scaler(fp16_runs):
     split = json.loads((fp16_runs["split"] / "checkpoints" / "step-000002" / "trainer.json").read_text())
     assert split["scaler"]["scale"] == INIT_SCALE / 2
     straight, resumed = metrics(fp16_runs["straight"]), metrics(fp16_runs["split"])
-    assert [{k: v for k, v in m.items() if k not in TIMING} for m in resumed] == \
-        [{k: v for k, v in m.items() if k not in TIMING} for m in straight]
+    assert [{k: v for k, v in m.items() if k not in TIMING} for m in resumed] == [
+        {k: v for k, v in m.items() if k not in TIMING} for m in straight
+    ]
     assert trainer_state(fp16_runs["split"])["scaler"] == trainer_state(fp16_runs["straight"])["scaler"]
     a, b = weights(fp16_runs["straight"]), weights(fp16_runs["split"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -152,10 +167,20 @@ class OneEpoch:
 
 def tiny_batch() -> Batch:
     index = torch.zeros(1, 2, dtype=torch.long)
-    return Batch(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                 image_mask=torch.zeros(1, 4, dtype=torch.bool), frame_embeds=torch.zeros(0, 8, dtype=torch.float16),
-                 update_index=index, update_labels=torch.ones(1), update_weights=torch.ones(1), speak_index=index,
-                 speak_labels=torch.zeros(1), speak_weights=torch.ones(1), dst_index=index, response_index=index)
+    return Batch(
+        input_ids=torch.ones(1, 4, dtype=torch.long),
+        attention_mask=torch.ones(1, 4, dtype=torch.long),
+        image_mask=torch.zeros(1, 4, dtype=torch.bool),
+        frame_embeds=torch.zeros(0, 8, dtype=torch.float16),
+        update_index=index,
+        update_labels=torch.ones(1),
+        update_weights=torch.ones(1),
+        speak_index=index,
+        speak_labels=torch.zeros(1),
+        speak_weights=torch.ones(1),
+        dst_index=index,
+        response_index=index,
+    )
 
 
 def test_loader_asks_for_pinned_memory_on_cuda(monkeypatch):
@@ -197,8 +222,9 @@ def _rank_main(rank: int, port: int, scenarios: list[tuple[str, dict, bool]], re
     full disk. A rank that is done waits (outside torch) for the other's result before the next scenario and before
     closing the group: as under NCCL, a failed rank does not release the others by closing its connections. The
     group's timeout is short, so a rank left waiting in a collective fails the test in seconds, not an hour."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=40))
     from train import checkpoint
@@ -206,6 +232,7 @@ def _rank_main(rank: int, port: int, scenarios: list[tuple[str, dict, bool]], re
     try:
         for name, values, fail_save in scenarios:
             if fail_save and rank == 0:
+
                 def full_disk(*args, **kwargs):
                     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -231,8 +258,10 @@ def two_ranks(tiny_shards, tmp_path_factory) -> Path:
     """`ddp`: 2 steps of 2 ranks x 2 micro-batches; then `fail`: a run whose first save fails on rank 0."""
     root = tmp_path_factory.mktemp("two-ranks")
     common = {"shards": tiny_shards, **BASE, "max_steps": 2}
-    scenarios = [("ddp", {**common, "out": root / "ddp", "accumulation": 2}, False),
-                 ("fail", {**common, "out": root / "fail", "max_steps": 1}, True)]
+    scenarios = [
+        ("ddp", {**common, "out": root / "ddp", "accumulation": 2}, False),
+        ("fail", {**common, "out": root / "fail", "max_steps": 1}, True),
+    ]
     # fork: the ranks start with the modules imported (spawn imports torch and transformers again, ~10 s on a busy
     # machine); the parent runs one intra-op thread (`one_thread`), so no OpenMP pool is forked mid-use
     ctx = multiprocessing.get_context("fork")
@@ -252,8 +281,7 @@ def two_ranks(tiny_shards, tmp_path_factory) -> Path:
 def test_ddp_with_accumulation_matches_one_process(two_ranks, tiny_shards):
     """2 ranks x 2 micro-batches (`no_sync` on the first) and 1 process x 4 see the same global batch per step."""
     assert [json.loads((two_ranks / f"ddp-{r}.json").read_text())["error"] for r in range(2)] == [None, None]
-    train_run.run(resolve({"shards": tiny_shards, **BASE, "max_steps": 2, "out": two_ranks / "one",
-                           "accumulation": 4}))
+    train_run.run(resolve({"shards": tiny_shards, **BASE, "max_steps": 2, "out": two_ranks / "one", "accumulation": 4}))
     one, two = metrics(two_ranks / "one"), metrics(two_ranks / "ddp")
     assert [m["step"] for m in two] == [1, 2]
     for a, b in zip(one, two, strict=True):
@@ -269,10 +297,13 @@ def test_failed_save_on_rank_0_stops_both_ranks_naming_the_checkpoint(two_ranks)
     folder = two_ranks / "fail" / "checkpoints" / "step-000001"
     rank0, rank1 = (json.loads((two_ranks / f"fail-{r}.json").read_text()) for r in range(2))
     assert rank0["error"] == rank1["error"] == "CheckpointSaveError"
-    assert rank0["message"] == (f"could not save the checkpoint {folder}: OSError: [Errno 28] No space left on "
-                                "device; the last complete checkpoint is kept")
-    assert rank1["message"] == (f"rank 1: rank 0 could not save the checkpoint {folder} (its message says why); "
-                                "stopping every rank")
+    assert rank0["message"] == (
+        f"could not save the checkpoint {folder}: OSError: [Errno 28] No space left on "
+        "device; the last complete checkpoint is kept"
+    )
+    assert rank1["message"] == (
+        f"rank 1: rank 0 could not save the checkpoint {folder} (its message says why); stopping every rank"
+    )
     assert rank1["seconds"] < 30  # not the group's timeout (40 s here, an hour in `dst train`)
     assert sorted(p.name for p in folder.parent.iterdir()) == []  # the partial folder is removed, no `last`
 

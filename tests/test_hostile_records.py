@@ -40,16 +40,29 @@ OUT_OF_RANGE = [
     (TURN, float("inf"), "conversations[0] turn 1 time is not finite (inf)"),
     (TURN, float("nan"), "conversations[0] turn 1 time is not finite (nan)"),
     (TURN, -0.5, "conversations[0] turn 1 time is -0.5, outside [0, 86400] seconds"),
-    (TURN, 10**400, "conversations[0] turn 1 time is not finite (1000000000000000000000000000000000000000000000000"
-                    "0000000000000000000000000000...)"),
+    (
+        TURN,
+        10**400,
+        "conversations[0] turn 1 time is not finite (1000000000000000000000000000000000000000000000000"
+        "0000000000000000000000000000...)",
+    ),
     (TURN, True, "conversations[0] turn 1 time is not a number (True)"),
-    (("parsed_video_anns", "video_start_time"), -1.0,
-     "parsed_video_anns.video_start_time is -1.0, outside [0, 86400] seconds"),
-    (("parsed_video_anns", "video_start_time"), 1e308,
-     "parsed_video_anns.video_start_time is 1e+308, outside [0, 86400] seconds"),
+    (
+        ("parsed_video_anns", "video_start_time"),
+        -1.0,
+        "parsed_video_anns.video_start_time is -1.0, outside [0, 86400] seconds",
+    ),
+    (
+        ("parsed_video_anns", "video_start_time"),
+        1e308,
+        "parsed_video_anns.video_start_time is 1e+308, outside [0, 86400] seconds",
+    ),
     (("parsed_video_anns", "duration"), -3.0, "parsed_video_anns.duration is -3.0, outside [0, 86400] seconds"),
-    (("parsed_video_anns", "duration"), 1e12, "parsed_video_anns.duration is 1000000000000.0, outside [0, 86400]"
-                                              " seconds"),
+    (
+        ("parsed_video_anns", "duration"),
+        1e12,
+        "parsed_video_anns.duration is 1000000000000.0, outside [0, 86400] seconds",
+    ),
     (("parsed_video_anns", "duration"), 0, "parsed_video_anns.duration is 0"),
     (("dst", 0, "start_ts"), float("-inf"), "node S1 start_ts is not finite (-inf)"),
     (("dst", 1, "end_ts"), 86400.5, "node S2 end_ts is 86400.5, outside [0, 86400] seconds"),
@@ -77,11 +90,17 @@ UNSAFE_NAMES = [
     ("video_uid", "/etc/passwd", "video_uid '/etc/passwd' contains '/' (a path separator); it is used as a file name"),
     ("video_uid", "..", "video_uid '..' is '..', not a file name; it is used as a file name"),
     ("video_uid", "a\\b", "video_uid 'a\\\\b' contains '\\\\' (a path separator); it is used as a file name"),
-    ("video_uid", "a\x00b", "video_uid 'a\\x00b' contains control characters or invalid Unicode; it is used as a "
-                            "file name"),
+    (
+        "video_uid",
+        "a\x00b",
+        "video_uid 'a\\x00b' contains control characters or invalid Unicode; it is used as a file name",
+    ),
     ("video_uid", "x" * 201, "video_uid '" + "x" * 76 + "... is longer than 200 bytes; it is used as a file name"),
-    ("dataset", "../up", "parsed_video_anns.dataset '../up' contains '/' (a path separator); it is used as a file "
-                         "name"),
+    (
+        "dataset",
+        "../up",
+        "parsed_video_anns.dataset '../up' contains '/' (a path separator); it is used as a file name",
+    ),
 ]
 
 
@@ -104,11 +123,17 @@ def test_lone_surrogate_text_is_a_reason_not_a_crash():
         parse_record(edited(("conversations", 0, "conversation", 0, "content"), record))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply to parse"),
-    ('[{"time": ' + "9" * 5000 + "}]", "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
-    ("[1, 2", "invalid JSON at line 1 column 6 (char 5): Expecting ',' delimiter"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply to parse"),
+        (
+            '[{"time": ' + "9" * 5000 + "}]",
+            "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+        ("[1, 2", "invalid JSON at line 1 column 6 (char 5): Expecting ',' delimiter"),
+    ],
+)
 def test_pathological_json_is_one_message(tmp_path, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -120,8 +145,11 @@ def test_pathological_json_is_one_message(tmp_path, text, message):
 def test_deeply_nested_json_through_the_command(tmp_path):
     path = tmp_path / "deep.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
-    proc = subprocess.run([DST, "labels", "--dst-json", str(path), "--frames-root", str(tmp_path), "--out",
-                           str(tmp_path / "l.parquet")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [DST, "labels", "--dst-json", str(path), "--frames-root", str(tmp_path), "--out", str(tmp_path / "l.parquet")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert " ".join(proc.stderr.split()) == f"error: {path}: invalid JSON: nested too deeply to parse"
 
@@ -131,8 +159,18 @@ def test_records_out_of_range_are_skipped_and_the_rest_written(tmp_path):
     records[1]["video_uid"], records[2]["video_uid"] = "huge-time", "negative-start"
     for uid in ("ok", "huge-time", "negative-start"):
         write_dummy_frames(tmp_path / "f", "epickitchens", uid, 20)
-    result = runner.invoke(app, ["labels", "--dst-json", str(write_records(tmp_path / "v.json", records)),
-                                 "--frames-root", str(tmp_path / "f"), "--out", str(tmp_path / "l.parquet")])
+    result = runner.invoke(
+        app,
+        [
+            "labels",
+            "--dst-json",
+            str(write_records(tmp_path / "v.json", records)),
+            "--frames-root",
+            str(tmp_path / "f"),
+            "--out",
+            str(tmp_path / "l.parquet"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "skip huge-time: conversations[0] turn 1 time is 1e+308, outside [0, 86400] seconds" in text_of(result)
     assert "skip negative-start: parsed_video_anns.video_start_time is -1.0" in text_of(result)
@@ -146,11 +184,23 @@ def test_duplicate_video_uid_keeps_the_first_and_names_it(tmp_path):
     records = [first, copy, other, same_uid_other_dataset]
     write_dummy_frames(tmp_path / "f", "epickitchens", "dup", 20)
     write_dummy_frames(tmp_path / "f", "wtag", "dup", 16)
-    result = runner.invoke(app, ["labels", "--dst-json", str(write_records(tmp_path / "v.json", records)),
-                                 "--frames-root", str(tmp_path / "f"), "--out", str(tmp_path / "l.parquet")])
+    result = runner.invoke(
+        app,
+        [
+            "labels",
+            "--dst-json",
+            str(write_records(tmp_path / "v.json", records)),
+            "--frames-root",
+            str(tmp_path / "f"),
+            "--out",
+            str(tmp_path / "l.parquet"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert ("skip dup: duplicate video_uid in dataset epickitchens: record #0 has it too and is used (an exact copy)"
-            in text_of(result))
+    assert (
+        "skip dup: duplicate video_uid in dataset epickitchens: record #0 has it too and is used (an exact copy)"
+        in text_of(result)
+    )
     assert "record #0 has it too and is used (different content)" in text_of(result)
     rows = pl.read_parquet(tmp_path / "l.parquet")
     assert rows.group_by("dataset").len().sort("dataset").rows() == [("epickitchens", 18), ("wtag", 14)]
@@ -163,26 +213,57 @@ def test_every_record_skipped_exits_1_with_the_layout(tmp_path):
     out = tmp_path / "l.parquet"
     out.write_bytes(b"an earlier good output")
     dst_json = write_records(tmp_path / "v.json", [good("a"), good("b")])
-    result = runner.invoke(app, ["labels", "--dst-json", str(dst_json), "--frames-root", str(tmp_path / "wrong"),
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app, ["labels", "--dst-json", str(dst_json), "--frames-root", str(tmp_path / "wrong"), "--out", str(out)]
+    )
     assert result.exit_code == 1
-    assert (f"error: no usable record: all 2 were skipped (the first, a: no frames file (looked for "
-            f"{tmp_path}/wrong/epickitchens/frames/a.arrow, {tmp_path}/wrong/frames/a.arrow)); frames files are "
-            f"expected at {tmp_path}/wrong/{{dataset}}/frames/{{name}}.arrow (--frames-root is ProAssist's "
-            "processed_data folder, or one dataset's folder); nothing written") in text_of(result)
+    assert (
+        f"error: no usable record: all 2 were skipped (the first, a: no frames file (looked for "
+        f"{tmp_path}/wrong/epickitchens/frames/a.arrow, {tmp_path}/wrong/frames/a.arrow)); frames files are "
+        f"expected at {tmp_path}/wrong/{{dataset}}/frames/{{name}}.arrow (--frames-root is ProAssist's "
+        "processed_data folder, or one dataset's folder); nothing written"
+    ) in text_of(result)
     assert out.read_bytes() == b"an earlier good output" and not list(tmp_path.glob("*.tmp"))
 
 
 def test_no_records_exits_1(tmp_path):
-    result = runner.invoke(app, ["labels", "--dst-json", str(write_records(tmp_path / "v.json", [])),
-                                 "--frames-root", str(tmp_path), "--out", str(tmp_path / "l.parquet")])
+    result = runner.invoke(
+        app,
+        [
+            "labels",
+            "--dst-json",
+            str(write_records(tmp_path / "v.json", [])),
+            "--frames-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "l.parquet"),
+        ],
+    )
     assert result.exit_code == 1 and "error: the input holds no records; nothing written" in text_of(result)
 
 
-@pytest.mark.parametrize("fps, message", [("0", "fps must be > 0, got 0.0"), ("-2", "fps must be > 0, got -2.0"),
-                                          ("nan", "fps must be a finite number, got nan"),
-                                          ("1e308", "fps must be <= 1000, got 1e+308")])
+@pytest.mark.parametrize(
+    "fps, message",
+    [
+        ("0", "fps must be > 0, got 0.0"),
+        ("-2", "fps must be > 0, got -2.0"),
+        ("nan", "fps must be a finite number, got nan"),
+        ("1e308", "fps must be <= 1000, got 1e+308"),
+    ],
+)
 def test_nonsense_fps_on_labels_is_exit_2(tmp_path, fps, message):
-    result = runner.invoke(app, ["labels", "--dst-json", str(write_records(tmp_path / "v.json", [good("a")])),
-                                 "--frames-root", str(tmp_path), "--out", str(tmp_path / "l.parquet"), "--fps", fps])
+    result = runner.invoke(
+        app,
+        [
+            "labels",
+            "--dst-json",
+            str(write_records(tmp_path / "v.json", [good("a")])),
+            "--frames-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "l.parquet"),
+            "--fps",
+            fps,
+        ],
+    )
     assert result.exit_code == 2 and text_of(result) == f"error: {message}"

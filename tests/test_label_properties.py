@@ -19,8 +19,13 @@ def records(draw):
     n_nodes = draw(st.integers(1, 6))
     nodes = tuple(DSTNode(f"S{i + 1}", f"step {i}", draw(times), draw(times)) for i in range(n_nodes))
     convs = tuple(
-        Conversation("talk_some", tuple(Turn(draw(st.sampled_from(["user", "assistant"])), draw(times), f"t{c}.{j}")
-                                        for j in range(draw(st.integers(0, 12)))))
+        Conversation(
+            "talk_some",
+            tuple(
+                Turn(draw(st.sampled_from(["user", "assistant"])), draw(times), f"t{c}.{j}")
+                for j in range(draw(st.integers(0, 12)))
+            ),
+        )
         for c in range(draw(st.integers(1, 3)))
     )
     record = VideoRecord("vid", "ego4d", "g", "k", draw(times), nodes, convs)
@@ -32,6 +37,7 @@ def records(draw):
 
 def oracle_state(record, fps, k0, n_frames, k):
     """The state after point k straight from the wording of docs/design.md §3, one node at a time."""
+
     def happened(ts):  # before the stream: initial; else at max(k0, floor(fps*ts)-1) if that is not past the end
         f = frame_at(ts, fps)
         point = -1 if f < k0 else max(k0, f - 1)

@@ -22,11 +22,19 @@ def good(uid: str, dataset: str = "epickitchens") -> dict:
         "inferred_goal": "make tea",
         "inferred_knowledge": "1. boil\n2. pour",
         "parsed_video_anns": {"dataset": dataset, "video_start_time": 1.0, "duration": 9.0},
-        "dst": [{"type": "step", "id": "S1", "start_ts": 2.0, "end_ts": 4.0, "name": "boil"},
-                {"type": "step", "id": "S2", "start_ts": 4.0, "end_ts": 6.0, "name": "pour"}],
-        "conversations": [{"user_type": "talk_some", "conversation": [
-            {"role": "user", "time": 1.5, "content": "hi"},
-            {"role": "assistant", "time": 2.0, "content": "boil water"}]}],
+        "dst": [
+            {"type": "step", "id": "S1", "start_ts": 2.0, "end_ts": 4.0, "name": "boil"},
+            {"type": "step", "id": "S2", "start_ts": 4.0, "end_ts": 6.0, "name": "pour"},
+        ],
+        "conversations": [
+            {
+                "user_type": "talk_some",
+                "conversation": [
+                    {"role": "user", "time": 1.5, "content": "hi"},
+                    {"role": "assistant", "time": 2.0, "content": "boil water"},
+                ],
+            }
+        ],
     }
 
 
@@ -39,16 +47,22 @@ def broken(uid: str, edit) -> dict:
 BAD = {
     "no-dst": (lambda r: r.pop("dst"), "no 'dst' key"),
     "empty-dst": (lambda r: r.update(dst=[]), "'dst' is empty"),
-    "text-time": (lambda r: r["conversations"][0]["conversation"][0].update(time="1.5s"),
-                  "conversations[0] turn 0 time is not a number ('1.5s')"),
-    "no-time": (lambda r: r["conversations"][0]["conversation"][1].pop("time"),
-                "conversations[0] turn 1 time is missing"),
+    "text-time": (
+        lambda r: r["conversations"][0]["conversation"][0].update(time="1.5s"),
+        "conversations[0] turn 0 time is not a number ('1.5s')",
+    ),
+    "no-time": (
+        lambda r: r["conversations"][0]["conversation"][1].pop("time"),
+        "conversations[0] turn 1 time is missing",
+    ),
     "text-start": (lambda r: r["dst"][1].update(start_ts=None), "node S2 start_ts is missing"),
     "dup-ids": (lambda r: r["dst"][1].update(id="S1"), "duplicate node id 'S1'"),
     "no-convs": (lambda r: r.pop("conversations"), "'conversations' is missing or not a list"),
     "no-dataset": (lambda r: r["parsed_video_anns"].pop("dataset"), "parsed_video_anns.dataset is missing"),
-    "late-start": (lambda r: r["parsed_video_anns"].update(video_start_time=30.0),
-                   "stream start k0=60 (video_start_time 30.0s) is past the last frame (20 frames)"),
+    "late-start": (
+        lambda r: r["parsed_video_anns"].update(video_start_time=30.0),
+        "stream start k0=60 (video_start_time 30.0s) is past the last frame (20 frames)",
+    ),
 }
 
 
@@ -98,23 +112,27 @@ def test_strict_fails_and_writes_nothing(inputs):
 def test_strict_passes_on_clean_input(tmp_path):
     write_dummy_frames(tmp_path / "f", "epickitchens", "ok-1", 20)
     dst_json = write_records(tmp_path / "v.json", [good("ok-1")])
-    result = invoke("--dst-json", dst_json, "--frames-root", tmp_path / "f", "--out", tmp_path / "l.parquet",
-                    "--strict")
+    result = invoke(
+        "--dst-json", dst_json, "--frames-root", tmp_path / "f", "--out", tmp_path / "l.parquet", "--strict"
+    )
     assert result.exit_code == 0 and pl.read_parquet(tmp_path / "l.parquet").height == 18
 
 
 def test_frames_root_may_be_one_dataset_folder(tmp_path):
     write_dummy_frames(tmp_path / "f", "epickitchens", "ok-1", 20)
     dst_json = write_records(tmp_path / "v.json", [good("ok-1")])
-    result = invoke("--dst-json", dst_json, "--frames-root", tmp_path / "f" / "epickitchens", "--out",
-                    tmp_path / "l.parquet")
+    result = invoke(
+        "--dst-json", dst_json, "--frames-root", tmp_path / "f" / "epickitchens", "--out", tmp_path / "l.parquet"
+    )
     assert result.exit_code == 0 and pl.read_parquet(tmp_path / "l.parquet").height == 18
 
 
 def test_clamped_and_dropped_are_counted(tmp_path):
     record = good("long")
-    record["conversations"][0]["conversation"] += [{"role": "assistant", "time": 30.0, "content": "late"},
-                                                   {"role": "assistant", "time": 31.0, "content": "later"}]
+    record["conversations"][0]["conversation"] += [
+        {"role": "assistant", "time": 30.0, "content": "late"},
+        {"role": "assistant", "time": 31.0, "content": "later"},
+    ]
     write_dummy_frames(tmp_path / "f", "epickitchens", "long", 12)
     dst_json = write_records(tmp_path / "v.json", [record])
     result = invoke("--dst-json", dst_json, "--frames-root", tmp_path / "f", "--out", tmp_path / "l.parquet")
@@ -127,24 +145,36 @@ def test_clamped_and_dropped_are_counted(tmp_path):
 def test_malformed_json_is_one_clear_message(tmp_path):
     bad = tmp_path / "val.json"
     bad.write_text('[{"video_uid": "a",\n  "dst": [1, 2,]}]')
-    cmd = [str(Path(sys.executable).with_name("dst")), "labels", "--dst-json", str(bad), "--frames-root",
-           str(tmp_path), "--out", str(tmp_path / "l.parquet")]
+    cmd = [
+        str(Path(sys.executable).with_name("dst")),
+        "labels",
+        "--dst-json",
+        str(bad),
+        "--frames-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "l.parquet"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert f"{bad}: invalid JSON at line 2 column 16 (char 35): Expecting value" in " ".join(proc.stderr.split())
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"video_uid": "a"}', "expected a JSON list of video records, found a JSON dict"),
-    (None, "file not found"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"video_uid": "a"}', "expected a JSON list of video records, found a JSON dict"),
+        (None, "file not found"),
+    ],
+)
 def test_unusable_input_file(tmp_path, content, message):
     path = tmp_path / "val.json"
     if content is not None:
         path.write_text(content)
-    result = runner.invoke(app, ["labels", "--dst-json", str(path), "--frames-root", str(tmp_path), "--out",
-                                 str(tmp_path / "l.parquet")])
+    result = runner.invoke(
+        app, ["labels", "--dst-json", str(path), "--frames-root", str(tmp_path), "--out", str(tmp_path / "l.parquet")]
+    )
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
 
@@ -158,6 +188,7 @@ def test_summary_per_dataset_and_all(tmp_path):
     result = invoke("--dst-json", dst_json, "--frames-root", tmp_path / "f", "--out", tmp_path / "l.parquet")
     assert result.exit_code == 0
     from pipeline.labels import summary_frame
+
     # 18 points per conversation; one speak per talking conversation; S1 and S2 give 3 update points, not 4:
     # S2 starts where S1 ends (4.0 s -> point 7), and that point is one update listing both nodes.
     assert summary_frame(tmp_path / "l.parquet").rows() == [

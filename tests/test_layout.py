@@ -9,13 +9,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "pipeline", "synthetic", "train", "eval", "experiments")
 # what each package may import (besides itself), as its __init__ says
-ALLOWED = {"core": set(), "pipeline": {"core"}, "synthetic": {"core", "pipeline"}, "train": {"core", "pipeline"},
-           "eval": {"core", "pipeline", "train"}, "experiments": {"core", "pipeline", "synthetic", "train", "eval"}}
+ALLOWED = {
+    "core": set(),
+    "pipeline": {"core"},
+    "synthetic": {"core", "pipeline"},
+    "train": {"core", "pipeline"},
+    "eval": {"core", "pipeline", "train"},
+    "experiments": {"core", "pipeline", "synthetic", "train", "eval"},
+}
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p
-            for package in PACKAGES for p in (ROOT / package).glob("*.py")}
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for package in PACKAGES
+        for p in (ROOT / package).glob("*.py")
+    }
 
 
 def imports(path: Path) -> set[str]:
@@ -64,8 +73,14 @@ def test_no_import_cycle():
 
 
 def test_nothing_points_outside_the_repository():
-    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".toml", ".sh")
-             and ".venv" not in p.parts and p != Path(__file__).resolve()]
+    files = [
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file()
+        and p.suffix in (".py", ".md", ".toml", ".sh")
+        and ".venv" not in p.parts
+        and p != Path(__file__).resolve()
+    ]
     outside = ("DESIGN section", "DESIGN.md", "../shared", "DESIGN 6")  # the old design document's names
     hits = [str(p.relative_to(ROOT)) for p in files if any(word in p.read_text() for word in outside)]
     assert not hits

@@ -122,16 +122,15 @@ def test_windows_exact_lengths_and_cover(index, fmt, max_seq_len):
             for w in mine:
                 seq = build_window(fmt, meta, c, w.start, w.end)
                 assert len(seq.input_ids) == w.n_tokens <= max_seq_len
-                assert w.n_update_pos == sum(meta.dst_update[w.start:w.end]) == sum(seq.update_labels)
-                assert w.n_speak_pos == sum(conv.speak[w.start:w.end]) == sum(seq.speak_labels)
+                assert w.n_update_pos == sum(meta.dst_update[w.start : w.end]) == sum(seq.update_labels)
+                assert w.n_speak_pos == sum(conv.speak[w.start : w.end]) == sum(seq.speak_labels)
                 assert (w.video_id, w.dataset) == (vid, meta.dataset)
 
 
 def test_frame_that_cannot_fit_raises(index, fmt):
     vid = index.video_ids[0]
     meta = index.meta(vid)
-    alone = [len(build_window(fmt, meta, c, r, r + 1).input_ids)
-             for c in range(2) for r in range(index.num_rows(vid))]
+    alone = [len(build_window(fmt, meta, c, r, r + 1).input_ids) for c in range(2) for r in range(index.num_rows(vid))]
     assert all(w.n_tokens <= max(alone) for w in cut_windows(fmt, meta, vid, max(alone)))  # every frame fits
     system_and_frame = alone[0]
     with pytest.raises(ValueError, match=rf"video {vid}, conversation 0: frame row 0 needs {system_and_frame}"):
@@ -143,8 +142,10 @@ def test_frame_that_cannot_fit_raises(index, fmt):
 
 def _synthetic(n: int = 2000) -> list[Window]:
     """Half the windows without positives, half with 3; datasets alternate; 4 conversations per video."""
-    return [Window(f"v{i // 8}", "a" if i % 2 else "b", (i // 2) % 4, i, i + 1, 100 + i % 50,
-                   3 * (i % 4 >= 2), 0) for i in range(n)]
+    return [
+        Window(f"v{i // 8}", "a" if i % 2 else "b", (i // 2) % 4, i, i + 1, 100 + i % 50, 3 * (i % 4 >= 2), 0)
+        for i in range(n)
+    ]
 
 
 def _positive_share(sample: list[Window]) -> float:
@@ -158,8 +159,11 @@ def test_sampling_weights_positives_and_datasets():
     assert uniform != epoch_windows(ws, epoch=1, seed=1, positive_strength=0.0)
     strong = epoch_windows(ws, epoch=0, seed=1, positive_strength=1.0)  # weight 4 vs 1: expect 0.8
     assert abs(_positive_share(uniform) - 0.5) < 0.05 and abs(_positive_share(strong) - 0.8) < 0.05
-    assert _positive_share(uniform) < _positive_share(strong) < _positive_share(
-        epoch_windows(ws, epoch=0, seed=1, positive_strength=2.0))
+    assert (
+        _positive_share(uniform)
+        < _positive_share(strong)
+        < _positive_share(epoch_windows(ws, epoch=0, seed=1, positive_strength=2.0))
+    )
     counts = Counter(w.dataset for w in epoch_windows(ws, 0, 1, 0.0, dataset_weights={"a": 3.0}))
     assert abs(counts["a"] / len(ws) - 0.75) < 0.05  # b defaults to 1
     assert Counter(w.dataset for w in epoch_windows(ws, 0, 1, 1.0, dataset_weights={"b": 0.0})) == {"a": len(ws)}
@@ -191,8 +195,10 @@ def test_packing_budget_and_padding(windows):
     synthetic_share = padding_share(batches)
     sample = epoch_windows(windows, 0, seed=0)
     test_share = padding_share(pack_batches(sample, max_tokens=4 * SMALL, seed=0, epoch=0))
-    print(f"padding share: {test_share:.1%} (test shards, {len(sample)} windows, budget {4 * SMALL}), "
-          f"{synthetic_share:.1%} (2000 windows of 100-149 tokens, budget 2000)")
+    print(
+        f"padding share: {test_share:.1%} (test shards, {len(sample)} windows, budget {4 * SMALL}), "
+        f"{synthetic_share:.1%} (2000 windows of 100-149 tokens, budget 2000)"
+    )
     assert test_share < 0.10 and synthetic_share < 0.10
 
 
@@ -222,18 +228,20 @@ def test_collate_matches_stored_data_and_labels(index, fmt, stored, windows):
     for b, w in enumerate(picked):
         emb, meta = stored[w.video_id]
         ids = batch.input_ids[b]
-        assert batch.attention_mask[b, :w.n_tokens].all() and not batch.attention_mask[b, w.n_tokens:].any()
-        assert (ids[w.n_tokens:] == fmt.pad_id).all() and not batch.image_mask[b, w.n_tokens:].any()
+        assert batch.attention_mask[b, : w.n_tokens].all() and not batch.attention_mask[b, w.n_tokens :].any()
+        assert (ids[w.n_tokens :] == fmt.pad_id).all() and not batch.image_mask[b, w.n_tokens :].any()
         assert (ids[batch.image_mask[b]] == fmt.image_id).all()
         n = 5 * (w.end - w.start)
-        assert torch.equal(batch.frame_embeds[offset:offset + n], torch.from_numpy(emb[w.start:w.end].reshape(-1, 64)))
+        assert torch.equal(
+            batch.frame_embeds[offset : offset + n], torch.from_numpy(emb[w.start : w.end].reshape(-1, 64))
+        )
         offset += n
 
         conv = meta.conversations[w.conversation]
         upd = batch.update_index[:, 0] == b
         spk = batch.speak_index[:, 0] == b
-        assert batch.update_labels[upd].tolist() == [float(x) for x in meta.dst_update[w.start:w.end]]
-        assert batch.speak_labels[spk].tolist() == [float(x) for x in conv.speak[w.start:w.end]]
+        assert batch.update_labels[upd].tolist() == [float(x) for x in meta.dst_update[w.start : w.end]]
+        assert batch.speak_labels[spk].tolist() == [float(x) for x in conv.speak[w.start : w.end]]
         assert (ids[batch.update_index[upd, 1]] == fake).all()
         speak_ids = ids[batch.speak_index[spk, 1]]
         updated = batch.update_labels[upd].bool()
@@ -241,8 +249,8 @@ def test_collate_matches_stored_data_and_labels(index, fmt, stored, windows):
 
         dst_ids = ids[batch.dst_index[batch.dst_index[:, 0] == b, 1]].tolist()
         response_ids = ids[batch.response_index[batch.response_index[:, 0] == b, 1]].tolist()
-        deltas = [json.loads(d) for d in meta.dst_delta[w.start:w.end] if d]
-        responses = [r for r in conv.response[w.start:w.end] if r]
+        deltas = [json.loads(d) for d in meta.dst_delta[w.start : w.end] if d]
+        responses = [r for r in conv.response[w.start : w.end] if r]
         assert dst_ids == [t for d in deltas for t in fmt.dst_body(d)]
         assert response_ids == [t for r in responses for t in fmt.response_body(r)]
         assert dst_ids.count(eos) == w.n_update_pos and response_ids.count(eos) == w.n_speak_pos
@@ -283,12 +291,13 @@ def test_train_data_ranks_and_workers(shards, fmt):
     for epoch in range(4):  # a fixed epoch length, equal on both ranks, disjoint shares
         mine, theirs = ranks[0].rank_batches(epoch), ranks[1].rank_batches(epoch)
         assert len(mine) == len(theirs) == steps and not {id(b) for b in mine} & {id(b) for b in theirs}
-    assert ranks[0].rank_batches(1) == (ranks[0].all_batches(1) * 3)[:2 * steps][0::2]  # cut or topped up
+    assert ranks[0].rank_batches(1) == (ranks[0].all_batches(1) * 3)[: 2 * steps][0::2]  # cut or topped up
 
     ds = ranks[0].batches_for_epoch(1)
     serial = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0))
-    parallel = list(torch.utils.data.DataLoader(pickle.loads(pickle.dumps(ds)), batch_size=None, num_workers=2,
-                                                shuffle=False))
+    parallel = list(
+        torch.utils.data.DataLoader(pickle.loads(pickle.dumps(ds)), batch_size=None, num_workers=2, shuffle=False)
+    )
     assert len(serial) == len(parallel) == len(ds) == steps
     assert all(_same(x, y) for x, y in zip(serial, parallel))
     resumed = ranks[0].batches_for_epoch(1, start=2)
@@ -299,8 +308,9 @@ def test_train_data_ranks_and_workers(shards, fmt):
 
 
 def test_validation_data_every_window_once(shards, index, fmt):
-    cfg = SimpleNamespace(max_seq_len=SMALL, seed=1, positive_strength=1.0, dataset_weights={}, rho=0.1,
-                          conversations_per_video=1)
+    cfg = SimpleNamespace(
+        max_seq_len=SMALL, seed=1, positive_strength=1.0, dataset_weights={}, rho=0.1, conversations_per_video=1
+    )
     ranks = [TrainData.from_config(index, fmt, cfg, 3 * SMALL, r, 2, validation=True) for r in range(2)]
     seen = [w for data in ranks for b in data.rank_batches(0) for w in b]
     assert sorted(seen, key=repr) == sorted(ranks[0].windows, key=repr)  # each window once, no cap, no truncation

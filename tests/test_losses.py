@@ -101,7 +101,8 @@ def test_balanced_bce_with_one_class_is_that_class_mean():
     assert balanced_bce(x, torch.zeros(3)).item() == pytest.approx(only_neg, rel=1e-6)
     # A class present only with weight 0 counts as absent.
     assert balanced_bce(x, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(
-        (bce_math(0.3, 1) + bce_math(-2.0, 1)) / 2, rel=1e-6)
+        (bce_math(0.3, 1) + bce_math(-2.0, 1)) / 2, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("loss", DECISION_LOSSES)
@@ -136,8 +137,9 @@ def test_no_positions_gives_zero_with_working_backward(loss, n):
 
 
 def test_decision_loss_dispatch():
-    assert torch.equal(decision_loss("focal", LOGITS, TARGETS, alpha=0.4, gamma=1.0),
-                       focal_loss(LOGITS, TARGETS, alpha=0.4, gamma=1.0))
+    assert torch.equal(
+        decision_loss("focal", LOGITS, TARGETS, alpha=0.4, gamma=1.0), focal_loss(LOGITS, TARGETS, alpha=0.4, gamma=1.0)
+    )
     assert torch.equal(decision_loss("balanced_bce", LOGITS, TARGETS), balanced_bce(LOGITS, TARGETS))
     assert torch.equal(decision_loss("bce", LOGITS, TARGETS), bce(LOGITS, TARGETS))
     with pytest.raises(ValueError):
@@ -145,8 +147,11 @@ def test_decision_loss_dispatch():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.floats(-50, 50), st.booleans()), min_size=1, max_size=20),
-       st.floats(0.05, 0.95), st.floats(0.0, 4.0))
+@given(
+    st.lists(st.tuples(st.floats(-50, 50), st.booleans()), min_size=1, max_size=20),
+    st.floats(0.05, 0.95),
+    st.floats(0.0, 4.0),
+)
 def test_focal_bounded_by_scaled_bce(items, alpha, gamma):
     # The modulating factor lies in [0, 1], so 0 <= focal <= max(alpha, 1 - alpha) * BCE.
     x = torch.tensor([v for v, _ in items])
@@ -229,11 +234,18 @@ def test_rho_out_of_range_rejected():
 
 
 def test_combine_respects_weights_exactly():
-    terms = {"update": torch.tensor(1.0), "dst_text": torch.tensor(10.0), "speak": torch.tensor(100.0),
-             "response": torch.tensor(1000.0), "summary": torch.tensor(10000.0)}
+    terms = {
+        "update": torch.tensor(1.0),
+        "dst_text": torch.tensor(10.0),
+        "speak": torch.tensor(100.0),
+        "response": torch.tensor(1000.0),
+        "summary": torch.tensor(10000.0),
+    }
     assert combine(terms, LossWeights()).item() == 11111.0
-    assert (combine(terms, LossWeights(w_upd=2.0, w_dst=0.5, w_spk=0.0, w_rsp=3.0, w_sum=0.25)).item()
-            == 2.0 + 5.0 + 3000.0 + 2500.0)
+    assert (
+        combine(terms, LossWeights(w_upd=2.0, w_dst=0.5, w_spk=0.0, w_rsp=3.0, w_sum=0.25)).item()
+        == 2.0 + 5.0 + 3000.0 + 2500.0
+    )
     with pytest.raises(ValueError):
         combine({k: v for k, v in terms.items() if k != "speak"}, LossWeights())
 

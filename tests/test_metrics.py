@@ -44,17 +44,43 @@ from train.sequence import format_state
 NODES = ("S1", "S2", "S3", "S4")
 
 
-def frame(k: int, pred_text: str = "", ref_text: str = "", pred_delta=None, ref_delta=None, pred_state=None,
-          ref_state=None, pred_dst_text: str = "") -> dict:
-    return {"frame": k, "time": (k + 1) / 2, "user_text": "", "p_update": None, "p_speak": None,
-            "pred_dst_delta": pred_delta or {}, "ref_dst_delta": ref_delta or {}, "pred_state": pred_state or {},
-            "ref_state": ref_state or {}, "pred_text": pred_text, "ref_text": ref_text,
-            "pred_dst_text": pred_dst_text}
+def frame(
+    k: int,
+    pred_text: str = "",
+    ref_text: str = "",
+    pred_delta=None,
+    ref_delta=None,
+    pred_state=None,
+    ref_state=None,
+    pred_dst_text: str = "",
+) -> dict:
+    return {
+        "frame": k,
+        "time": (k + 1) / 2,
+        "user_text": "",
+        "p_update": None,
+        "p_speak": None,
+        "pred_dst_delta": pred_delta or {},
+        "ref_dst_delta": ref_delta or {},
+        "pred_state": pred_state or {},
+        "ref_state": ref_state or {},
+        "pred_text": pred_text,
+        "ref_text": ref_text,
+        "pred_dst_text": pred_dst_text,
+    }
 
 
 def dialogue(frames: list[dict], dataset: str = "assembly101", fps: float = 2.0) -> dict:
-    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": fps, "variant": "dst", "protocol": "full-video",
-            "frames": frames}
+    return {
+        "dataset": dataset,
+        "video_uid": "v",
+        "conversation": 0,
+        "user_type": "talk_some",
+        "fps": fps,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+    }
 
 
 def speech(n: int, preds: dict[int, str], refs: dict[int, str], dataset: str = "assembly101") -> dict:
@@ -109,8 +135,10 @@ def test_window_edges_are_inclusive_and_asymmetric(offset, matched):
 
 
 def test_one_to_one_redundant_and_missed():
-    counts = speak_counts([speech(40, {10: "a", 11: "a", 30: "b"}, {10: "a", 20: "c"})],
-                          StubEmbed({"a": (1, 0), "b": (0, 1), "c": (1, 0)}))
+    counts = speak_counts(
+        [speech(40, {10: "a", 11: "a", 30: "b"}, {10: "a", 20: "c"})],
+        StubEmbed({"a": (1, 0), "b": (0, 1), "c": (1, 0)}),
+    )
     m = speak_metrics(counts)
     # 10 -> ref 10 (TP); 11 cannot share ref 10 and ref 20 is 9 frames late: redundant; 30 redundant; 20 missed
     assert (m["num_pred"], m["num_ref"], m["num_matched"], m["num_redundant"], m["num_missed"]) == (3, 2, 1, 2, 1)
@@ -152,9 +180,14 @@ WORDS = {w: tuple(np.random.default_rng(k).normal(size=4)) for k, w in enumerate
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
-    st.lists(st.sampled_from("abcdef-"), min_size=n, max_size=n),
-    st.lists(st.sampled_from("abcdef--"), min_size=n, max_size=n))))
+@given(
+    st.integers(1, 30).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.sampled_from("abcdef-"), min_size=n, max_size=n),
+            st.lists(st.sampled_from("abcdef--"), min_size=n, max_size=n),
+        )
+    )
+)
 def test_matching_equals_a_dense_assignment(texts):
     """Against ProAssist's dense formulation: a large finite cost outside the window, scipy's linear_sum_assignment
     over predictions x all frames. Same optimum; the dense one never needs an infeasible pair."""
@@ -169,8 +202,9 @@ def test_matching_equals_a_dense_assignment(texts):
             cost[p, j] = (1 - cache.abs_cos(gen[i], ref[j]) if ref[j] else 1.0) + DIST_FACTOR * (abs(i - j) / 6) ** 1.5
     rows, cols = linear_sum_assignment(cost)
     assert (cost[rows, cols] < 1e6).all()
-    ours = match(preds, list(range(len(gen))), -3, 6,
-                 lambda p, j: 1 - cache.abs_cos(gen[preds[p]], ref[j]) if ref[j] else 1.0)
+    ours = match(
+        preds, list(range(len(gen))), -3, 6, lambda p, j: 1 - cache.abs_cos(gen[preds[p]], ref[j]) if ref[j] else 1.0
+    )
     assert len(ours) == len(preds)
     assert sum(cost[p, j] for p, j in ours) == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
     assert counts.num_redundant == sum(1 for j in cols if not ref[j])
@@ -188,8 +222,11 @@ def test_each_text_embedded_once_across_calls():
 # ----------------------------------------------------------------------------------------------- text metrics
 
 
-PAIRS = [("Turn the screw, now!", "Now turn the screw.", 0.9), ("Hello there", "Hi there!", 0.8),
-         ("ok", "...", 0.7)]  # the last reference tokenizes to nothing: dropped, as ProAssist does
+PAIRS = [
+    ("Turn the screw, now!", "Now turn the screw.", 0.9),
+    ("Hello there", "Hi there!", 0.8),
+    ("ok", "...", 0.7),
+]  # the last reference tokenizes to nothing: dropped, as ProAssist does
 
 
 def test_text_metrics_equal_direct_pycocoevalcap(meteor):
@@ -215,8 +252,15 @@ def test_text_metrics_equal_direct_pycocoevalcap(meteor):
 
 def test_text_metrics_without_pairs(meteor):
     out, _ = text_metrics([], [], meteor)
-    assert out == {"Bleu_1": 0.0, "Bleu_2": 0.0, "Bleu_3": 0.0, "Bleu_4": 0.0, "CIDEr": 0.0,
-                   "METEOR": None if meteor.reason else 0.0, "semantic_score": 0.0}
+    assert out == {
+        "Bleu_1": 0.0,
+        "Bleu_2": 0.0,
+        "Bleu_3": 0.0,
+        "Bleu_4": 0.0,
+        "CIDEr": 0.0,
+        "METEOR": None if meteor.reason else 0.0,
+        "semantic_score": 0.0,
+    }
 
 
 def test_without_java_meteor_is_none_and_tokenizer_falls_back(monkeypatch, caplog):
@@ -255,9 +299,11 @@ def test_transitions_match_only_equal_node_and_state():
 
 
 def test_node_and_joint_accuracy_by_hand():
-    states = [({"S1": "completed", "S2": "not_started"}, {"S1": "completed", "S2": "not_started"}),  # 2/2
-              ({"S1": "completed", "S2": "in_progress"}, {"S1": "completed", "S2": "not_started"}),  # 1/2
-              ({"S1": "in_progress", "S2": "in_progress"}, {"S1": "completed", "S2": "completed"})]  # 0/2
+    states = [
+        ({"S1": "completed", "S2": "not_started"}, {"S1": "completed", "S2": "not_started"}),  # 2/2
+        ({"S1": "completed", "S2": "in_progress"}, {"S1": "completed", "S2": "not_started"}),  # 1/2
+        ({"S1": "in_progress", "S2": "in_progress"}, {"S1": "completed", "S2": "completed"}),
+    ]  # 0/2
     d = dialogue([frame(k, pred_state=p, ref_state=r) for k, (p, r) in enumerate(states)])
     m = dst_metrics([d])
     assert m["node_accuracy"] == 3 / 6 and m["joint_accuracy"] == 1 / 3
@@ -266,10 +312,12 @@ def test_node_and_joint_accuracy_by_hand():
 def test_validity_with_one_invalid_text():
     s0 = {"S1": "in_progress", "S2": "not_started"}
     s2 = {"S1": "completed", "S2": "not_started"}
-    frames = [frame(0, pred_delta={"S1": "in_progress"}, pred_state=s0, pred_dst_text="S1=in_progress"),
-              frame(1, pred_state=s0, pred_dst_text="S1=in_progress"),  # no change: invalid, not applied
-              frame(2, pred_delta={"S1": "completed"}, pred_state=s2, pred_dst_text="S1=completed"),
-              frame(3, pred_state=s2)]
+    frames = [
+        frame(0, pred_delta={"S1": "in_progress"}, pred_state=s0, pred_dst_text="S1=in_progress"),
+        frame(1, pred_state=s0, pred_dst_text="S1=in_progress"),  # no change: invalid, not applied
+        frame(2, pred_delta={"S1": "completed"}, pred_state=s2, pred_dst_text="S1=completed"),
+        frame(3, pred_state=s2),
+    ]
     d = dialogue(frames)
     assert validity_counts([d]) == (2, 3)
     assert dst_metrics([d])["validity"] == 2 / 3
@@ -281,12 +329,21 @@ def test_validity_with_one_invalid_text():
 def test_teacher_forced_validity_checks_against_state_before():
     """Teacher-forced: each update was generated from the ground-truth state (`state_before`), which the
     previous predicted state need not equal (here the model missed the reference update at frame 0)."""
-    before = [{"S1": "in_progress", "S2": "not_started"}, {"S1": "completed", "S2": "not_started"},
-              {"S1": "completed", "S2": "not_started"}]
-    frames = [frame(0, pred_state=before[0]),
-              frame(1, pred_dst_text="S1=completed", pred_state=before[1]),  # no change from the truth: invalid
-              frame(2, pred_delta={"S2": "in_progress"}, pred_dst_text="S2=in_progress",
-                    pred_state={"S1": "completed", "S2": "in_progress"})]
+    before = [
+        {"S1": "in_progress", "S2": "not_started"},
+        {"S1": "completed", "S2": "not_started"},
+        {"S1": "completed", "S2": "not_started"},
+    ]
+    frames = [
+        frame(0, pred_state=before[0]),
+        frame(1, pred_dst_text="S1=completed", pred_state=before[1]),  # no change from the truth: invalid
+        frame(
+            2,
+            pred_delta={"S2": "in_progress"},
+            pred_dst_text="S2=in_progress",
+            pred_state={"S1": "completed", "S2": "in_progress"},
+        ),
+    ]
     for f, b in zip(frames, before):
         f["state_before"] = b
     d = {**dialogue(frames), "initial_state": before[0]}
@@ -303,14 +360,30 @@ def test_never_update_baseline_by_hand():
     frames, state = [], dict(s)
     for k in range(10):
         state = {**state, **ref_deltas.get(k, {})}
-        frames.append(frame(k, ref_delta=ref_deltas.get(k), ref_state=dict(state), pred_state=dict(state),
-                            pred_delta=ref_deltas.get(k), pred_dst_text=format_state(ref_deltas.get(k, {}))))
+        frames.append(
+            frame(
+                k,
+                ref_delta=ref_deltas.get(k),
+                ref_state=dict(state),
+                pred_state=dict(state),
+                pred_delta=ref_deltas.get(k),
+                pred_dst_text=format_state(ref_deltas.get(k, {})),
+            )
+        )
     d = {**dialogue(frames), "initial_state": s}
     never = never_update_metrics([d])
     # nodes: frames 0-2 both right (6), 3-6 S2 right (4), 7-9 none (0) -> 10/20; joint 3/10
-    assert never == {"update_precision": 0.0, "update_recall": 0.0, "update_f1": 0.0, "node_accuracy": 0.5,
-                     "joint_accuracy": 0.3, "transition_precision": 0.0, "transition_recall": 0.0,
-                     "transition_f1": 0.0, "validity": 1.0}
+    assert never == {
+        "update_precision": 0.0,
+        "update_recall": 0.0,
+        "update_f1": 0.0,
+        "node_accuracy": 0.5,
+        "joint_accuracy": 0.3,
+        "transition_precision": 0.0,
+        "transition_recall": 0.0,
+        "transition_f1": 0.0,
+        "validity": 1.0,
+    }
     assert all(v == 1.0 for v in dst_metrics([d]).values())  # the predictions themselves are the oracle
     assert never_update_metrics([dialogue(frames)]) is None  # no initial_state (an old file): no baseline
 
@@ -318,9 +391,17 @@ def test_never_update_baseline_by_hand():
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-TEXTS = ["Pick up the red screwdriver.", "Now attach the wheel to the base.", "Great, the cabin is on.",
-         "Tighten the bolt on the left side.", "You can put the lid back.", "Check that the arm moves freely.",
-         "Rinse the knife under the tap.", "Cut the onion into thin slices.", "Heat the pan before adding oil."]
+TEXTS = [
+    "Pick up the red screwdriver.",
+    "Now attach the wheel to the base.",
+    "Great, the cabin is on.",
+    "Tighten the bolt on the left side.",
+    "You can put the lid back.",
+    "Check that the arm moves freely.",
+    "Rinse the knife under the tap.",
+    "Cut the onion into thin slices.",
+    "Heat the pan before adding oil.",
+]
 
 
 LABELS = ["initiative|instruction", "initiative|instruction,feedback", "responsive|info_sharing", ""]
@@ -336,26 +417,47 @@ def oracle_dialogue(dataset: str, start: int, n: int, speak_at: list[int], updat
         text = ""
         if k in speak_at:
             text = "Good, keep going." if k in (1, 2) else TEXTS[speak_at.index(k) % len(TEXTS)]
-        frames.append(frame(start + k, text, text, delta, delta, dict(state), dict(state),
-                            format_state(delta) if delta else ""))
+        frames.append(
+            frame(start + k, text, text, delta, delta, dict(state), dict(state), format_state(delta) if delta else "")
+        )
         frames[-1]["ref_labels"] = LABELS[k % len(LABELS)] if text else ""
     return {**dialogue(frames, dataset), "initial_state": dict(INITIAL)}
 
 
-METRICS_KEYS = {"protocol", "variant", "dst_window_s", "num_dialogues", "dialogues_without_reference", "reseeds",
-                "sts_model", "meteor", "meteor_failures", "tokenizer", "datasets", "mean", "non_finite_values", "per_dialogue"}
+METRICS_KEYS = {
+    "protocol",
+    "variant",
+    "dst_window_s",
+    "num_dialogues",
+    "dialogues_without_reference",
+    "reseeds",
+    "sts_model",
+    "meteor",
+    "meteor_failures",
+    "tokenizer",
+    "datasets",
+    "mean",
+    "non_finite_values",
+    "per_dialogue",
+}
 
 
 @pytest.mark.parametrize("protocol", ["proassist", "full-video"])
 def test_oracle_scores_exactly_one(minilm, meteor, tmp_path, protocol):
-    updates = {0: {"S2": "in_progress"}, 6: {"S2": "completed", "S3": "in_progress"}, 7: {"S4": "in_progress"},
-               39: {"S3": "completed", "S4": "completed"}}
-    dialogues = [oracle_dialogue("assembly101", 0, 40, [0, 1, 2, 3, 7, 12, 13, 20, 39], updates),
-                 oracle_dialogue("assembly101", 57, 40, [0, 5, 6, 30, 31, 32, 38, 39], updates),
-                 oracle_dialogue("ego4d", 3, 40, [0, 1, 2, 4, 8, 9, 10, 25, 39], updates),
-                 oracle_dialogue("wtag", 0, 40, [2, 3, 39], {}),
-                 oracle_dialogue("wtag", 0, 40, [2, 3], updates),  # proassist: cut after frame 3
-                 oracle_dialogue("wtag", 0, 30, [], updates)]  # proassist: zero frames
+    updates = {
+        0: {"S2": "in_progress"},
+        6: {"S2": "completed", "S3": "in_progress"},
+        7: {"S4": "in_progress"},
+        39: {"S3": "completed", "S4": "completed"},
+    }
+    dialogues = [
+        oracle_dialogue("assembly101", 0, 40, [0, 1, 2, 3, 7, 12, 13, 20, 39], updates),
+        oracle_dialogue("assembly101", 57, 40, [0, 5, 6, 30, 31, 32, 38, 39], updates),
+        oracle_dialogue("ego4d", 3, 40, [0, 1, 2, 4, 8, 9, 10, 25, 39], updates),
+        oracle_dialogue("wtag", 0, 40, [2, 3, 39], {}),
+        oracle_dialogue("wtag", 0, 40, [2, 3], updates),  # proassist: cut after frame 3
+        oracle_dialogue("wtag", 0, 30, [], updates),
+    ]  # proassist: zero frames
     metrics = score(dialogues, minilm, "all-MiniLM-L6-v2", meteor=meteor, protocol=protocol)
     assert set(metrics) == METRICS_KEYS
     assert (metrics["protocol"], metrics["variant"], metrics["dst_window_s"]) == (protocol, "dst", 2.0)
@@ -364,8 +466,12 @@ def test_oracle_scores_exactly_one(minilm, meteor, tmp_path, protocol):
     assert list(metrics["datasets"]) == ["assembly101", "ego4d", "wtag"]
     for result in [*metrics["datasets"].values(), metrics["mean"]]:
         speak, dst, pro = result["speak"], result["dst"], result["speak_proassist"]
-        assert len(speak) == 12 and len(result["text"]) == 7 and len(dst) == 9 and set(pro) == set(speak) | {
-            "exact_copies", "zero_cost_dropped", "no_full_matching"}
+        assert (
+            len(speak) == 12
+            and len(result["text"]) == 7
+            and len(dst) == 9
+            and set(pro) == set(speak) | {"exact_copies", "zero_cost_dropped", "no_full_matching"}
+        )
         assert all(speak[k] == 1.0 for k in ("precision", "recall", "f1", "jaccard"))
         assert speak["num_mismatched"] == speak["num_missed"] == speak["num_redundant"] == speak["time_diff_s"] == 0
         assert all(v == 1.0 for v in dst.values()), dst
@@ -379,7 +485,8 @@ def test_oracle_scores_exactly_one(minilm, meteor, tmp_path, protocol):
         assert pro["f1"] == 1.0 or pro["zero_cost_dropped"] > 0
     assert metrics["datasets"]["wtag"]["dst"]["update_f1"] == 1.0
     assert metrics["mean"]["speak"]["intent_recall"]["responsive"]["num_ref"] == pytest.approx(
-        sum(m["speak"]["intent_recall"]["responsive"]["num_ref"] for m in metrics["datasets"].values()) / 3)
+        sum(m["speak"]["intent_recall"]["responsive"]["num_ref"] for m in metrics["datasets"].values()) / 3
+    )
     # never-update on wtag: right on every frame of the dialogue without updates (40), wrong on every frame of the
     # two whose first update is at frame 0 (4 + 0 frames under proassist, 40 + 30 under full-video)
     wtag_frames = 40 + 4 + 0 if protocol == "proassist" else 40 + 40 + 30
@@ -437,11 +544,22 @@ def test_memory_split_counts_by_hand(meteor):
     preds = {5: "c", 12: "b", 25: "b", 35: "a"}
     metrics = score([tagged_speech(40, preds, refs)], embed, "stub", meteor=meteor, protocol="full-video")
     split = metrics["datasets"]["assembly101"]["memory_split"]
-    assert split["memory"]["speak"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "num_ref": 2, "num_matched": 1,
-                                        "num_mismatched": 1}
+    assert split["memory"]["speak"] == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "num_ref": 2,
+        "num_matched": 1,
+        "num_mismatched": 1,
+    }
     local = split["local"]["speak"]
     assert (local["precision"], local["recall"], local["num_ref"], local["num_matched"], local["num_mismatched"]) == (
-        1.0, 0.5, 2, 1, 0)
+        1.0,
+        0.5,
+        2,
+        1,
+        0,
+    )
     assert local["f1"] == pytest.approx(2 / 3)
     assert split["memory"]["text"]["semantic_score"] == pytest.approx(0.8)  # its one match, at |cos| 0.8
     assert split["local"]["text"]["semantic_score"] == pytest.approx(1.0)

@@ -21,8 +21,16 @@ from eval.metrics_text import MeteorScorer
 from eval.protocol import ScoringError, cut_to_protocol
 from eval.scoring import mean_over_datasets, score
 
-AXES = {"a": (1, 0, 0, 0), "a!": (1, 0, 0, 0), "b": (0, 1, 0, 0), "c": (0, 0, 1, 0), "half": (0.5, 0.5, 0.5, 0.5),
-        "p1": (1, 0, 0, 0), "s1": (0.5, 0.5, 0.5, 0.5), "p2": (0, 0, 0, 1)}
+AXES = {
+    "a": (1, 0, 0, 0),
+    "a!": (1, 0, 0, 0),
+    "b": (0, 1, 0, 0),
+    "c": (0, 0, 1, 0),
+    "half": (0.5, 0.5, 0.5, 0.5),
+    "p1": (1, 0, 0, 0),
+    "s1": (0.5, 0.5, 0.5, 0.5),
+    "p2": (0, 0, 0, 1),
+}
 
 
 def embed(texts):
@@ -30,14 +38,36 @@ def embed(texts):
 
 
 def frames_of(n: int, preds: dict, refs: dict, labels: dict | None = None, start: int = 0) -> list[dict]:
-    return [{"frame": start + k, "time": (start + k + 1) / 2, "user_text": "", "pred_text": preds.get(k, ""),
-             "ref_text": refs.get(k, ""), "ref_labels": (labels or {}).get(k, ""), "pred_dst_delta": {},
-             "ref_dst_delta": {}, "pred_state": {}, "ref_state": {}, "pred_dst_text": ""} for k in range(n)]
+    return [
+        {
+            "frame": start + k,
+            "time": (start + k + 1) / 2,
+            "user_text": "",
+            "pred_text": preds.get(k, ""),
+            "ref_text": refs.get(k, ""),
+            "ref_labels": (labels or {}).get(k, ""),
+            "pred_dst_delta": {},
+            "ref_dst_delta": {},
+            "pred_state": {},
+            "ref_state": {},
+            "pred_dst_text": "",
+        }
+        for k in range(n)
+    ]
 
 
 def dialogue(frames, dataset="assembly101", **extra) -> dict:
-    return {"dataset": dataset, "video_uid": "v", "conversation": 0, "user_type": "talk_some", "fps": 2.0, "variant": "dst", "protocol": "full-video",
-            "frames": frames, **extra}
+    return {
+        "dataset": dataset,
+        "video_uid": "v",
+        "conversation": 0,
+        "user_type": "talk_some",
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+        **extra,
+    }
 
 
 def both(frames, dataset="assembly101"):
@@ -128,7 +158,7 @@ def test_float32_arithmetic_matches_torch():
     # their distance: float32 d ** 1.5 * (0.3 / rg ** 1.5) in torch; rg = 8 for assembly101 at 2 fps
     table = distance_table(8, 9)
     assert table.dtype == np.float32 and table[0] == 0
-    assert table[8] == np.float32(np.float32(8 ** 1.5) * np.float32(DIST_FACTOR / 8 ** 1.5))
+    assert table[8] == np.float32(np.float32(8**1.5) * np.float32(DIST_FACTOR / 8**1.5))
     assert window_frames("assembly101", 2.0) == (-4, 8)
     costs = semantic_costs(embed, [("a", "a"), ("a", "half"), ("b", "c")])
     assert costs.dtype == np.float32 and costs.tolist() == [0.0, 0.5, 1.0]
@@ -138,17 +168,25 @@ def test_float32_arithmetic_matches_torch():
 # ----------------------------------------------------------------------------------------------- intents
 
 
-@pytest.mark.parametrize("labels,intents", [
-    ("initiative|instruction", ("instruction",)), ("initiative|instruction,feedback", ("instruction", "feedback")),
-    ("initiative|feedback,info_sharing", ("feedback",)), ("responsive|instruction,info_sharing", ("responsive",)),
-    ("initiative|correction", ("other",)), ("", ("other",)), (None, ("other",)), ("instruction", ("other",))])
+@pytest.mark.parametrize(
+    "labels,intents",
+    [
+        ("initiative|instruction", ("instruction",)),
+        ("initiative|instruction,feedback", ("instruction", "feedback")),
+        ("initiative|feedback,info_sharing", ("feedback",)),
+        ("responsive|instruction,info_sharing", ("responsive",)),
+        ("initiative|correction", ("other",)),
+        ("", ("other",)),
+        (None, ("other",)),
+        ("instruction", ("other",)),
+    ],
+)
 def test_intents_of(labels, intents):
     assert intents_of(labels) == intents
 
 
 def test_intent_recall_mean_is_over_datasets_that_have_the_intent(no_meteor):
-    d1 = dialogue(frames_of(20, {5: "a"}, {5: "b", 12: "c"}, {5: "responsive|x", 12: "initiative|instruction"}),
-                  "wtag")
+    d1 = dialogue(frames_of(20, {5: "a"}, {5: "b", 12: "c"}, {5: "responsive|x", 12: "initiative|instruction"}), "wtag")
     d2 = dialogue(frames_of(20, {5: "c"}, {5: "c"}, {5: "initiative|instruction"}), "ego4d")
     m = score([d1, d2], embed, "stub", meteor=no_meteor, protocol="full-video")
     wtag, ego = (m["datasets"][k]["speak"]["intent_recall"] for k in ("wtag", "ego4d"))
@@ -162,8 +200,10 @@ def test_intent_recall_mean_is_over_datasets_that_have_the_intent(no_meteor):
 
 
 def test_mean_of_a_missing_value_is_null_except_where_averaged_over_available():
-    per = {"x": {"dst_never": None, "summary_similarity": 0.4}, "y": {"dst_never": {"joint_accuracy": 1.0},
-                                                                     "summary_similarity": None}}
+    per = {
+        "x": {"dst_never": None, "summary_similarity": 0.4},
+        "y": {"dst_never": {"joint_accuracy": 1.0}, "summary_similarity": None},
+    }
     assert mean_over_datasets(per) == {"dst_never": None, "summary_similarity": 0.4}
 
 
@@ -177,8 +217,12 @@ def protocol_dialogue(**extra) -> dict:
 
 
 def test_proassist_protocol_cuts_after_the_last_reference(no_meteor):
-    d = protocol_dialogue(reseeds=[{"frame": 103, "row": 3, "strategy": "dst-reseed", "ref_progress": ""},
-                                   {"frame": 112, "row": 12, "strategy": "dst-reseed", "ref_progress": ""}])
+    d = protocol_dialogue(
+        reseeds=[
+            {"frame": 103, "row": 3, "strategy": "dst-reseed", "ref_progress": ""},
+            {"frame": 112, "row": 12, "strategy": "dst-reseed", "ref_progress": ""},
+        ]
+    )
     silent = dialogue(frames_of(10, {3: "a"}, {}), "wtag")
     pro = score([d, silent], embed, "stub", meteor=no_meteor, protocol="proassist")
     full = score([d, silent], embed, "stub", meteor=no_meteor, protocol="full-video")
@@ -208,9 +252,11 @@ def test_full_video_refuses_dialogues_streamed_under_proassist(no_meteor):
 
 
 def test_summary_variant_similarity_and_mixed_variants(no_meteor):
-    reseeds = [{"frame": 2, "row": 2, "strategy": "summary", "summary": "s1", "ref_progress": "p1"},  # |cos| 0.5
-               {"frame": 5, "row": 5, "strategy": "summary", "summary": "", "ref_progress": "p2"},  # empty: 0
-               {"frame": 6, "row": 6, "strategy": "summary", "summary": "s1", "ref_progress": ""}]  # not counted
+    reseeds = [
+        {"frame": 2, "row": 2, "strategy": "summary", "summary": "s1", "ref_progress": "p1"},  # |cos| 0.5
+        {"frame": 5, "row": 5, "strategy": "summary", "summary": "", "ref_progress": "p2"},  # empty: 0
+        {"frame": 6, "row": 6, "strategy": "summary", "summary": "s1", "ref_progress": ""},
+    ]  # not counted
     d = dialogue(frames_of(12, {}, {11: "a"}), variant="summary", reseeds=reseeds)
     other = dialogue(frames_of(12, {}, {11: "a"}), "wtag", variant="summary")
     m = score([d, other], embed, "stub", meteor=no_meteor)

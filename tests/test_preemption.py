@@ -16,14 +16,23 @@ import pytest
 
 DST = str(Path(sys.executable).with_name("dst"))
 README = Path(__file__).parent.parent / "README.md"
-COMMON = {"model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "log_every": 1, "save_every": 100,
-          "warmup_steps": 5, "lr": 3e-3}
+COMMON = {
+    "model": "tiny-random",
+    "batch_size": "600",
+    "max_seq_len": 300,
+    "log_every": 1,
+    "save_every": 100,
+    "warmup_steps": 5,
+    "lr": 3e-3,
+}
 
 
 def write_config(path: Path, **values) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v if not isinstance(v, Path) else str(v))}\n"
-                                          for k, v in values.items()))
+    path.write_text(
+        "[train]\n"
+        + "".join(f"{k} = {json.dumps(v if not isinstance(v, Path) else str(v))}\n" for k, v in values.items())
+    )
     return path
 
 
@@ -56,12 +65,14 @@ def group_members(pgid: int) -> list[int]:
 
 
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes(tiny_shards, tmp_path):
-    config = write_config(tmp_path / "train.toml", shards=tiny_shards, out=tmp_path / "run", max_steps=12,
-                          num_workers=2, **COMMON)
+    config = write_config(
+        tmp_path / "train.toml", shards=tiny_shards, out=tmp_path / "run", max_steps=12, num_workers=2, **COMMON
+    )
     run = tmp_path / "run"
     log = open(tmp_path / "out.log", "w")
-    proc = subprocess.Popen([DST, "train", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [DST, "train", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     wait_for(lambda: len(steps_logged(run)) >= 2, "two logged steps", proc)
     assert len(group_members(proc.pid)) >= 3  # the main process and its two DataLoader workers
     os.killpg(proc.pid, signal.SIGTERM)
@@ -107,7 +118,7 @@ def test_readme_recipe_uses_valid_torchrun_options():
     from torch.distributed.run import get_args_parser
 
     line = next(x for x in readme_recipe().splitlines() if x.startswith("srun torchrun"))
-    launcher = line.split()[2:line.split().index("--no-python") + 1]
+    launcher = line.split()[2 : line.split().index("--no-python") + 1]
     args = get_args_parser().parse_args(launcher + ["dst"])
     assert (args.nproc_per_node, args.shutdown_timeout, args.no_python) == ("2", 240, True)
 
@@ -119,14 +130,23 @@ def job(tmp_path, tiny_shards):
     job = tmp_path / "job"
     fake = tmp_path / "fake-bin"
     fake.mkdir()
-    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)), ("torchrun", FAKE_TORCHRUN),
-                       ("scontrol", FAKE_SCONTROL)):
+    for name, text in (
+        ("srun", FAKE_SRUN.format(python=sys.executable)),
+        ("torchrun", FAKE_TORCHRUN),
+        ("scontrol", FAKE_SCONTROL),
+    ):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (job / ".venv" / "bin").mkdir(parents=True)
     (job / ".venv" / "bin" / "activate").write_text(f'export PATH="{fake}:{Path(sys.executable).parent}:$PATH"\n')
-    write_config(job / "configs" / "train.toml", shards=tiny_shards, out="../runs/256m-lora", max_steps=10,
-                 num_workers=1, **COMMON)
+    write_config(
+        job / "configs" / "train.toml",
+        shards=tiny_shards,
+        out="../runs/256m-lora",
+        max_steps=10,
+        num_workers=1,
+        **COMMON,
+    )
     (job / "job.sh").write_text(readme_recipe())
     env = {**os.environ, "FAKE_SLURM": str(tmp_path), "SLURM_JOB_ID": "4242", "OMP_NUM_THREADS": "1"}
     return job, env, tmp_path
@@ -160,14 +180,18 @@ def test_readme_slurm_recipe_as_written(job):
     # 2. the same script again: starts from step 0, keeps the first attempt's metrics; then SLURM's signal
     proc = start_job(job, env, 2)
     pgid = step_pgid(fake_slurm, proc)
-    wait_for(lambda: (run / "metrics.jsonl.restart.1").exists() and len(steps_logged(run)) >= 2,
-             "two logged steps of the new attempt", proc)
+    wait_for(
+        lambda: (run / "metrics.jsonl.restart.1").exists() and len(steps_logged(run)) >= 2,
+        "two logged steps of the new attempt",
+        proc,
+    )
     assert len(group_members(pgid)) >= 2  # dst train and its DataLoader worker
     os.killpg(pgid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     log = " ".join((job.parent / "attempt-2.log").read_text().split())
-    assert "no checkpoint yet: starting from step 0; the earlier attempt's metrics are in metrics.jsonl.restart.1" \
-        in log
+    assert (
+        "no checkpoint yet: starting from step 0; the earlier attempt's metrics are in metrics.jsonl.restart.1" in log
+    )
     assert (run / "metrics.jsonl.restart.1").read_text() == first_attempt
     stopped = json.loads((run / "preempted.json").read_text())["step"]
     assert requeues.read_text() == "requeue 4242\n" and stopped >= 2

@@ -35,15 +35,23 @@ FPS = 2.0
 
 
 def record(uid: str, start: float, n_turns: int = 3, dataset: str = "wtag") -> dict:
-    turns = [{"role": "assistant" if j % 2 else "user", "time": start + 1.0 + 2.5 * j, "content": f"{uid} turn {j}"}
-             for j in range(n_turns)]
+    turns = [
+        {"role": "assistant" if j % 2 else "user", "time": start + 1.0 + 2.5 * j, "content": f"{uid} turn {j}"}
+        for j in range(n_turns)
+    ]
     return {
-        "video_uid": uid, "inferred_goal": "goal", "inferred_knowledge": "1. a\n2. b",
+        "video_uid": uid,
+        "inferred_goal": "goal",
+        "inferred_knowledge": "1. a\n2. b",
         "parsed_video_anns": {"dataset": dataset, "video_start_time": start, "duration": 10.0},
-        "dst": [{"type": "step", "id": "S1", "start_ts": start + 1.0, "end_ts": start + 4.0, "name": "a"},
-                {"type": "step", "id": "S2", "start_ts": start + 4.0, "end_ts": start + 30.0, "name": "b"}],
-        "conversations": [{"user_type": "talk_some", "conversation": turns},
-                          {"user_type": "no_talk", "conversation": turns[:1]}],
+        "dst": [
+            {"type": "step", "id": "S1", "start_ts": start + 1.0, "end_ts": start + 4.0, "name": "a"},
+            {"type": "step", "id": "S2", "start_ts": start + 4.0, "end_ts": start + 30.0, "name": "b"},
+        ],
+        "conversations": [
+            {"user_type": "talk_some", "conversation": turns},
+            {"user_type": "no_talk", "conversation": turns[:1]},
+        ],
     }
 
 
@@ -56,8 +64,12 @@ def away_from_repo_config(tmp_path, monkeypatch):
 @pytest.fixture
 def data(tmp_path: Path):
     """Three videos with frames files (the third shorter than its dialogue), one record with no frames file."""
-    records = [record("vid-a", 1.0), record("vid-b", 0.0, n_turns=4), record("vid-c", 2.0, n_turns=5),
-               record("vid-missing", 0.0)]
+    records = [
+        record("vid-a", 1.0),
+        record("vid-b", 0.0, n_turns=4),
+        record("vid-c", 2.0, n_turns=5),
+        record("vid-missing", 0.0),
+    ]
     frames = tmp_path / "frames"
     for i, (uid, n) in enumerate((("vid-a", 22), ("vid-b", 20), ("vid-c", 12))):
         write_frames_file(frames_file_candidates(frames, "wtag", uid)[0], synthetic_jpegs(n, size=32, seed=i))
@@ -65,8 +77,17 @@ def data(tmp_path: Path):
 
 
 def run_prepare(dst_json, frames, out, **options):
-    cfg = resolve("val", {"dst_json": (dst_json,), "frames_root": frames, "model": "tiny-random", "out": out,
-                          "batch_size": 8, **options})
+    cfg = resolve(
+        "val",
+        {
+            "dst_json": (dst_json,),
+            "frames_root": frames,
+            "model": "tiny-random",
+            "out": out,
+            "batch_size": 8,
+            **options,
+        },
+    )
     return prepare.run(cfg)
 
 
@@ -93,23 +114,42 @@ def test_stored_rows_equal_fresh_encodings(data, tmp_path):
 def test_shapes_for_every_tokens_per_frame(data, tmp_path, option, tokens):
     dst_json, frames = data
     run_prepare(dst_json, frames, tmp_path / "out", tokens_per_frame=option, max_videos=1)
-    (key, emb, meta), = read_shard(tmp_path / "out" / "shard-000000.tar")
+    ((key, emb, meta),) = read_shard(tmp_path / "out" / "shard-000000.tar")
     assert emb.shape == (20, tokens, 64) and meta.tokens_per_frame == (option if option == "all" else tokens)
 
 
 def test_shard_round_trip_through_webdataset(data, tmp_path):
     dst_json, frames = data
     run_prepare(dst_json, frames, tmp_path / "out")
-    via_wds = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False)
-                   .decode().to_tuple("__key__", "emb.npy", "json"))
+    via_wds = list(
+        wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False)
+        .decode()
+        .to_tuple("__key__", "emb.npy", "json")
+    )
     via_tar = list(read_shard(tmp_path / "out" / "shard-000000.tar"))
-    assert [k for k, _, _ in via_wds] == [k for k, _, _ in via_tar] == [sample_key("wtag", u)
-                                                                         for u in ("vid-a", "vid-b", "vid-c")]
+    assert (
+        [k for k, _, _ in via_wds]
+        == [k for k, _, _ in via_tar]
+        == [sample_key("wtag", u) for u in ("vid-a", "vid-b", "vid-c")]
+    )
     for (_, e1, m1), (_, e2, m2) in zip(via_wds, via_tar):
         assert np.array_equal(e1, e2) and m1 == m2.to_json()
     meta = via_tar[1][2]
-    assert set(meta.to_json()) == {"video_uid", "dataset", "fps", "first_frame", "num_frames", "tokens_per_frame",
-                                   "model", "goal", "knowledge", "nodes", "initial_state", "conversations", "labels"}
+    assert set(meta.to_json()) == {
+        "video_uid",
+        "dataset",
+        "fps",
+        "first_frame",
+        "num_frames",
+        "tokens_per_frame",
+        "model",
+        "goal",
+        "knowledge",
+        "nodes",
+        "initial_state",
+        "conversations",
+        "labels",
+    }
     # The per-point labels are the rows `dst labels` writes for that video.
     rows = pl.read_parquet(tmp_path / "out" / "labels.parquet").filter(pl.col("video_uid") == "vid-b")
     conv0 = rows.filter(pl.col("conversation") == 0)
@@ -225,12 +265,14 @@ def test_arrow_and_video_sources_agree(tmp_path):
     _write_mp4(tmp_path / "videos" / "wtag" / "vid-v.mp4", jpegs, fps=2)
     dst_json = write_records(tmp_path / "v.json", [record("vid-v", 1.0)])
     run_prepare(dst_json, tmp_path / "frames", tmp_path / "a")
-    cfg = resolve("val", {"dst_json": (dst_json,), "videos_root": tmp_path / "videos", "model": "tiny-random",
-                          "out": tmp_path / "v"})
+    cfg = resolve(
+        "val",
+        {"dst_json": (dst_json,), "videos_root": tmp_path / "videos", "model": "tiny-random", "out": tmp_path / "v"},
+    )
     manifest = prepare.run(cfg)
     assert manifest["source"] == "video" and manifest["videos"]["vid-v"]["frames"] == 14
-    (_, from_arrow, m1), = read_shard(tmp_path / "a" / "shard-000000.tar")
-    (_, from_video, m2), = read_shard(tmp_path / "v" / "shard-000000.tar")
+    ((_, from_arrow, m1),) = read_shard(tmp_path / "a" / "shard-000000.tar")
+    ((_, from_video, m2),) = read_shard(tmp_path / "v" / "shard-000000.tar")
     assert from_arrow.shape == from_video.shape and m1 == m2
     a, v = from_arrow.astype(np.float32), from_video.astype(np.float32)
     cos = (a * v).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(v, axis=-1))
@@ -242,8 +284,15 @@ def test_undecodable_and_missing_videos_are_skipped(tmp_path):
     _write_mp4(tmp_path / "videos" / "wtag" / "good.mp4", synthetic_jpegs(12, size=32), fps=2)
     (tmp_path / "videos" / "wtag" / "broken.mp4").write_bytes(os.urandom(4096))
     records = [record("good", 0.0), record("broken", 0.0), record("absent", 0.0)]
-    cfg = resolve("val", {"dst_json": (write_records(tmp_path / "v.json", records),),
-                          "videos_root": tmp_path / "videos", "model": "tiny-random", "out": tmp_path / "out"})
+    cfg = resolve(
+        "val",
+        {
+            "dst_json": (write_records(tmp_path / "v.json", records),),
+            "videos_root": tmp_path / "videos",
+            "model": "tiny-random",
+            "out": tmp_path / "out",
+        },
+    )
     manifest = prepare.run(cfg)
     assert manifest["counts"]["videos_written"] == 1 and manifest["videos"]["good"]["frames"] == 12
     reasons = {s["video_uid"]: s["reason"] for s in manifest["skipped"]}
@@ -255,8 +304,10 @@ def test_config_file_names_the_split(data, tmp_path, monkeypatch):
     dst_json, frames = data
     config = tmp_path / "configs" / "data.toml"
     config.parent.mkdir()
-    config.write_text(f'[prepare]\nmodel = "tiny-random"\ntokens_per_frame = 1\n\n'
-                      f'[splits.val]\ndst_json = ["{dst_json}"]\nframes_root = "{frames}"\nout = "../shards/val"\n')
+    config.write_text(
+        f'[prepare]\nmodel = "tiny-random"\ntokens_per_frame = 1\n\n'
+        f'[splits.val]\ndst_json = ["{dst_json}"]\nframes_root = "{frames}"\nout = "../shards/val"\n'
+    )
     monkeypatch.chdir(tmp_path)
     cfg = resolve("val", {}, None)  # the default configs/data.toml in the working folder
     assert (cfg.model, cfg.tokens_per_frame, cfg.frames_root) == ("tiny-random", 1, frames)
@@ -272,10 +323,32 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     dst_json, frames = data
     run_prepare(dst_json, frames, tmp_path / "one", shard_size_mb=0.004)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "--no-python", str(Path(sys.executable).with_name("dst")), "prepare", "--split", "val",
-           "--dst-json", str(dst_json), "--frames-root", str(frames), "--model", "tiny-random",
-           "--out", str(tmp_path / "two"), "--shard-size-mb", "0.004", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "--no-python",
+        str(Path(sys.executable).with_name("dst")),
+        "prepare",
+        "--split",
+        "val",
+        "--dst-json",
+        str(dst_json),
+        "--frames-root",
+        str(frames),
+        "--model",
+        "tiny-random",
+        "--out",
+        str(tmp_path / "two"),
+        "--shard-size-mb",
+        "0.004",
+        "--batch-size",
+        "8",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert digests(tmp_path / "two") == digests(tmp_path / "one")

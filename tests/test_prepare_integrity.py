@@ -67,10 +67,12 @@ def test_non_finite_and_undecodable_videos_are_skipped_with_the_reason(tmp_path,
     monkeypatch.setattr(prepare, "encode_video", overflowing)
     manifest = run_prepare(dst_json, frames, tmp_path / "out")
     reasons = {s["video_uid"]: s["reason"] for s in manifest["skipped"]}
-    assert reasons == {"vid-nan": "non-finite embeddings at 1 of 14 frames (first: frame 4); the encoder "
-                                  "overflowed or the model is broken",
-                       "vid-black": f"{frames_file_candidates(frames, 'wtag', 'vid-black')[0]}: none of its "
-                                    "12 frames (0 to 11) could be decoded"}
+    assert reasons == {
+        "vid-nan": "non-finite embeddings at 1 of 14 frames (first: frame 4); the encoder "
+        "overflowed or the model is broken",
+        "vid-black": f"{frames_file_candidates(frames, 'wtag', 'vid-black')[0]}: none of its "
+        "12 frames (0 to 11) could be decoded",
+    }
     assert manifest["counts"]["videos_written"] == 1 and manifest["shard_samples"] == {"shard-000000.tar": 1}
     assert [meta.video_uid for _, _, meta in read_shard(tmp_path / "out" / "shard-000000.tar")] == ["vid-a"]
     assert not list((tmp_path / "out" / ".prepare" / "cache").iterdir())  # nothing non-finite cached either
@@ -82,10 +84,13 @@ def test_uids_that_sanitise_alike_get_their_own_samples(tmp_path):
     dst_json = write_records(tmp_path / "v.json", [record(u, 0.0) for u in uids] + [record("vid.x", 0.0)])
     manifest = run_prepare(dst_json, frames, tmp_path / "out")
     assert manifest["counts"]["videos_written"] == 4
-    assert manifest["skipped"] == [{"video_uid": "vid.x", "reason": "duplicate video_uid in dataset wtag: record #0 "
-                                                                    "has it too and is used (an exact copy)"}]
-    samples = {meta.video_uid: (key, len(emb)) for key, emb, meta in read_shard(tmp_path / "out" /
-                                                                                 "shard-000000.tar")}
+    assert manifest["skipped"] == [
+        {
+            "video_uid": "vid.x",
+            "reason": "duplicate video_uid in dataset wtag: record #0 has it too and is used (an exact copy)",
+        }
+    ]
+    samples = {meta.video_uid: (key, len(emb)) for key, emb, meta in read_shard(tmp_path / "out" / "shard-000000.tar")}
     assert samples == {u: (sample_key("wtag", u), 12 + i) for i, u in enumerate(uids)}
     assert len({key for key, _ in samples.values()}) == 4
 
@@ -93,13 +98,28 @@ def test_uids_that_sanitise_alike_get_their_own_samples(tmp_path):
 def test_nothing_usable_is_exit_1_with_the_layout_and_writes_nothing(tmp_path):
     frames_for(tmp_path / "frames", {"vid-a": 16})
     dst_json = write_records(tmp_path / "v.json", [record("vid-a", 1.0)])
-    result = runner.invoke(app, ["prepare", "--split", "val", "--dst-json", str(dst_json), "--frames-root",
-                                 str(tmp_path / "frames" / "wtag" / "frames"), "--model", "tiny-random", "--out",
-                                 str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--split",
+            "val",
+            "--dst-json",
+            str(dst_json),
+            "--frames-root",
+            str(tmp_path / "frames" / "wtag" / "frames"),
+            "--model",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
-    assert (f"frames files are expected at {tmp_path}/frames/wtag/frames/{{dataset}}/frames/{{name}}.arrow "
-            "(--frames-root is ProAssist's processed_data folder, or one dataset's folder); nothing written"
-            in text_of(result))
+    assert (
+        f"frames files are expected at {tmp_path}/frames/wtag/frames/{{dataset}}/frames/{{name}}.arrow "
+        "(--frames-root is ProAssist's processed_data folder, or one dataset's folder); nothing written"
+        in text_of(result)
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -107,23 +127,45 @@ def test_every_video_failing_to_encode_is_exit_1(tmp_path):
     frames = tmp_path / "frames"
     write_frames_file(frames_file_candidates(frames, "wtag", "vid-black")[0], [b"not a jpeg"] * 12)
     dst_json = write_records(tmp_path / "v.json", [record("vid-black", 0.0)])
-    with pytest.raises(NoUsableRecords, match=r"^no video could be encoded \(the first, vid-black: \S+vid-black.arrow: none "
-                                              r"of its 12 frames \(0 to 11\) could be decoded\); see .*manifest.json$"):
+    with pytest.raises(
+        NoUsableRecords,
+        match=r"^no video could be encoded \(the first, vid-black: \S+vid-black.arrow: none "
+        r"of its 12 frames \(0 to 11\) could be decoded\); see .*manifest.json$",
+    ):
         run_prepare(dst_json, frames, tmp_path / "out")
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--fps", "0", "fps must be > 0, got 0.0"), ("--fps", "nan", "fps must be a finite number, got nan"),
-    ("--max-videos", "-1", "max_videos must be >= 1, got -1"), ("--batch-size", "0", "batch_size must be >= 1, "
-                                                                                     "got 0"),
-    ("--shard-size-mb", "0", "shard_size_mb must be > 0, got 0.0"),
-    ("--shard-size-mb", "inf", "shard_size_mb must be a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--fps", "0", "fps must be > 0, got 0.0"),
+        ("--fps", "nan", "fps must be a finite number, got nan"),
+        ("--max-videos", "-1", "max_videos must be >= 1, got -1"),
+        ("--batch-size", "0", "batch_size must be >= 1, got 0"),
+        ("--shard-size-mb", "0", "shard_size_mb must be > 0, got 0.0"),
+        ("--shard-size-mb", "inf", "shard_size_mb must be a finite number, got inf"),
+    ],
+)
 def test_nonsense_numbers_are_exit_2(tmp_path, option, value, message):
     dst_json = write_records(tmp_path / "v.json", [record("vid-a", 1.0)])
-    result = runner.invoke(app, ["prepare", "--split", "val", "--dst-json", str(dst_json), "--frames-root",
-                                 str(tmp_path), "--model", "tiny-random", "--out", str(tmp_path / "out"), option,
-                                 value])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--split",
+            "val",
+            "--dst-json",
+            str(dst_json),
+            "--frames-root",
+            str(tmp_path),
+            "--model",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "out"),
+            option,
+            value,
+        ],
+    )
     assert result.exit_code == 2 and text_of(result) == f"error: {message}"
 
 

@@ -34,10 +34,15 @@ def test_rejects_wrong_input():
         preprocess_frames(np.zeros((8, 8, 3), np.uint8), 8)
 
 
-@pytest.mark.parametrize("h, w, edge, expected", [
-    (48, 48, 96, (96, 96)), (30, 50, 96, (58, 96)),  # int(96 * 30 / 50) = 57 -> bumped to even 58
-    (50, 31, 99, (99, 62)), (384, 384, 2048, (2048, 2048)),
-])
+@pytest.mark.parametrize(
+    "h, w, edge, expected",
+    [
+        (48, 48, 96, (96, 96)),
+        (30, 50, 96, (58, 96)),  # int(96 * 30 / 50) = 57 -> bumped to even 58
+        (50, 31, 99, (99, 62)),
+        (384, 384, 2048, (2048, 2048)),
+    ],
+)
 def test_longest_edge_rule(h, w, edge, expected):
     assert longest_edge_size(h, w, edge) == expected
 
@@ -47,24 +52,34 @@ def _gradient_frames(n: int, size: int) -> np.ndarray:
 
 
 CASES = [  # (longest_edge, image_size, frames): square and non-square, with and without the longest-edge step
-    (None, 32, "gradient48"), (96, 32, "gradient48"), (100, 24, "gradient48"),
-    (96, 32, "noise30x50"), (97, 24, "noise50x31"),
+    (None, 32, "gradient48"),
+    (96, 32, "gradient48"),
+    (100, 24, "gradient48"),
+    (96, 32, "noise30x50"),
+    (97, 24, "noise50x31"),
 ]
 
 
 def _frames(name: str) -> np.ndarray:
     rng = np.random.default_rng(0)
-    return {"gradient48": lambda: _gradient_frames(3, 48),
-            "noise30x50": lambda: rng.integers(0, 256, (2, 30, 50, 3), dtype=np.uint8),
-            "noise50x31": lambda: rng.integers(0, 256, (2, 50, 31, 3), dtype=np.uint8)}[name]()
+    return {
+        "gradient48": lambda: _gradient_frames(3, 48),
+        "noise30x50": lambda: rng.integers(0, 256, (2, 30, 50, 3), dtype=np.uint8),
+        "noise50x31": lambda: rng.integers(0, 256, (2, 50, 31, 3), dtype=np.uint8),
+    }[name]()
 
 
 def _reference(cls, frames: np.ndarray, longest_edge: int | None, image_size: int) -> torch.Tensor:
     # `size` is the first, aspect-keeping resize; with longest_edge None, size == image_size makes that step the
     # same square resize as ours (square inputs only, which is how CASES uses it).
-    proc = cls(do_image_splitting=False, size={"longest_edge": longest_edge or image_size},
-               max_image_size={"longest_edge": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-               resample=Image.LANCZOS)
+    proc = cls(
+        do_image_splitting=False,
+        size={"longest_edge": longest_edge or image_size},
+        max_image_size={"longest_edge": image_size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        resample=Image.LANCZOS,
+    )
     out = proc(images=[[f] for f in frames], return_tensors="pt")["pixel_values"]
     assert out.shape[1] == 1  # unsplit: one picture per frame
     return out[:, 0]

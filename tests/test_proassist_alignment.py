@@ -23,8 +23,9 @@ def test_place_turns_reproduces_every_frames_turn(dialogue):
     convo = dialogue["conversation"]
     turns = [Turn(t["role"], t["time"], t["content"]) for t in convo if t["role"] in ("user", "assistant")]
     # ProAssist's frames turns: each text turn is preceded by the frames [start, end) seen since the previous one.
-    expected = [(convo[i - 1]["start"], convo[i - 1]["end"]) for i, t in enumerate(convo)
-                if t["role"] in ("user", "assistant")]
+    expected = [
+        (convo[i - 1]["start"], convo[i - 1]["end"]) for i, t in enumerate(convo) if t["role"] in ("user", "assistant")
+    ]
     assert all(convo[i - 1]["role"] == "frames" for i, t in enumerate(convo) if t["role"] in ("user", "assistant"))
     k0, n_frames = dialogue["start_frame_idx"], dialogue["end_frame_idx"] + 1
     placement = place_turns(turns, k0, n_frames, fps=dialogue["fps"])

@@ -39,8 +39,11 @@ def test_vocabulary_special_ids_and_roles(smollm2, fmt):
     tokenizer = smollm2[1]
     assert len(tokenizer) == 49280
     assert [tokenizer.convert_tokens_to_ids(t) for t in ADDED_TOKENS] == list(range(49152, 49280))
-    assert tokenizer.convert_tokens_to_ids(["<global-img>", "<fake_token_around_image>", "<image>"]) == \
-        [49152, 49189, 49190]
+    assert tokenizer.convert_tokens_to_ids(["<global-img>", "<fake_token_around_image>", "<image>"]) == [
+        49152,
+        49189,
+        49190,
+    ]
     assert (tokenizer.bos_token, tokenizer.bos_token_id) == ("<|im_start|>", 1)
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<end_of_utterance>", 49279)
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|im_end|>", 2)
@@ -55,8 +58,13 @@ def test_digits_are_single_tokens(smollm2):
     tokenizer = smollm2[1]
     base = [t for t, i in tokenizer.get_vocab().items() if i < 49152]
     assert len(base) == 49152 and not [t for t in base if re.search(r"\d", t) and len(t) > 1]
-    assert tokenizer.convert_ids_to_tokens(tokenizer(" S12=completed", add_special_tokens=False)["input_ids"]) \
-        == ["ĠS", "1", "2", "=", "completed"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" S12=completed", add_special_tokens=False)["input_ids"]) == [
+        "ĠS",
+        "1",
+        "2",
+        "=",
+        "completed",
+    ]
 
 
 # --- constrained DST decoding, forced through every option ------------------------------------------------------
@@ -123,7 +131,7 @@ def forced_update(fmt, state: dict[str, str], delta: dict[str, str]) -> tuple[di
     session = StreamSession(engine, 0)
     model.force(fmt.dst_prefix + fmt.dst_body(delta))  # update() feeds the prefix itself
     got, text, _ = engine.drive(session.update(state))
-    return got, text, model.fed[model.mark + len(fmt.dst_prefix):]
+    return got, text, model.fed[model.mark + len(fmt.dst_prefix) :]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -201,8 +209,9 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
     meta = realistic_meta(n_frames=12)
     n = len(meta.frame)
     emb = (np.random.default_rng(0).standard_normal((n, 5, 576)) * 0.14).astype(np.float16)
-    streamer = Streamer(model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192,
-                                                 protocol="full-video"))  # every frame, as the window has
+    streamer = Streamer(
+        model, fmt, StreamConfig(mode="teacher-forced", generate_above=1.0, max_context=8192, protocol="full-video")
+    )  # every frame, as the window has
     streamer.run(meta, emb, 0)
     seq = build_window(fmt, meta, 0, 0, n)
     assert streamer.session.ids == seq.input_ids
@@ -219,8 +228,13 @@ def test_streaming_appends_the_training_ids_and_states(smollm2, fmt):
 
 def token_counts(fmt, meta) -> dict[str, int]:
     n = len(meta.frame)
-    counts = {"system prompt (20 steps)": len(system_for(fmt, meta, 0, 0)), "frame blocks": n * len(fmt.frame),
-              "user turns": 0, "DST updates": 0, "assistant responses": 0}
+    counts = {
+        "system prompt (20 steps)": len(system_for(fmt, meta, 0, 0)),
+        "frame blocks": n * len(fmt.frame),
+        "user turns": 0,
+        "DST updates": 0,
+        "assistant responses": 0,
+    }
     for row in range(n):
         seg = frame_segments(fmt, meta, 0, row)
         counts["user turns"] += len(seg["user"])
@@ -243,8 +257,10 @@ def test_token_counts_of_a_realistic_record(fmt, capsys):
     conv = meta.conversations[0]
     updates, speaks = sum(meta.dst_update), sum(conv.speak)
     with capsys.disabled():
-        print(f"\n\nrealistic record: {n} frames, {updates} DST updates, {speaks} responses, "
-              f"{sum(bool(u) for u in conv.user_text)} user turns")
+        print(
+            f"\n\nrealistic record: {n} frames, {updates} DST updates, {speaks} responses, "
+            f"{sum(bool(u) for u in conv.user_text)} user turns"
+        )
         print(f"{'segment':<26}{'SmolLM2 BPE (49,280)':>22}{'tiny BPE (1,118)':>18}")
         for key in real:
             print(f"{key:<26}{real[key]:>22,}{tiny[key]:>18,}")

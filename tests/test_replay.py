@@ -34,9 +34,17 @@ def model_and_index(tiny_shards):
 def replay(model, fmt, index, vid: str, conversation: int):
     """Stream one dialogue in model mode with forced ground truth; return the dialogue record, the ids of each
     context (between re-seeds) and the head logits the stream read, in order."""
-    streamer = Streamer(model, fmt, StreamConfig(variant=fmt.variant.name, max_context=MAX_CONTEXT[fmt.variant.name],
-                                                 max_new_tokens=8,
-                                                 max_summary_tokens=8, protocol="full-video"))
+    streamer = Streamer(
+        model,
+        fmt,
+        StreamConfig(
+            variant=fmt.variant.name,
+            max_context=MAX_CONTEXT[fmt.variant.name],
+            max_new_tokens=8,
+            max_summary_tokens=8,
+            protocol="full-video",
+        ),
+    )
     session = streamer.session
     contexts, logits = [], {"update": [], "speak": []}
     refeed, decisions = session.refeed, session.decisions

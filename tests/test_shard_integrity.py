@@ -35,7 +35,9 @@ TOKENS, HIDDEN = 5, 8
 def sample(uid: str, n_frames: int = 12, key: str | None = None, seed: int = 0) -> dict:
     labels = video_labels(parse_record(good(uid)), n_frames, 2.0)
     emb = np.random.default_rng(seed).standard_normal((len(labels.points), TOKENS, HIDDEN)).astype(np.float16)
-    return encode_sample(key or sample_key("epickitchens", uid), emb, VideoMeta.from_labels(labels, "tiny-random", TOKENS))
+    return encode_sample(
+        key or sample_key("epickitchens", uid), emb, VideoMeta.from_labels(labels, "tiny-random", TOKENS)
+    )
 
 
 def write_folder(folder: Path, shards: list[list[dict]], manifest: bool = True) -> Path:
@@ -91,22 +93,26 @@ def test_truncated_exactly_at_a_sample_boundary_is_caught_by_the_counts(folder):
     path = folder / "shard-000000.tar"
     path.write_bytes(path.read_bytes()[: boundaries(path)[0]])  # a valid tar holding only sample "a"
     assert [k for k, _, _ in read_shard(path)] == [sample_key("epickitchens", "a")]  # nothing else can tell
-    assert build_error(folder) == (f"{path}: holds 1 samples, manifest.json says 2 (truncated or replaced shard: "
-                                   "prepare it again)")
+    assert build_error(folder) == (
+        f"{path}: holds 1 samples, manifest.json says 2 (truncated or replaced shard: prepare it again)"
+    )
 
 
 def test_a_shard_not_in_the_manifest_is_used_with_a_warning(folder):
     write_shard(folder / "shard-000002.tar", [sample("d", seed=3)])
     index = ShardIndex.build(folder)
     assert len(index) == 4
-    assert index.warnings == (f"{folder / 'shard-000002.tar'} is not in manifest.json (1 such shard(s)): its "
-                              "samples are used but cannot be checked",)
+    assert index.warnings == (
+        f"{folder / 'shard-000002.tar'} is not in manifest.json (1 such shard(s)): its "
+        "samples are used but cannot be checked",
+    )
 
 
 def test_a_shard_listed_in_the_manifest_but_missing(folder):
     (folder / "shard-000001.tar").unlink()
-    assert build_error(folder) == (f"{folder / 'shard-000001.tar'} is listed in manifest.json but missing "
-                                   "(1 missing shard(s))")
+    assert build_error(folder) == (
+        f"{folder / 'shard-000001.tar'} is listed in manifest.json but missing (1 missing shard(s))"
+    )
 
 
 def test_bad_tar_header(folder):
@@ -123,7 +129,7 @@ def test_bad_npy_header(folder):
     data = bytearray(path.read_bytes())
     with tarfile.open(path) as tar:
         emb = next(m for m in tar if m.name.endswith("emb.npy"))
-    data[emb.offset_data: emb.offset_data + 6] = b"NOTNPY"
+    data[emb.offset_data : emb.offset_data + 6] = b"NOTNPY"
     path.write_bytes(bytes(data))
     key = sample_key("epickitchens", "c")
     assert build_error(folder).startswith(f"{path}: sample {key}: unreadable emb.npy header: ")
@@ -138,8 +144,10 @@ def test_metadata_that_training_could_not_use(tmp_path):
     conv["speak"] = conv["speak"][:-1]
     broken["json"] = json.dumps(meta).encode()
     folder = write_folder(tmp_path / "s", [[broken]])
-    assert build_error(folder) == (f"{folder / 'shard-000000.tar'}: sample {broken['__key__']}: json "
-                                   "labels.conversations[0].speak has 9 entries for 10 points")
+    assert build_error(folder) == (
+        f"{folder / 'shard-000000.tar'}: sample {broken['__key__']}: json "
+        "labels.conversations[0].speak has 9 entries for 10 points"
+    )
     conv["speak"] += [False]
     meta["labels"]["dst_state"][3] = '{"S9": "done"}'
     broken["json"] = json.dumps(meta).encode()
@@ -152,8 +160,7 @@ def test_a_folder_without_its_manifest_loads_with_a_warning(tmp_path):
     folder = write_folder(tmp_path / "copy", [[sample("a"), sample("b.c", key="epickitchens__b_c")]], manifest=False)
     index = ShardIndex.build(folder)
     assert index.video_ids == [sample_key("epickitchens", "a"), "epickitchens__b_c"]
-    assert index.warnings == (f"{folder} has no manifest.json: cannot check that every shard holds all its "
-                              "samples",)
+    assert index.warnings == (f"{folder} has no manifest.json: cannot check that every shard holds all its samples",)
     (folder / MANIFEST).write_text(json.dumps({"model": "tiny-random", "shards": ["shard-000000.tar"]}))
     with pytest.raises(ShardFormatError, match="'shard_samples' is missing or not an object of counts"):
         ShardIndex.build(folder)
@@ -172,11 +179,24 @@ def test_sample_keys_are_unique_by_construction():
 def test_train_names_the_corrupt_shard_and_exits_2(folder, tmp_path):
     path = folder / "shard-000000.tar"
     path.write_bytes(path.read_bytes()[: boundaries(path)[0]])
-    result = CliRunner().invoke(app, ["train", "--shards", str(folder), "--model", "tiny-random", "--out",
-                                      str(tmp_path / "run"), "--max-steps", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--shards",
+            str(folder),
+            "--model",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 2
-    assert " ".join(result.output.split()) == (f"error: {path}: holds 1 samples, manifest.json says 2 (truncated or "
-                                               "replaced shard: prepare it again)")
+    assert " ".join(result.output.split()) == (
+        f"error: {path}: holds 1 samples, manifest.json says 2 (truncated or replaced shard: prepare it again)"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -27,6 +27,7 @@ from train.model import DSTModel, wrap_lora
 def test_second_load_reads_the_cache_and_reproduces_smollm2(smollm2, monkeypatch):
     """The fixture converted (or found) the cache; loading again must not convert, and the cached model gives the
     GGUF model's next-token logits recorded at conversion time."""
+
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of reading the cache")
 
@@ -87,8 +88,16 @@ def test_prepare_with_smollm2(tmp_path):
     uid, dataset, start, n, turns = TINY_VIDEOS[0]
     write_frames_file(frames_file_candidates(tmp_path / "frames", dataset, uid)[0], synthetic_jpegs(n, 32, seed=0))
     dst_json = write_records(tmp_path / "train.json", [tiny_record(uid, dataset, start, turns)])
-    prepare.run(PrepareConfig(split="train", dst_json=(dst_json,), model=SMOLLM2, out=tmp_path / "out",
-                              frames_root=tmp_path / "frames", tokens_per_frame=5))
+    prepare.run(
+        PrepareConfig(
+            split="train",
+            dst_json=(dst_json,),
+            model=SMOLLM2,
+            out=tmp_path / "out",
+            frames_root=tmp_path / "frames",
+            tokens_per_frame=5,
+        )
+    )
     index = ShardIndex.build(tmp_path / "out")
     assert (index.tokens_per_frame, index.hidden_size) == (5, 576)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"] == SMOLLM2
@@ -114,8 +123,11 @@ def test_checkpoints_reload_for_eval(smollm2, tmp_path, lora):
                 p.add_(torch.randn_like(p) * 0.01)
     model.eval()
     model.save(tmp_path, tokenizer)
-    (tmp_path / DST_META).write_text(json.dumps({"base_model": SMOLLM2, "lora": lora, "frame_adapter": True,
-                                                 "tokens_per_frame": 5, "hidden_size": 576}))
+    (tmp_path / DST_META).write_text(
+        json.dumps(
+            {"base_model": SMOLLM2, "lora": lora, "frame_adapter": True, "tokens_per_frame": 5, "hidden_size": 576}
+        )
+    )
     loaded, loaded_tokenizer, meta = load_dst_model(tmp_path)
     assert meta["lora"] == lora and len(loaded_tokenizer) == 49280
     assert loaded_tokenizer.eos_token_id == 49279 and loaded_tokenizer.pad_token_id == 2

@@ -165,9 +165,20 @@ REAL = {
 def test_shape_config_has_the_real_checkpoint_shapes(name):
     config = shape_config(name)
     tc, vc = config.text_config, config.vision_config
-    got = (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads,
-           tc.intermediate_size, vc.hidden_size, vc.num_hidden_layers, vc.image_size, vc.patch_size,
-           config.scale_factor, tc.rope_parameters["rope_theta"], vision_spec(config).tokens_per_frame)
+    got = (
+        tc.hidden_size,
+        tc.num_hidden_layers,
+        tc.num_attention_heads,
+        tc.num_key_value_heads,
+        tc.intermediate_size,
+        vc.hidden_size,
+        vc.num_hidden_layers,
+        vc.image_size,
+        vc.patch_size,
+        config.scale_factor,
+        tc.rope_parameters["rope_theta"],
+        vision_spec(config).tokens_per_frame,
+    )
     assert got == REAL[name]
     assert tc.vocab_size == 49280 and config.image_token_id == 49190 and not config.tie_word_embeddings
     assert (tc.bos_token_id, tc.pad_token_id, tc.eos_token_id) == (1, 2, 49279)

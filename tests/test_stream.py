@@ -57,9 +57,18 @@ def test_constrained_updates_are_always_valid(setup):
 def test_context_strategies(setup, strategy, monkeypatch):
     model, fmt, index = setup
     limit = 260
-    streamer = Streamer(model, fmt, StreamConfig(theta_update=0.0, theta_speak=1.0, max_context=limit,
-                                                 context_strategy=strategy, max_new_tokens=4,
-                                                 protocol="full-video"))
+    streamer = Streamer(
+        model,
+        fmt,
+        StreamConfig(
+            theta_update=0.0,
+            theta_speak=1.0,
+            max_context=limit,
+            context_strategy=strategy,
+            max_new_tokens=4,
+            protocol="full-video",
+        ),
+    )
     session, prefixes, longest = streamer.session, [], [0]
     refeed, feed = session.refeed, session.feed
 
@@ -92,8 +101,7 @@ def test_context_strategies(setup, strategy, monkeypatch):
         assert all(state in tracked for state in states)
         assert any(state != format_state(meta.initial_state) for state in states)
     elif strategy == "drop-all":
-        assert all([c[0] for c in chunks] == [fmt.system(meta.goal, nodes, meta.initial_state)]
-                   for chunks in prefixes)
+        assert all([c[0] for c in chunks] == [fmt.system(meta.goal, nodes, meta.initial_state)] for chunks in prefixes)
     else:
         for chunks in prefixes:
             assert chunks[0][0] == fmt.system(meta.goal, nodes, meta.initial_state) and len(chunks) > 1
@@ -134,9 +142,18 @@ def test_reseed_oracle_reseeds_with_the_reference_state(setup):
     model, fmt, index = setup
     vid = index.video_ids[0]
     meta = index.meta(vid)
-    streamer = Streamer(model, fmt, StreamConfig(theta_update=1.0, theta_speak=1.0, max_context=260,
-                                                 context_strategy="reseed-oracle", max_new_tokens=4,
-                                                 protocol="full-video"))
+    streamer = Streamer(
+        model,
+        fmt,
+        StreamConfig(
+            theta_update=1.0,
+            theta_speak=1.0,
+            max_context=260,
+            context_strategy="reseed-oracle",
+            max_new_tokens=4,
+            protocol="full-video",
+        ),
+    )
     out = streamer.run(meta, index.rows(vid, 0, index.num_rows(vid)), 0)
     frames, reseeds = out["frames"], out["reseeds"]
     assert reseeds and all(r["strategy"] == "reseed-oracle-dst" for r in reseeds)
@@ -153,8 +170,11 @@ def test_reseed_oracle_under_ground_truth_decisions_equals_the_oracle(setup):
     vid = index.video_ids[0]
     meta, rows = index.meta(vid), index.rows(vid, 0, index.num_rows(vid))
     _, oracle = stream(setup, mode="oracle")
-    streamer = Streamer(model, fmt, StreamConfig(max_context=260, context_strategy="reseed-oracle",
-                                                 protocol="full-video", max_new_tokens=40))
+    streamer = Streamer(
+        model,
+        fmt,
+        StreamConfig(max_context=260, context_strategy="reseed-oracle", protocol="full-video", max_new_tokens=40),
+    )
     out = streamer.run(meta, rows, 0, force=True)
     assert out["reseeds"], "max_context 260 must re-seed"
     keys = ("pred_text", "pred_state", "pred_dst_delta")

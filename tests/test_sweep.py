@@ -26,10 +26,22 @@ def embed(texts):
 
 def tf_frame(k: int, p_speak: float, gen: str, ref: str, p_update: float = 0.0, gen_delta=None, ref_delta=None):
     """A teacher-forced record: what the model would generate, its probabilities, the references."""
-    return {"frame": k, "p_speak": p_speak, "p_update": p_update, "gen_text": gen, "ref_text": ref,
-            "gen_dst_delta": gen_delta or {}, "gen_dst_text": "", "ref_dst_delta": ref_delta or {},
-            "state_before": {"S1": "not_started"}, "ref_state": {"S1": "not_started"}, "pred_text": "",
-            "pred_dst_delta": {}, "pred_state": {}, "pred_dst_text": ""}
+    return {
+        "frame": k,
+        "p_speak": p_speak,
+        "p_update": p_update,
+        "gen_text": gen,
+        "ref_text": ref,
+        "gen_dst_delta": gen_delta or {},
+        "gen_dst_text": "",
+        "ref_dst_delta": ref_delta or {},
+        "state_before": {"S1": "not_started"},
+        "ref_state": {"S1": "not_started"},
+        "pred_text": "",
+        "pred_dst_delta": {},
+        "pred_state": {},
+        "pred_dst_text": "",
+    }
 
 
 def test_grid_reaches_low_probabilities():
@@ -55,9 +67,19 @@ def test_curve_warnings():
 
 def test_sweep_finds_a_threshold_below_005_and_warns_at_the_edge(caplog):
     # the model is right but shy: its speaking probabilities are 0.01-0.03 where it should speak, 0.003 elsewhere
-    frames = [tf_frame(k, {4: 0.02, 12: 0.03, 20: 0.01}.get(k, 0.003), "a", "a" if k in (4, 12, 20) else "")
-              for k in range(24)]
-    d = {"dataset": "wtag", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
+    frames = [
+        tf_frame(k, {4: 0.02, 12: 0.03, 20: 0.01}.get(k, 0.003), "a", "a" if k in (4, 12, 20) else "")
+        for k in range(24)
+    ]
+    d = {
+        "dataset": "wtag",
+        "video_uid": "v",
+        "conversation": 0,
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+    }
     sweep = sweep_thresholds([d], embed, protocol="full-video")
     speak = sweep["datasets"]["wtag"]["speak"]
     assert speak["thresholds"] == THRESHOLDS and len(speak["f1"]) == len(THRESHOLDS)
@@ -74,7 +96,15 @@ def test_sweep_finds_a_threshold_below_005_and_warns_at_the_edge(caplog):
 
 def test_sweep_warns_when_f1_is_zero_everywhere(caplog):
     frames = [tf_frame(k, 0.9 if k == 2 else 0.0, "b", "a" if k == 2 else "") for k in range(10)]
-    d = {"dataset": "ego4d", "video_uid": "v", "conversation": 0, "fps": 2.0, "variant": "dst", "protocol": "full-video", "frames": frames}
+    d = {
+        "dataset": "ego4d",
+        "video_uid": "v",
+        "conversation": 0,
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+    }
     sweep = sweep_thresholds([d], embed)
     assert sweep["datasets"]["ego4d"]["speak"]["f1"] == [0.0] * len(THRESHOLDS)
     assert any("ego4d speak: F1 is 0 at every threshold" in w for w in sweep["warnings"])
@@ -95,10 +125,14 @@ def test_load_thresholds_round_trip_and_refusals(tmp_path):
     assert load_thresholds(path, {"wtag"}) == {"wtag": (0.3, 0.02), "ego4d": (0.3, 0.02)}
     with pytest.raises(ThresholdsError, match=r"has no thresholds for dataset\(s\) assembly101 \(it has ego4d, wtag\)"):
         load_thresholds(path, {"wtag", "assembly101"})
-    bad = {"malformed": "{", "nested": "[" * 100_000, "no datasets": {"x": 1},
-           "missing speak": {"datasets": {"wtag": {"update": {"best": 0.5}}}},
-           "nan": '{"datasets": {"wtag": {"update": {"best": NaN}, "speak": {"best": 0.5}}}}',
-           "above one": {"datasets": {"wtag": {"update": {"best": 1.5}, "speak": {"best": 0.5}}}}}
+    bad = {
+        "malformed": "{",
+        "nested": "[" * 100_000,
+        "no datasets": {"x": 1},
+        "missing speak": {"datasets": {"wtag": {"update": {"best": 0.5}}}},
+        "nan": '{"datasets": {"wtag": {"update": {"best": NaN}, "speak": {"best": 0.5}}}}',
+        "above one": {"datasets": {"wtag": {"update": {"best": 1.5}, "speak": {"best": 0.5}}}},
+    }
     for name, data in bad.items():
         with pytest.raises(ThresholdsError) as err:
             load_thresholds(write_file(tmp_path / f"{name}.json", data), {"wtag"})

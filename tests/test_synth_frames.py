@@ -39,8 +39,10 @@ def test_values_that_are_paths_never_leave_the_output_folder(tmp_path):
     assert result.exit_code == 0, result.output
     assert files_under(tmp_path) == ["v.json", "work/out/epickitchens/frames/ok.arrow"]
     text = " ".join(result.output.split())
-    assert ("skip ../../escaped: video_uid '../../escaped' contains '/' (a path separator); it is used as a file name"
-            in text)
+    assert (
+        "skip ../../escaped: video_uid '../../escaped' contains '/' (a path separator); it is used as a file name"
+        in text
+    )
     assert "skip /tmp/absolute: video_uid '/tmp/absolute' contains '/'" in text
     assert "skip 'nul\\x00byte': video_uid 'nul\\x00byte' contains control characters" in text
     assert "skip fine-uid: parsed_video_anns.dataset '../../escaped-dataset' contains '/'" in text
@@ -65,11 +67,13 @@ def test_a_record_too_long_to_synthesise_is_skipped(tmp_path):
     long = good("long")
     long["parsed_video_anns"]["duration"] = 86_000.0
     dst_json = write_records(tmp_path / "v.json", [long, good("ok")])
-    result = runner.invoke(app, ["synth-frames", "--dst-json", str(dst_json), "--out", str(tmp_path / "o"),
-                                 "--size", "16"])
+    result = runner.invoke(
+        app, ["synth-frames", "--dst-json", str(dst_json), "--out", str(tmp_path / "o"), "--size", "16"]
+    )
     assert result.exit_code == 0
-    assert ("skip long: its video needs 172002 frames at 2 fps (start 1 s + 86000 s); at most 100000"
-            in " ".join(result.output.split()))
+    assert "skip long: its video needs 172002 frames at 2 fps (start 1 s + 86000 s); at most 100000" in " ".join(
+        result.output.split()
+    )
     assert files_under(tmp_path / "o") == ["epickitchens/frames/ok.arrow"]
 
 
@@ -77,19 +81,26 @@ def test_nothing_written_is_exit_1(tmp_path):
     dst_json = write_records(tmp_path / "v.json", [good("../x")])
     result = runner.invoke(app, ["synth-frames", "--dst-json", str(dst_json), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert (f"error: no frames file written: {dst_json} has no usable record (see the skip lines above)"
-            in " ".join(result.output.split()))
+    assert f"error: no frames file written: {dst_json} has no usable record (see the skip lines above)" in " ".join(
+        result.output.split()
+    )
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--fps", "0", "fps must be > 0, got 0.0"), ("--fps", "nan", "fps must be a finite number, got nan"),
-    ("--fps", "-1", "fps must be > 0, got -1.0"), ("--size", "0", "size must be >= 8, got 0"),
-    ("--size", "100000", "size must be <= 1024, got 100000"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--fps", "0", "fps must be > 0, got 0.0"),
+        ("--fps", "nan", "fps must be a finite number, got nan"),
+        ("--fps", "-1", "fps must be > 0, got -1.0"),
+        ("--size", "0", "size must be >= 8, got 0"),
+        ("--size", "100000", "size must be <= 1024, got 100000"),
+    ],
+)
 def test_nonsense_options_are_exit_2(tmp_path, option, value, message):
     dst_json = write_records(tmp_path / "v.json", [good("ok")])
-    result = runner.invoke(app, ["synth-frames", "--dst-json", str(dst_json), "--out", str(tmp_path / "o"),
-                                 option, value])
+    result = runner.invoke(
+        app, ["synth-frames", "--dst-json", str(dst_json), "--out", str(tmp_path / "o"), option, value]
+    )
     assert result.exit_code == 2 and " ".join(result.output.split()) == f"error: {message}"
     assert not os.path.exists(tmp_path / "o")

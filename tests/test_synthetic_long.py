@@ -55,8 +55,9 @@ def test_format_sizes_and_conversations(long_data):
         task = raw["parsed_video_anns"]["task_index"]
         assert [node["name"] for node in raw["dst"]] == DATASETS[record.dataset][3][task][1]
         assert [node["id"] for node in raw["dst"]] == [f"S{j + 1}" for j in range(n)]
-        assert raw["inferred_knowledge"].splitlines()[1:] == [f"{j + 1}. {node['name']}"
-                                                              for j, node in enumerate(raw["dst"])]
+        assert raw["inferred_knowledge"].splitlines()[1:] == [
+            f"{j + 1}. {node['name']}" for j, node in enumerate(raw["dst"])
+        ]
         # the user does the steps out of order
         assert raw["parsed_video_anns"]["step_order"] != list(range(n))
         types = [c["user_type"] for c in raw["conversations"]]
@@ -87,7 +88,8 @@ def test_progress_and_answers_follow_the_true_state(long_data):
                     f"The time elapsed since the start of the task is {turn['time'] - start:.1f} seconds. The user's "
                     f"task goal is to {raw['parsed_video_anns']['goal_description']}. Finished: "
                     f"{sl._join(finished) if finished else 'nothing yet'}. Current step: "
-                    f"{current[0] if current else 'none'}.")
+                    f"{current[0] if current else 'none'}."
+                )
                 question = turns[i - 1]["content"] if turns[i - 1]["role"] == "user" else None
                 if question in sl.QUESTIONS:
                     checked[question] += 1
@@ -112,8 +114,12 @@ def test_no_instruction_is_repeated_when_a_step_resumes(long_data):
         for conv in raw["conversations"]:
             said = [t for t in conv["conversation"] if t["role"] == "assistant"]
             assert not [t for t in said if t["time"] in resume_times]
-            starts = [t["content"] for t in said if t["labels"] == "initiative|instruction,local"
-                      and not t["content"].startswith("Good, that step is done")]
+            starts = [
+                t["content"]
+                for t in said
+                if t["labels"] == "initiative|instruction,local"
+                and not t["content"].startswith("Good, that step is done")
+            ]
             # one instruction per step, in the order the user does them, pauses or not
             assert len(starts) == len(order)
             assert all(text.endswith(f"{names[c]}.") for text, c in zip(starts, order))
@@ -130,7 +136,7 @@ def test_the_next_step_after_a_gap_needs_the_history(long_data):
         order = raw["parsed_video_anns"]["step_order"]
         for t in raw["conversations"][0]["conversation"]:
             if t["content"].startswith("Good, that step is done. Next, "):
-                named = t["content"][len("Good, that step is done. Next, "):-1]
+                named = t["content"][len("Good, that step is done. Next, ") : -1]
                 b = round(t["time"] * FPS)
                 state = _state_at(raw, b)
                 just_done = next(c for c in order if round(raw["dst"][c]["end_ts"] * FPS) == b)
@@ -197,8 +203,11 @@ def test_every_assistant_turn_is_tagged_by_what_it_depends_on(long_data):
                 kind, tag = t["labels"].rsplit(",", 1)
                 b = round(t["time"] * FPS) - 1  # the turn's frame boundary (time = (b + 1) / fps)
                 asked = turns[i - 1]["content"] if turns[i - 1]["role"] == "user" else None
-                frame_only = (kind == "initiative|instruction" and not t["content"].startswith("Good, that step")
-                              or asked == "What step am I on?")
+                frame_only = (
+                    kind == "initiative|instruction"
+                    and not t["content"].startswith("Good, that step")
+                    or asked == "What step am I on?"
+                )
                 expected = "local" if frame_only else sl.memory_tag(b, first_start)
                 assert tag == expected, (raw["video_uid"], t)
                 tags[tag] += 1

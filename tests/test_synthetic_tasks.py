@@ -49,8 +49,15 @@ def test_summary_and_record_format(synth):
     datasets = set()
     for split, raw, record, labels, _ in _videos(out):
         datasets.add(record.dataset)
-        assert set(raw) >= {"video_uid", "inferred_goal", "inferred_knowledge", "video_labels", "parsed_video_anns",
-                            "conversations", "dst"}
+        assert set(raw) >= {
+            "video_uid",
+            "inferred_goal",
+            "inferred_knowledge",
+            "video_labels",
+            "parsed_video_anns",
+            "conversations",
+            "dst",
+        }
         assert raw["inferred_knowledge"].splitlines()[1].startswith("1. ")
         assert [c["user_type"] for c in raw["conversations"]] == list(st.USER_TYPES)
         for turn in (t for c in raw["conversations"] for t in c["conversation"]):
@@ -61,8 +68,7 @@ def test_summary_and_record_format(synth):
         assert labels.k0 == round(FPS * anns["video_start_time"])
         assert 40 <= labels.n_frames <= 130
     assert datasets == set(st.DATASETS)
-    assert sum(v["frames"] for v in summary["splits"].values()) == sum(
-        count_frames(p) for *_, p in _videos(out))
+    assert sum(v["frames"] for v in summary["splits"].values()) == sum(count_frames(p) for *_, p in _videos(out))
 
 
 def test_labels_have_nothing_clamped_shifted_or_dropped(synth):
@@ -146,8 +152,10 @@ def test_answers_follow_questions_and_match_state(synth):
 
 def test_splits_disjoint_and_deterministic(synth, tmp_path):
     out, summary = synth
-    uids = {s: {json.loads(p.read_text())[i]["video_uid"] for i in range(n)}
-            for (s, p), n in zip(st.splits(out).items(), SIZES)}
+    uids = {
+        s: {json.loads(p.read_text())[i]["video_uid"] for i in range(n)}
+        for (s, p), n in zip(st.splits(out).items(), SIZES)
+    }
     assert sum(map(len, uids.values())) == len(set().union(*uids.values())) == sum(SIZES)
     again = st.generate(tmp_path, *SIZES, seed=0, fps=FPS)
     assert again["splits"].keys() == summary["splits"].keys()
@@ -156,4 +164,4 @@ def test_splits_disjoint_and_deterministic(synth, tmp_path):
     assert all((out / f).read_bytes() == (tmp_path / f).read_bytes() for f in files)
     other = st.generate(tmp_path / "seed1", 1, 0, 0, seed=1, fps=FPS)
     assert other["splits"]["train"]["frames"] > 0
-    assert (st.splits(tmp_path / "seed1")["train"].read_bytes() != st.splits(out)["train"].read_bytes())
+    assert st.splits(tmp_path / "seed1")["train"].read_bytes() != st.splits(out)["train"].read_bytes()

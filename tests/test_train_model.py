@@ -57,8 +57,15 @@ def test_grammar_has_one_writer_and_one_parser():
     state = {"S1": "completed", "S2": "in_progress", "S4": "not_started"}
     assert format_state(state) == "S1=completed; S2=in_progress; S4=not_started"
     assert parse_update("S2=completed; S4=in_progress", state) == {"S2": "completed", "S4": "in_progress"}
-    for bad in ("S3=completed", "S1=in_progress", "S2=in_progress", "S2=done", "S2=completed; S2=completed", "",
-                "S2 completed"):
+    for bad in (
+        "S3=completed",
+        "S1=in_progress",
+        "S2=in_progress",
+        "S2=done",
+        "S2=completed; S2=completed",
+        "",
+        "S2 completed",
+    ):
         assert parse_update(bad, state) is None, bad
 
 
@@ -72,11 +79,12 @@ def test_decision_positions_and_targets(parts, index):
         seq = build_window(fmt, meta, w.conversation, w.start, w.end)
         ids = seq.input_ids
         conv = meta.conversations[w.conversation]
-        assert seq.update_labels == [int(x) for x in meta.dst_update[w.start:w.end]]
-        assert seq.speak_labels == [int(x) for x in conv.speak[w.start:w.end]]
+        assert seq.update_labels == [int(x) for x in meta.dst_update[w.start : w.end]]
+        assert seq.speak_labels == [int(x) for x in conv.speak[w.start : w.end]]
         dst_runs, response_runs = iter(runs(seq.dst_targets)), iter(runs(seq.response_targets))
-        for row, a, b, upd, spk in zip(range(w.start, w.end), seq.update_positions, seq.speak_positions,
-                                       seq.update_labels, seq.speak_labels):
+        for row, a, b, upd, spk in zip(
+            range(w.start, w.end), seq.update_positions, seq.speak_positions, seq.update_labels, seq.speak_labels
+        ):
             segments = frame_segments(fmt, meta, w.conversation, row)
             assert ids[a] == fake and ids[a - 1] == fmt.image_id  # the frame block's closing token
             if upd:
@@ -101,8 +109,9 @@ def test_lm_logits_are_shifted(parts, index):
     batch = collate(index, fmt, windows_of(index, fmt)[:3], epoch_seed=0)
     with torch.no_grad():
         out = model(batch)
-        hidden, _ = model.hidden_states(batch.input_ids, batch.image_mask, batch.frame_embeds,
-                                        attention_mask=batch.attention_mask)
+        hidden, _ = model.hidden_states(
+            batch.input_ids, batch.image_mask, batch.frame_embeds, attention_mask=batch.attention_mask
+        )
         full = model.lm_head(hidden)
     rows, pos = batch.response_index[:, 0], batch.response_index[:, 1]
     torch.testing.assert_close(out["response"], full[rows, pos - 1])
@@ -126,21 +135,26 @@ def test_each_term_sends_gradient_only_where_it_should(index):
         else:
             loss = lm_loss(out[term], out[f"{term}_targets"])
         loss.backward()
-        heads = {"update_head": model.update_head.weight.grad, "speak_head": model.speak_head.weight.grad,
-                 "lm_head": model.lm_head.weight.grad}
+        heads = {
+            "update_head": model.update_head.weight.grad,
+            "speak_head": model.speak_head.weight.grad,
+            "lm_head": model.lm_head.weight.grad,
+        }
         return embeds.grad.abs().sum(-1), heads
 
-    for term, index_, own_head, other_head in (("update", batch.update_index, "update_head", "speak_head"),
-                                               ("speak", batch.speak_index, "speak_head", "update_head"),
-                                               ("dst_text", batch.dst_index, None, None),
-                                               ("response", batch.response_index, None, None)):
+    for term, index_, own_head, other_head in (
+        ("update", batch.update_index, "update_head", "speak_head"),
+        ("speak", batch.speak_index, "speak_head", "update_head"),
+        ("dst_text", batch.dst_index, None, None),
+        ("response", batch.response_index, None, None),
+    ):
         per_position, params = grads(term)
         shift = 1 if own_head is None else 0
         for row in range(batch.input_ids.shape[0]):
             reads = index_[index_[:, 0] == row, 1] - shift
             last = int(reads.max()) if len(reads) else -1
             # causal: nothing after the last position the term reads receives gradient; padding never does
-            assert per_position[row, last + 1:].abs().sum() == 0
+            assert per_position[row, last + 1 :].abs().sum() == 0
             assert per_position[row][batch.attention_mask[row] == 0].abs().sum() == 0
         if own_head:
             assert params[own_head].abs().sum() > 0 and params[other_head] is None and params["lm_head"] is None
@@ -162,6 +176,7 @@ def test_streaming_replay_reproduces_training_sequence(parts, index):
 
     def feed(ids, embeds=None):
         return engine.drive(session.feed(ids, embeds))
+
     for row_in_batch, w in enumerate(windows):
         meta = index.meta(w.video_id)
         expected = build_window(fmt, meta, w.conversation, w.start, w.end)
@@ -208,8 +223,7 @@ def test_save_then_load_gives_equal_logits(index, tmp_path, lora):
                 p.add_(torch.randn_like(p) * 0.01)
     model.eval()
     model.save(tmp_path, tokenizer)
-    (tmp_path / "dst.json").write_text(json.dumps({"base_model": "tiny-random", "lora": lora,
-                                                   "frame_adapter": True}))
+    (tmp_path / "dst.json").write_text(json.dumps({"base_model": "tiny-random", "lora": lora, "frame_adapter": True}))
     loaded, loaded_tokenizer, _ = load_dst_model(tmp_path)
     fmt = SequenceFormat(tokenizer, 5)
     batch = collate(index, fmt, windows_of(index, fmt)[:2], epoch_seed=0)

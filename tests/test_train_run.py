@@ -22,8 +22,16 @@ from train.config import TrainConfigError, resolve
 from train.run_folder import RunFolderError
 
 DST = str(Path(sys.executable).with_name("dst"))
-BASE = {"model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0, "log_every": 1,
-        "warmup_steps": 10, "lr": 3e-3, "save_every": 5}
+BASE = {
+    "model": "tiny-random",
+    "batch_size": "600",
+    "max_seq_len": 300,
+    "num_workers": 0,
+    "log_every": 1,
+    "warmup_steps": 10,
+    "lr": 3e-3,
+    "save_every": 5,
+}
 
 
 def config(shards, out, **extra):
@@ -36,16 +44,37 @@ def metrics(run: Path) -> list[dict]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     last = run / "checkpoints" / "last"
-    return {**load_file(str(last / "model" / "adapter_model.safetensors")),
-            **load_file(str(last / "heads.safetensors"))}
+    return {
+        **load_file(str(last / "model" / "adapter_model.safetensors")),
+        **load_file(str(last / "heads.safetensors")),
+    }
 
 
 def test_run_folder(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--shards", str(tiny_shards), "--val-shards", str(tiny_shards),
-                                      "--model", "tiny-random", "--out", str(run), "--max-steps", "6",
-                                      "--batch-size", "600", "--max-seq-len", "300", "--num-workers", "2"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--shards",
+            str(tiny_shards),
+            "--val-shards",
+            str(tiny_shards),
+            "--model",
+            "tiny-random",
+            "--out",
+            str(run),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "600",
+            "--max-seq-len",
+            "300",
+            "--num-workers",
+            "2",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((run / "config.json").read_text())
     assert saved["config"]["max_steps"] == 6 and saved["precision"] == "fp32" and "git_commit" in saved
@@ -55,12 +84,25 @@ def test_run_folder(tiny_shards, tmp_path):
     assert [m["step"] for m in train_lines] == [6]  # log_every 10 and the last step
     assert set(train_lines[0]) >= {"step", "loss", "update", "dst_text", "speak", "response", "lr", "tokens_per_s"}
     val = [m for m in lines if "val_update_f1" in m]
-    assert val and set(val[0]) >= {"val_update", "val_speak", "val_dst_text", "val_response",
-                                   "val_speak_precision", "val_speak_recall", "val_update_f1"}
+    assert val and set(val[0]) >= {
+        "val_update",
+        "val_speak",
+        "val_dst_text",
+        "val_response",
+        "val_speak_precision",
+        "val_speak_recall",
+        "val_update_f1",
+    }
     last = run / "checkpoints" / "last"
     assert last.resolve().name == "step-000006"
-    assert {p.name for p in last.iterdir()} >= {"model", "heads.safetensors", "optimizer.safetensors", "dst.json",
-                                                "trainer.json", "rng.safetensors"}
+    assert {p.name for p in last.iterdir()} >= {
+        "model",
+        "heads.safetensors",
+        "optimizer.safetensors",
+        "dst.json",
+        "trainer.json",
+        "rng.safetensors",
+    }
     assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))
     with pytest.raises(RunFolderError):  # the same folder again without --resume
         train_run.run(config(tiny_shards, run, max_steps=6))
@@ -79,13 +121,42 @@ def test_resume_is_exact(tiny_shards, tmp_path):
 
 def test_two_process_ddp_matches_one_process(tiny_shards, tmp_path):
     """2 ranks x 1 micro-batch and 1 process x 2 micro-batches see the same global batch each step."""
-    common = [DST, "train", "--shards", str(tiny_shards), "--model", "tiny-random", "--batch-size", "600",
-              "--max-seq-len", "300", "--num-workers", "0", "--max-steps", "4", "--device", "cpu"]
+    common = [
+        DST,
+        "train",
+        "--shards",
+        str(tiny_shards),
+        "--model",
+        "tiny-random",
+        "--batch-size",
+        "600",
+        "--max-seq-len",
+        "300",
+        "--num-workers",
+        "0",
+        "--max-steps",
+        "4",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(common + ["--out", str(tmp_path / "one"), "--accumulation", "2"], check=True, env=env,
-                   capture_output=True)
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "--no-python"] + common + ["--out", str(tmp_path / "two")]
+    subprocess.run(
+        common + ["--out", str(tmp_path / "one"), "--accumulation", "2"], check=True, env=env, capture_output=True
+    )
+    ddp = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29531",
+            "--no-python",
+        ]
+        + common
+        + ["--out", str(tmp_path / "two")]
+    )
     proc = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -49,7 +49,9 @@ def test_system_segment_per_variant(tokenizer):
     assert "Progress: two steps done\nRecent dialogue:\nUser: hi" in text
     assert "Progress" not in decode(summary, summary.system("g", NODES))  # nothing summarised yet: no line
     none = SequenceFormat(tokenizer, 5, "none")
-    assert "State:" not in decode(none, none.system("g", NODES)) and "S2: screw" in decode(none, none.system("g", NODES))
+    assert "State:" not in decode(none, none.system("g", NODES)) and "S2: screw" in decode(
+        none, none.system("g", NODES)
+    )
     with pytest.raises(ValueError, match="summary variant"):
         none.system("g", NODES, progress="x")
     with pytest.raises(ValueError, match="DST state"):
@@ -85,7 +87,7 @@ def test_summary_window_closes_with_the_request_and_the_progress(tokenizer, inde
     assert [seq.input_ids[p] for p in seq.summary_targets] == expected_summary
     assert seq.summary_targets[-1] == len(seq.input_ids) - 1  # the summary and its EOS end the window
     closing = fmt.summary_request + fmt.frame + fmt.summary_prefix + expected_summary
-    assert seq.input_ids[-len(closing):] == closing
+    assert seq.input_ids[-len(closing) :] == closing
     assert "Please summarize the progress." in decode(fmt, fmt.summary_request)
     # no DST anywhere, one speaking decision per frame, at the frame block's last token
     assert seq.update_positions == [] and seq.dst_targets == []
@@ -112,8 +114,7 @@ def test_cut_windows_count_exactly_and_fit(tokenizer, index, variant):
             seq = build_window(fmt, meta, w.conversation, w.start, w.end)
             assert len(seq.input_ids) == w.n_tokens <= 240
             assert bool(seq.summary_targets) == (variant == "summary" and w.end < len(meta.frame))
-            assert w.n_update_pos == (sum(map(bool, meta.dst_update[w.start:w.end]))
-                                      if variant == "dst" else 0)
+            assert w.n_update_pos == (sum(map(bool, meta.dst_update[w.start : w.end])) if variant == "dst" else 0)
 
 
 def test_protocol_stream_length(index):
@@ -147,8 +148,14 @@ def strip_progress(src, dst):
 def test_shards_without_progress_summaries_are_refused(tiny_shards, tmp_path):
     old = tmp_path / "old-shards"
     strip_progress(tiny_shards, old)
-    base = {"shards": old, "model": "tiny-random", "batch_size": "600", "max_seq_len": 300, "num_workers": 0,
-            "max_steps": 1}
+    base = {
+        "shards": old,
+        "model": "tiny-random",
+        "batch_size": "600",
+        "max_seq_len": 300,
+        "num_workers": 0,
+        "max_steps": 1,
+    }
     with pytest.raises(ShardFormatError, match=r"labels.conversations\[0\].progress is not a list"):
         train_run.run(resolve({**base, "out": tmp_path / "s", "variant": "summary"}))
 
@@ -161,28 +168,85 @@ def invoke(*args, code=0):
 
 def test_summary_variant_trains_and_streams_with_summaries(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    invoke("train", "--shards", tiny_shards, "--model", "tiny-random", "--out", run, "--variant", "summary",
-           "--max-steps", "4", "--batch-size", "500", "--max-seq-len", "250", "--num-workers", "0")
+    invoke(
+        "train",
+        "--shards",
+        tiny_shards,
+        "--model",
+        "tiny-random",
+        "--out",
+        run,
+        "--variant",
+        "summary",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "500",
+        "--max-seq-len",
+        "250",
+        "--num-workers",
+        "0",
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["summary"] > 0 and lines[-1]["update"] == 0 and lines[-1]["dst_text"] == 0
     ckpt = run / "checkpoints" / "last"
     assert json.loads((ckpt / "dst.json").read_text())["variant"] == "summary"
     sts = offline_sts_model()
     out = tmp_path / "eval"
-    invoke("eval", "--ckpt", ckpt, "--shards", tiny_shards, "--out", out, "--sts-model", sts, "--max-new-tokens",
-           "4", "--max-summary-tokens", "6", "--protocol", "full-video", "--theta-speak", "0.99")
+    invoke(
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--shards",
+        tiny_shards,
+        "--out",
+        out,
+        "--sts-model",
+        sts,
+        "--max-new-tokens",
+        "4",
+        "--max-summary-tokens",
+        "6",
+        "--protocol",
+        "full-video",
+        "--theta-speak",
+        "0.99",
+    )
     dialogues = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {d["variant"] for d in dialogues} == {"summary"} and {d["protocol"] for d in dialogues} == {"full-video"}
     reseeds = [r for d in dialogues for r in d["reseeds"]]
     assert reseeds and all(r["strategy"] == "reseed-summary" and "summary" in r for r in reseeds)
     assert all(f["p_update"] is None and not f["pred_dst_delta"] for d in dialogues for f in d["frames"])
     # an explicit variant must agree with the checkpoint; a run folder is not a checkpoint
-    result = invoke("eval", "--ckpt", ckpt, "--shards", tiny_shards, "--out", tmp_path / "x", "--variant", "dst",
-                    "--sts-model", sts, code=2)
+    result = invoke(
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--shards",
+        tiny_shards,
+        "--out",
+        tmp_path / "x",
+        "--variant",
+        "dst",
+        "--sts-model",
+        sts,
+        code=2,
+    )
     assert "disagrees with the checkpoint, which was trained as summary" in result.output
-    result = invoke("eval", "--ckpt", run, "--shards", tiny_shards, "--out", tmp_path / "x", "--sts-model", sts,
-                    code=2)
+    result = invoke("eval", "--ckpt", run, "--shards", tiny_shards, "--out", tmp_path / "x", "--sts-model", sts, code=2)
     assert "is a run folder" in result.output and "checkpoints/last" in result.output
-    result = invoke("eval", "--ckpt", ckpt, "--shards", tiny_shards, "--out", tmp_path / "x", "--sts-model", sts,
-                    "--max-context", "251", code=2)
+    result = invoke(
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--shards",
+        tiny_shards,
+        "--out",
+        tmp_path / "x",
+        "--sts-model",
+        sts,
+        "--max-context",
+        "251",
+        code=2,
+    )
     assert "exceeds the checkpoint's training max_seq_len 250" in result.output

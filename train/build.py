@@ -43,8 +43,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "bf16" if bf16 else "fp16"
     if requested == "bf16" and not bf16:
-        raise TrainConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 (sm_80+ needed); "
-                         "use fp16")
+        raise TrainConfigError(
+            f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 (sm_80+ needed); use fp16"
+        )
     return requested
 
 

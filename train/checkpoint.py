@@ -31,8 +31,12 @@ from core.files import temporary
 from pipeline.models import load_model
 from train.model import DSTModel, quiet_peft
 
-OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE, DST_META = ("optimizer.safetensors", "optimizer.json",
-                                                               "trainer.json", "dst.json")
+OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE, DST_META = (
+    "optimizer.safetensors",
+    "optimizer.json",
+    "trainer.json",
+    "dst.json",
+)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -92,15 +96,30 @@ def agree_saved(runtime, folder: Path, failure: Exception | None) -> None:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         failed = bool(flag.item())
     if failure is not None:
-        raise CheckpointSaveError(f"could not save the checkpoint {folder}: {type(failure).__name__}: {failure}; "
-                                  "the last complete checkpoint is kept") from failure
+        raise CheckpointSaveError(
+            f"could not save the checkpoint {folder}: {type(failure).__name__}: {failure}; "
+            "the last complete checkpoint is kept"
+        ) from failure
     if failed:
-        raise CheckpointSaveError(f"rank {runtime.rank}: rank 0 could not save the checkpoint {folder} (its message "
-                                  "says why); stopping every rank")
+        raise CheckpointSaveError(
+            f"rank {runtime.rank}: rank 0 could not save the checkpoint {folder} (its message "
+            "says why); stopping every rank"
+        )
 
 
-def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer, scheduler, scaler,
-                    position: dict, dst_meta: dict, keep: int = 3, counters: dict | None = None) -> Path:
+def save_checkpoint(
+    run: Path,
+    step: int,
+    model: DSTModel,
+    tokenizer,
+    optimizer,
+    scheduler,
+    scaler,
+    position: dict,
+    dst_meta: dict,
+    keep: int = 3,
+    counters: dict | None = None,
+) -> Path:
     """`counters`: the loop's run totals (skipped steps, ...), restored on resume."""
     folder = checkpoint_folder(run, step)
     tmp = temporary(folder)  # renamed into place below, after the old folder of the same step is moved aside
@@ -114,9 +133,14 @@ def save_checkpoint(run: Path, step: int, model: DSTModel, tokenizer, optimizer,
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         # GradScaler's state (scale, growth tracker) goes with it: a resumed fp16 run must not restart at 65536 and
         # skip its first steps again
-        trainer = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta,
-                   "monitor": counters or {}}
+        trainer = {
+            "step": step,
+            "position": position,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_meta,
+            "monitor": counters or {},
+        }
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer))
         (tmp / DST_META).write_text(json.dumps(dst_meta, indent=1))
     except Exception:
@@ -160,15 +184,17 @@ def load_weights(model: DSTModel, folder: Path) -> None:
             state |= load_file(str(shard))
         missing, unexpected = model.vlm.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head may be tied to embeddings
-            raise ValueError(f"{weights}: weights do not match the model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{weights}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
     model.load_extra_state(folder)
 
 
 def load_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
     """Restore optimizer, scheduler, scaler and RNG; return the trainer state (step, data position)."""
-    optimizer.load_state_dict(_optimizer_join(load_file(str(folder / OPTIMIZER_TENSORS)),
-                                              json.loads((folder / OPTIMIZER_META).read_text())))
+    optimizer.load_state_dict(
+        _optimizer_join(load_file(str(folder / OPTIMIZER_TENSORS)), json.loads((folder / OPTIMIZER_META).read_text()))
+    )
     trainer = json.loads((folder / TRAINER_STATE).read_text())
     scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer["scaler"]:
@@ -179,9 +205,16 @@ def load_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
 
 def dst_meta(cfg, index) -> dict:
     """dst.json: what eval needs to rebuild the model of a run of `cfg` (a TrainConfig) on shards `index`."""
-    return {"base_model": cfg.model, "variant": cfg.variant, "lora": cfg.lora, "load_in_4bit": cfg.load_in_4bit,
-            "frame_adapter": cfg.frame_adapter, "tokens_per_frame": index.tokens_per_frame,
-            "hidden_size": index.hidden_size, "max_seq_len": cfg.max_seq_len}
+    return {
+        "base_model": cfg.model,
+        "variant": cfg.variant,
+        "lora": cfg.lora,
+        "load_in_4bit": cfg.load_in_4bit,
+        "frame_adapter": cfg.frame_adapter,
+        "tokens_per_frame": index.tokens_per_frame,
+        "hidden_size": index.hidden_size,
+        "max_seq_len": cfg.max_seq_len,
+    }
 
 
 def load_dst_model(folder: str | Path, device: str | torch.device = "cpu", dtype=torch.float32):
@@ -197,8 +230,9 @@ def load_dst_model(folder: str | Path, device: str | torch.device = "cpu", dtype
         from peft import PeftModel
 
         # a 4-bit base is quantized as it lands on the GPU; a full one is merged on the CPU, then moved
-        base, tokenizer = load_model(meta["base_model"], dtype=dtype, device=device if in_4bit else None,
-                                     load_in_4bit=in_4bit)
+        base, tokenizer = load_model(
+            meta["base_model"], dtype=dtype, device=device if in_4bit else None, load_in_4bit=in_4bit
+        )
         with quiet_peft():
             vlm = PeftModel.from_pretrained(base, str(folder / "model"))
         if not in_4bit:

@@ -32,21 +32,26 @@ class TrainConfig:
     val_shards: Path | None = setting(None, "Validation shards: losses and decision P/R/F1 every eval_every.")
     max_steps: int = setting(1000, "Optimizer steps.", minimum=1)
     seed: int = setting(0, "Seed for data order, sampling and head initialisation.", minimum=0, maximum=2**63 - 1)
-    variant: str = setting("dst", "dst (the DST is the memory), summary (ProAssist's progress summary) or none; "
-                           "saved with the checkpoint.", choices=NAMES)
-    resume: bool = setting(False, "Continue exactly from RUN/checkpoints/last; start from step 0 when there is "
-                           "none yet.")
+    variant: str = setting(
+        "dst",
+        "dst (the DST is the memory), summary (ProAssist's progress summary) or none; saved with the checkpoint.",
+        choices=NAMES,
+    )
+    resume: bool = setting(
+        False, "Continue exactly from RUN/checkpoints/last; start from step 0 when there is none yet."
+    )
     allow_other_model: bool = setting(False, "Train another --model than the shards were prepared with.")
     lora: bool = setting(True, "LoRA on the text model, or full fine-tuning.", flag="--lora/--full")
     lora_rank: int = setting(16, "LoRA rank.", minimum=1)
     lora_alpha: float = setting(32, "LoRA alpha.", minimum=0, above=True)
     load_in_4bit: bool = setting(False, "4-bit base weights (bitsandbytes, CUDA only).")
-    precision: str = setting("auto", "auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), fp16, bf16, fp32.",
-                             choices=PRECISIONS)
-    batch_size: str = setting("auto", "Tokens per micro-batch (padded), or auto: the largest under "
-                              "memory_fraction of the GPU.")
-    memory_fraction: float = setting(0.9, "GPU memory share for --batch-size auto.", minimum=0, maximum=1,
-                                     above=True)
+    precision: str = setting(
+        "auto", "auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), fp16, bf16, fp32.", choices=PRECISIONS
+    )
+    batch_size: str = setting(
+        "auto", "Tokens per micro-batch (padded), or auto: the largest under memory_fraction of the GPU."
+    )
+    memory_fraction: float = setting(0.9, "GPU memory share for --batch-size auto.", minimum=0, maximum=1, above=True)
     max_seq_len: int = setting(4096, "Longest window in tokens.", minimum=1)
     lr: float = setting(2e-4, "Peak learning rate.", minimum=0, above=True)
     weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0)
@@ -56,22 +61,30 @@ class TrainConfig:
     decision_loss: str = setting("focal", "focal, balanced_bce (ProAssist) or bce.", choices=DECISION_LOSSES)
     focal_alpha: float = setting(0.25, "Focal loss alpha (weight of the positive class).", minimum=0, maximum=1)
     focal_gamma: float = setting(2.0, "Focal loss gamma.", minimum=0)
-    rho: float = setting(1.0, "Keep each negative decision with this probability (re-drawn per epoch).",
-                         minimum=0, maximum=1, above=True)
+    rho: float = setting(
+        1.0, "Keep each negative decision with this probability (re-drawn per epoch).", minimum=0, maximum=1, above=True
+    )
     w_upd: float = setting(1.0, "Weight of the DST update-decision loss.", minimum=0)
     w_dst: float = setting(1.0, "Weight of the DST text loss.", minimum=0)
     w_spk: float = setting(1.0, "Weight of the speaking-decision loss.", minimum=0)
     w_rsp: float = setting(1.0, "Weight of the response text loss.", minimum=0)
     w_sum: float = setting(1.0, "Weight of the progress-summary text loss (summary variant).", minimum=0)
     positive_strength: float = setting(1.0, "How much more often windows with positives are drawn.", minimum=0)
-    dataset_weights: dict[str, float] = setting(help="Mixing weight per dataset (config file only).", cli=False,
-                                                factory=dict)
-    conversations_per_video: int | None = setting(None, "Conversations drawn per video and epoch (default: all).",
-                                                  minimum=1)
-    curriculum_steps: int = setting(0, "Easy before hard: train the first this many steps (whole epochs) on short "
-                                    "windows, then on windows of max_seq_len.", minimum=0)
-    curriculum_max_seq_len: int | None = setting(None, "Length of the curriculum's short windows (default: "
-                                                 "max_seq_len // 4).", minimum=1)
+    dataset_weights: dict[str, float] = setting(
+        help="Mixing weight per dataset (config file only).", cli=False, factory=dict
+    )
+    conversations_per_video: int | None = setting(
+        None, "Conversations drawn per video and epoch (default: all).", minimum=1
+    )
+    curriculum_steps: int = setting(
+        0,
+        "Easy before hard: train the first this many steps (whole epochs) on short "
+        "windows, then on windows of max_seq_len.",
+        minimum=0,
+    )
+    curriculum_max_seq_len: int | None = setting(
+        None, "Length of the curriculum's short windows (default: max_seq_len // 4).", minimum=1
+    )
     frame_adapter: bool = setting(True, "A trained linear adapter on the stored frame embeddings.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
     num_workers: int = setting(2, "Data loader worker processes.", minimum=0)
@@ -91,8 +104,9 @@ class TrainConfig:
                 raise TrainConfigError(problem)
         used = get_variant(self.variant).loss_weights  # w_sum > 0 trains nothing in a dst model
         if all(getattr(self, name) == 0 for name in used):
-            raise TrainConfigError(f"the loss weights {', '.join(used)} are all 0: nothing to train "
-                                   f"(variant {self.variant})")
+            raise TrainConfigError(
+                f"the loss weights {', '.join(used)} are all 0: nothing to train (variant {self.variant})"
+            )
         if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) > 0):
             raise TrainConfigError(f"batch_size must be 'auto' or a positive token budget, got {self.batch_size!r}")
 

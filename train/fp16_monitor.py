@@ -84,6 +84,7 @@ def first_nonfinite_module(model, batch, autocast) -> Overflow | None:
                 peak = float(tensor.detach().abs().max())
                 if peak > largest[0]:
                     largest[:] = [peak, name]
+
         return check
 
     handles = [module.register_forward_hook(hook(name)) for name, module in watched_modules(model)]
@@ -125,17 +126,23 @@ class TrainingMonitor:
         if not bool(flag.item()):
             return
         if self.overflow is None:
-            raise ActivationOverflow(f"rank {self.runtime.rank}: another rank's forward produced non-finite "
-                                     "activations (its message names the module); stopping every rank")
+            raise ActivationOverflow(
+                f"rank {self.runtime.rank}: another rank's forward produced non-finite "
+                "activations (its message names the module); stopping every rank"
+            )
         o = self.overflow
         layer = f" (decoder layer {o.layer})" if o.layer is not None else ""
-        before = (f"; the largest finite activation before it was {o.largest_before:,.0f} in {o.largest_before_at}"
-                  if o.largest_before_at else "")
+        before = (
+            f"; the largest finite activation before it was {o.largest_before:,.0f} in {o.largest_before_at}"
+            if o.largest_before_at
+            else ""
+        )
         raise ActivationOverflow(
             f"step {self.where[0]}, micro-batch {self.where[1]}: the forward under {self.runtime.precision} produced "
             f"non-finite activations, first in {o.module}{layer}{before} (fp16 holds up to {FP16_MAX:,.0f}). "
             "Loss scaling cannot fix a forward overflow: train in bf16 or fp32 (--precision), lower the learning "
-            "rate, or resume from an earlier checkpoint.")
+            "rate, or resume from an earlier checkpoint."
+        )
 
     def after_optimizer_step(self) -> bool:
         """After `scaler.update()`: whether GradScaler skipped the optimizer step. The scale goes down only when it

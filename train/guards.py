@@ -13,7 +13,7 @@ stopped alone would leave the others waiting in a collective); the description i
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,9 +41,11 @@ def nonfinite_inputs(index, windows: list) -> str:
         finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite) + w.start
-            return (f"non-finite frame embeddings in {index.describe(w.video_id)} (video "
-                    f"{index.meta(w.video_id).video_uid}): {len(bad)} rows, first row {int(bad[0])}; the shard is "
-                    "corrupt (dst prepare never writes such values): prepare it again")
+            return (
+                f"non-finite frame embeddings in {index.describe(w.video_id)} (video "
+                f"{index.meta(w.video_id).video_uid}): {len(bad)} rows, first row {int(bad[0])}; the shard is "
+                "corrupt (dst prepare never writes such values): prepare it again"
+            )
     return f"non-finite frame embeddings in a batch of {describe_batch(index, windows)}"
 
 
@@ -62,9 +64,11 @@ class NonFiniteGuard:
     def loss(self, values: dict[str, float], windows: Windows, step: int) -> None:
         bad = [name for name, value in values.items() if not np.isfinite(value)]
         if self.problem is None and bad:
-            self.problem = (f"step {step}: non-finite {', '.join(bad)} loss from finite inputs, in a batch of "
-                            f"{describe_batch(self.index, windows())}; the run diverged (lower the learning rate; "
-                            "with fp16 an activation may have overflowed: try --precision bf16 or fp32)")
+            self.problem = (
+                f"step {step}: non-finite {', '.join(bad)} loss from finite inputs, in a batch of "
+                f"{describe_batch(self.index, windows())}; the run diverged (lower the learning rate; "
+                "with fp16 an activation may have overflowed: try --precision bf16 or fp32)"
+            )
 
     def stop_if_any(self, runtime) -> None:
         """Raise `NonFiniteError` on every rank when any rank found a problem (one all-reduce under DDP)."""
@@ -74,16 +78,20 @@ class NonFiniteGuard:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             found = bool(flag.item())
         if found:
-            raise NonFiniteError(self.problem or f"rank {runtime.rank}: another rank met non-finite values "
-                                                 "(its message names the sample); stopped")
+            raise NonFiniteError(
+                self.problem
+                or f"rank {runtime.rank}: another rank met non-finite values (its message names the sample); stopped"
+            )
 
     def gradients(self, norm: torch.Tensor, scaler, windows: Windows, step: int) -> None:
         """Without a GradScaler, a non-finite gradient norm stops the run before the optimizer step. The norm is
         computed after DDP's all-reduce, so every rank sees the same value and raises together."""
         if scaler is None and not bool(torch.isfinite(norm)):
-            raise NonFiniteError(f"step {step}: non-finite gradients (norm {float(norm)}) from finite inputs and "
-                                 f"loss, in a batch of {describe_batch(self.index, windows())}; the step was not "
-                                 "applied (lower the learning rate)")
+            raise NonFiniteError(
+                f"step {step}: non-finite gradients (norm {float(norm)}) from finite inputs and "
+                f"loss, in a batch of {describe_batch(self.index, windows())}; the step was not "
+                "applied (lower the learning rate)"
+            )
 
     def checked(self, batches, what: str) -> Iterator:
         """Validation batches (an `EpochBatches`), with their inputs checked; call `stop_if_any` after the pass."""
@@ -97,5 +105,6 @@ def check_weights(params: Iterable[tuple[str, torch.Tensor]], step: int, last: s
     """Refuse to save non-finite weights (the newest good checkpoint stays `last`, and nothing is pruned)."""
     for name, param in params:
         if not bool(torch.isfinite(param).all()):
-            raise NonFiniteError(f"step {step}: non-finite weights in {name}: no checkpoint written (the last good "
-                                 f"one, {last}, is kept)")
+            raise NonFiniteError(
+                f"step {step}: non-finite weights in {name}: no checkpoint written (the last good one, {last}, is kept)"
+            )

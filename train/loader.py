@@ -43,8 +43,7 @@ def _weights(labels: list[int], rho: float, generator: torch.Generator) -> list[
     return [1.0 if y or k else 0.0 for y, k in zip(labels, keep.tolist())]
 
 
-def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch_seed: int,
-            rho: float = 1.0) -> Batch:
+def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch_seed: int, rho: float = 1.0) -> Batch:
     """One padded batch of windows (right padding with the tokenizer's pad id, attention 0 there).
 
     Negative decisions are subsampled with probability `rho` of being kept, from a generator seeded by
@@ -54,8 +53,10 @@ def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch
     seqs = [build_window(fmt, index.meta(w.video_id), w.conversation, w.start, w.end) for w in windows]
     for w, seq in zip(windows, seqs):
         if len(seq.input_ids) != w.n_tokens:
-            raise ValueError(f"{w}: built {len(seq.input_ids)} tokens, cut for {w.n_tokens} "
-                             "(windows cut with another format or tokenizer?)")
+            raise ValueError(
+                f"{w}: built {len(seq.input_ids)} tokens, cut for {w.n_tokens} "
+                "(windows cut with another format or tokenizer?)"
+            )
     n_rows, length = len(seqs), max(len(s.input_ids) for s in seqs)
     input_ids = torch.full((n_rows, length), fmt.pad_id, dtype=torch.long)
     attention = torch.zeros((n_rows, length), dtype=torch.long)
@@ -81,13 +82,19 @@ def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch
         resp_idx += _pairs(b, seq.response_targets)
         sum_idx += _pairs(b, seq.summary_targets)
     return Batch(
-        input_ids=input_ids, attention_mask=attention, image_mask=image_mask,
+        input_ids=input_ids,
+        attention_mask=attention,
+        image_mask=image_mask,
         frame_embeds=torch.from_numpy(np.concatenate(embeds)),
-        update_index=_index(upd_idx), update_labels=torch.tensor(upd_y, dtype=torch.float32),
+        update_index=_index(upd_idx),
+        update_labels=torch.tensor(upd_y, dtype=torch.float32),
         update_weights=torch.tensor(upd_w, dtype=torch.float32),
-        speak_index=_index(spk_idx), speak_labels=torch.tensor(spk_y, dtype=torch.float32),
+        speak_index=_index(spk_idx),
+        speak_labels=torch.tensor(spk_y, dtype=torch.float32),
         speak_weights=torch.tensor(spk_w, dtype=torch.float32),
-        dst_index=_index(dst_idx), response_index=_index(resp_idx), summary_index=_index(sum_idx),
+        dst_index=_index(dst_idx),
+        response_index=_index(resp_idx),
+        summary_index=_index(sum_idx),
     )
 
 
@@ -97,8 +104,15 @@ class EpochBatches(torch.utils.data.Dataset):
     Use with `DataLoader(ds, batch_size=None, shuffle=False, num_workers=N)`. Picklable for worker processes: the
     index reopens its shard files lazily in each process."""
 
-    def __init__(self, index: ShardIndex, fmt: SequenceFormat, batches: list[list[Window]], epoch_seed: int,
-                 rho: float = 1.0, start: int = 0):
+    def __init__(
+        self,
+        index: ShardIndex,
+        fmt: SequenceFormat,
+        batches: list[list[Window]],
+        epoch_seed: int,
+        rho: float = 1.0,
+        start: int = 0,
+    ):
         if not 0 <= start <= len(batches):
             raise ValueError(f"start {start} outside the epoch's {len(batches)} batches")
         self.index, self.fmt, self.batches = index, fmt, batches
@@ -127,25 +141,39 @@ class TrainData:
     `validation=True`: every window exactly once (no resampling, no cap, rho = 1), ranks take `batches[rank::world]`
     without truncation (their counts may differ by one: pool metrics once at the end, not per batch)."""
 
-    def __init__(self, shards: str | Path | ShardIndex, fmt: SequenceFormat, max_seq_len: int, max_tokens: int,
-                 seed: int = 0, positive_strength: float = 1.0, dataset_weights: dict[str, float] | None = None,
-                 rho: float = 1.0, conversations_per_video: int | None = None, rank: int = 0, world_size: int = 1,
-                 validation: bool = False):
+    def __init__(
+        self,
+        shards: str | Path | ShardIndex,
+        fmt: SequenceFormat,
+        max_seq_len: int,
+        max_tokens: int,
+        seed: int = 0,
+        positive_strength: float = 1.0,
+        dataset_weights: dict[str, float] | None = None,
+        rho: float = 1.0,
+        conversations_per_video: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        validation: bool = False,
+    ):
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {rho}")
         if max_tokens < 1 or max_seq_len < 1:
             raise ValueError(f"max_tokens and max_seq_len must be >= 1, got {max_tokens}, {max_seq_len}")
         self.index = shards if isinstance(shards, ShardIndex) else ShardIndex.build(shards)
         if self.index.tokens_per_frame != fmt.tokens_per_frame:
-            raise ValueError(f"the shards hold {self.index.tokens_per_frame} tokens per frame, the sequence format "
-                             f"expects {fmt.tokens_per_frame}")
+            raise ValueError(
+                f"the shards hold {self.index.tokens_per_frame} tokens per frame, the sequence format "
+                f"expects {fmt.tokens_per_frame}"
+            )
         self.fmt, self.max_seq_len, self.max_tokens, self.seed = fmt, max_seq_len, max_tokens, seed
         self.positive_strength, self.dataset_weights = positive_strength, dataset_weights
         self.rho = 1.0 if validation else rho
         self.conversations_per_video, self.validation = conversations_per_video, validation
         self.rank, self.world_size = rank, world_size
-        self.windows = [w for vid in self.index.video_ids
-                        for w in cut_windows(fmt, self.index.meta(vid), vid, max_seq_len)]
+        self.windows = [
+            w for vid in self.index.video_ids for w in cut_windows(fmt, self.index.meta(vid), vid, max_seq_len)
+        ]
         if validation:
             self.steps_per_epoch = len(self.all_batches(0)[rank::world_size])
         else:
@@ -154,13 +182,33 @@ class TrainData:
                 raise ValueError(f"{len(self.all_batches(0))} batches per epoch cannot feed {world_size} ranks")
 
     @classmethod
-    def from_config(cls, shards: str | Path | ShardIndex, fmt: SequenceFormat, cfg, max_tokens: int, rank: int = 0,
-                    world_size: int = 1, validation: bool = False, max_seq_len: int | None = None) -> "TrainData":
+    def from_config(
+        cls,
+        shards: str | Path | ShardIndex,
+        fmt: SequenceFormat,
+        cfg,
+        max_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+        validation: bool = False,
+        max_seq_len: int | None = None,
+    ) -> TrainData:
         """From a `TrainConfig` (max_seq_len unless given, seed, positive_strength, dataset_weights, rho,
         conversations_per_video)."""
-        return cls(shards, fmt, max_seq_len or cfg.max_seq_len, max_tokens, cfg.seed, cfg.positive_strength,
-                   dict(cfg.dataset_weights) or None, cfg.rho, cfg.conversations_per_video, rank, world_size,
-                   validation)
+        return cls(
+            shards,
+            fmt,
+            max_seq_len or cfg.max_seq_len,
+            max_tokens,
+            cfg.seed,
+            cfg.positive_strength,
+            dict(cfg.dataset_weights) or None,
+            cfg.rho,
+            cfg.conversations_per_video,
+            rank,
+            world_size,
+            validation,
+        )
 
     def epoch_seed(self, epoch: int) -> int:
         return stable_seed("rho", self.seed, epoch)
@@ -170,15 +218,21 @@ class TrainData:
         if self.validation:
             sample = self.windows
         else:
-            sample = epoch_windows(self.windows, epoch, self.seed, self.positive_strength, self.dataset_weights,
-                                   self.conversations_per_video)
+            sample = epoch_windows(
+                self.windows,
+                epoch,
+                self.seed,
+                self.positive_strength,
+                self.dataset_weights,
+                self.conversations_per_video,
+            )
         return pack_batches(sample, self.max_tokens, self.seed, epoch)
 
     def rank_batches(self, epoch: int, steps: int | None = None) -> list[list[Window]]:
         """This rank's batches of `epoch`: exactly `steps` (default `steps_per_epoch`) in training."""
         batches = self.all_batches(epoch)
         if self.validation:
-            return batches[self.rank::self.world_size]
+            return batches[self.rank :: self.world_size]
         target = (steps or self.steps_per_epoch) * self.world_size
         batches = (batches * -(-target // len(batches)))[:target] if batches else []
         return rank_batches(batches, self.rank, self.world_size)
@@ -209,5 +263,4 @@ class Curriculum:
 
     def batches_for_epoch(self, epoch: int, start: int = 0) -> EpochBatches:
         source = self.easy if epoch < self.easy_epochs else self.data
-        return EpochBatches(self.index, self.fmt, self.rank_batches(epoch), source.epoch_seed(epoch), source.rho,
-                            start)
+        return EpochBatches(self.index, self.fmt, self.rank_batches(epoch), source.epoch_seed(epoch), source.rho, start)

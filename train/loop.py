@@ -29,9 +29,14 @@ def micro_batches(data, epoch: int, start: int, workers: int, device: torch.devi
     `Batch.to(non_blocking=True)` copies them asynchronously (from pageable memory a copy is synchronous)."""
     while True:
         batches = data.batches_for_epoch(epoch, start=start)
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                             worker_init_fn=ignore_sigterm_in_worker if workers else None,
-                                             pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            batches,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            worker_init_fn=ignore_sigterm_in_worker if workers else None,
+            pin_memory=device.type == "cuda",
+        )
         with sigterm_blocked():
             iterator = iter(loader)  # starts the workers
         for i, batch in enumerate(iterator, start):
@@ -39,11 +44,30 @@ def micro_batches(data, epoch: int, start: int, workers: int, device: torch.devi
         epoch, start = epoch + 1, 0
 
 
-def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log, console,
-               dst_meta, preemption: Preemption | None = None) -> int:
+def train_loop(
+    cfg,
+    runtime,
+    model,
+    tokenizer,
+    data,
+    val_data,
+    optimizer,
+    scheduler,
+    scaler,
+    state,
+    log,
+    console,
+    dst_meta,
+    preemption: Preemption | None = None,
+) -> int:
     """Run from `state` ({"step", "position": {"epoch", "batch"}}) to cfg.max_steps; return the last step."""
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
-                                                     else None) if runtime.world > 1 else model)
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None
+        )
+        if runtime.world > 1
+        else model
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     step, position = state["step"], state["position"]
     stream = micro_batches(data, position["epoch"], position["batch"], cfg.num_workers, runtime.device)
@@ -56,13 +80,27 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
 
     def checkpoint():
         # Every rank checks (the weights are the same on all): all raise together, none waits in the barrier.
-        check_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad), step,
-                      str(cfg.out / "checkpoints" / "last"))
+        check_weights(
+            ((n, p) for n, p in model.named_parameters() if p.requires_grad),
+            step,
+            str(cfg.out / "checkpoints" / "last"),
+        )
         failure = None
         if runtime.is_main:
             try:
-                saved[0] = save_checkpoint(cfg.out, step, model, tokenizer, optimizer, scheduler, scaler, position,
-                                           dst_meta, keep=cfg.keep_checkpoints, counters=monitor.counters())
+                saved[0] = save_checkpoint(
+                    cfg.out,
+                    step,
+                    model,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    position,
+                    dst_meta,
+                    keep=cfg.keep_checkpoints,
+                    counters=monitor.counters(),
+                )
             except Exception as exc:  # raised by agree_saved, on every rank: none may wait for the others
                 failure = exc
         agree_saved(runtime, checkpoint_folder(cfg.out, step), failure)
@@ -73,9 +111,14 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
             write_marker(cfg.out, step, saved[0])
         return step
 
-    progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
-                        TimeRemainingColumn(), console=console, disable=not runtime.is_main)
+    progress = Progress(
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not runtime.is_main,
+    )
     task = progress.add_task("train", total=cfg.max_steps, completed=step, loss=float("nan"), tps=0.0)
     try:
         with progress:
@@ -89,6 +132,7 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                 total = global_counts(batches, runtime.device, runtime.world)
                 sums = torch.zeros(len(TERMS), dtype=torch.float64)
                 for i, batch in enumerate(batches):
+
                     def windows(e=window[i][0], j=window[i][1]):  # named only if the guard stops
                         return data.rank_batches(e)[j]
 
@@ -111,9 +155,12 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                guard.gradients(norm, scaler,
-                                lambda window=window: [w for e, j, _ in window for w in data.rank_batches(e)[j]],
-                                step + 1)
+                guard.gradients(
+                    norm,
+                    scaler,
+                    lambda window=window: [w for e, j, _ in window for w in data.rank_batches(e)[j]],
+                    step + 1,
+                )
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -126,21 +173,37 @@ def train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, schedu
                     scheduler.step()
                 step += 1
                 epoch, index, _ = window[-1]
-                position = ({"epoch": epoch + 1, "batch": 0} if index + 1 >= data.steps_per_epoch
-                            else {"epoch": epoch, "batch": index + 1})
+                position = (
+                    {"epoch": epoch + 1, "batch": 0}
+                    if index + 1 >= data.steps_per_epoch
+                    else {"epoch": epoch, "batch": index + 1}
+                )
                 step_s = time.perf_counter() - started
                 tokens = sum(b.num_tokens for b in batches) * runtime.world
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     if runtime.world > 1:
                         sums = sums.to(runtime.device)
                         torch.distributed.all_reduce(sums)
-                    values = {t: float(s) / total[t] if total[t] else 0.0
-                              for t, s in zip(TERMS, sums.tolist(), strict=True)}
+                    values = {
+                        t: float(s) / total[t] if total[t] else 0.0 for t, s in zip(TERMS, sums.tolist(), strict=True)
+                    }
                     weights = loss_weights(cfg)
-                    loss_value = sum(getattr(weights, w) * values[t]
-                                     for t, w in zip(TERMS, LOSS_WEIGHT_NAMES, strict=True))
-                    log({"step": step, "loss": loss_value, **values, "lr": lr, "tokens_per_s": tokens / step_s,
-                         "epoch": epoch, "data_s": data_s, "step_s": step_s, **monitor.metrics()})
+                    loss_value = sum(
+                        getattr(weights, w) * values[t] for t, w in zip(TERMS, LOSS_WEIGHT_NAMES, strict=True)
+                    )
+                    log(
+                        {
+                            "step": step,
+                            "loss": loss_value,
+                            **values,
+                            "lr": lr,
+                            "tokens_per_s": tokens / step_s,
+                            "epoch": epoch,
+                            "data_s": data_s,
+                            "step_s": step_s,
+                            **monitor.metrics(),
+                        }
+                    )
                     progress.update(task, loss=loss_value, tps=tokens / step_s)
                 progress.update(task, completed=step)
                 if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
@@ -167,6 +230,7 @@ def _json_value(value):
 
 def jsonl_logger(path, enabled: bool, extra_sinks=()):
     """Append metric lines to metrics.jsonl (main rank only), and to optional TensorBoard / W&B sinks."""
+
     def log(values: dict) -> None:
         if not enabled:
             return
@@ -174,4 +238,5 @@ def jsonl_logger(path, enabled: bool, extra_sinks=()):
             f.write(json.dumps({k: _json_value(v) for k, v in values.items()}, allow_nan=False) + "\n")
         for sink in extra_sinks:
             sink(values)
+
     return log

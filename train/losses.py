@@ -38,8 +38,13 @@ def _weighted_mean(losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * losses).sum() / w.sum().clamp_min(_TINY)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
-               alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
     """Binary focal loss (Lin et al. 2017): `-alpha_t * (1 - p_t)^gamma * log(p_t)`, alpha_t = alpha for positives
     and 1 - alpha for negatives. `-log(p_t)` is BCE-with-logits (stable); soft targets interpolate as in torchvision's
     `sigmoid_focal_loss`."""
@@ -53,7 +58,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
         # d/dx base^gamma is infinite at base 0 for gamma < 1 (0 * inf = NaN in backward); keep the base positive.
         modulating = one_minus_pt.clamp_min(_TINY) ** gamma
     else:
-        modulating = one_minus_pt ** gamma
+        modulating = one_minus_pt**gamma
     alpha_t = alpha * t + (1 - alpha) * (1 - t)
     return _weighted_mean(alpha_t * modulating * ce, w)
 
@@ -77,8 +82,14 @@ def bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | Non
     return _weighted_mean(F.binary_cross_entropy_with_logits(x, t, reduction="none"), w)
 
 
-def decision_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
-                  alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def decision_loss(
+    kind: str,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
     """Dispatch on `kind` in DECISION_LOSSES; alpha and gamma only apply to focal."""
     if kind == "focal":
         return focal_loss(logits, targets, weights, alpha=alpha, gamma=gamma)
@@ -106,8 +117,9 @@ def lm_loss(logits_at_prev: torch.Tensor, target_ids: torch.Tensor) -> torch.Ten
     """Token cross-entropy, mean over targets, in fp32. `logits_at_prev` `[N, V]` are already gathered at the
     positions from `shifted_positions`; `target_ids` `[N]` are the ids at the target positions."""
     if logits_at_prev.dim() != 2 or target_ids.shape != logits_at_prev.shape[:1]:
-        raise ValueError(f"expected [N, V] logits and [N] targets, got {tuple(logits_at_prev.shape)}, "
-                         f"{tuple(target_ids.shape)}")
+        raise ValueError(
+            f"expected [N, V] logits and [N] targets, got {tuple(logits_at_prev.shape)}, {tuple(target_ids.shape)}"
+        )
     logits = logits_at_prev.float()
     if target_ids.numel() == 0:
         return logits.sum() * 0  # cross_entropy's mean over nothing is NaN
@@ -146,6 +158,10 @@ def combine(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tenso
     silent 0."""
     if set(terms) != set(TERMS):
         raise ValueError(f"expected loss terms {TERMS}, got {tuple(terms)}")
-    return (weights.w_upd * terms["update"].float() + weights.w_dst * terms["dst_text"].float()
-            + weights.w_spk * terms["speak"].float() + weights.w_rsp * terms["response"].float()
-            + weights.w_sum * terms["summary"].float())
+    return (
+        weights.w_upd * terms["update"].float()
+        + weights.w_dst * terms["dst_text"].float()
+        + weights.w_spk * terms["speak"].float()
+        + weights.w_rsp * terms["response"].float()
+        + weights.w_sum * terms["summary"].float()
+    )

@@ -56,18 +56,24 @@ class DSTModel(nn.Module):
         """Token embeddings with the `<image>` positions replaced by the (adapted) frame embeddings."""
         embeds = self.text_model.get_input_embeddings()(input_ids)
         if frame_embeds.shape[0] != int(image_mask.sum()):
-            raise ValueError(f"{frame_embeds.shape[0]} frame embedding rows for {int(image_mask.sum())} <image> "
-                             "positions")
+            raise ValueError(
+                f"{frame_embeds.shape[0]} frame embedding rows for {int(image_mask.sum())} <image> positions"
+            )
         frames = frame_embeds.to(embeds.dtype)
         if self.frame_adapter is not None:
             frames = self.frame_adapter(frames).to(embeds.dtype)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), frames)
 
-    def hidden_states(self, input_ids, image_mask, frame_embeds, attention_mask=None, cache=None,
-                      position_ids=None) -> tuple[torch.Tensor, object]:
-        out = self.text_model(inputs_embeds=self.embed(input_ids, image_mask, frame_embeds),
-                              attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                              use_cache=cache is not None)
+    def hidden_states(
+        self, input_ids, image_mask, frame_embeds, attention_mask=None, cache=None, position_ids=None
+    ) -> tuple[torch.Tensor, object]:
+        out = self.text_model(
+            inputs_embeds=self.embed(input_ids, image_mask, frame_embeds),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
         return out.last_hidden_state, out.cache
 
     def decision_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +83,9 @@ class DSTModel(nn.Module):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Logits at the positions each loss term reads. LM logits are taken one position before each target
         (the shift), and the LM head runs only there (a full [B, L, vocab] tensor would dominate memory)."""
-        hidden, _ = self.hidden_states(batch.input_ids, batch.image_mask, batch.frame_embeds,
-                                       attention_mask=batch.attention_mask)
+        hidden, _ = self.hidden_states(
+            batch.input_ids, batch.image_mask, batch.frame_embeds, attention_mask=batch.attention_mask
+        )
 
         def at(index: torch.Tensor) -> torch.Tensor:
             return hidden[index[:, 0], index[:, 1]]

@@ -64,5 +64,13 @@ def sigterm_blocked():
 
 def write_marker(run: Path, step: int, checkpoint: Path | None) -> None:
     """`RUN/preempted.json`: the run stopped on a signal after saving everything; `--resume` continues it."""
-    write_atomic(run / PREEMPTED, json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None,
-                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    write_atomic(
+        run / PREEMPTED,
+        json.dumps(
+            {
+                "step": step,
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        ),
+    )

@@ -1,8 +1,8 @@
 """`dst train`: set up, resume if asked, run the loop, leave a run folder.
 
-    RUN/config.json      resolved config, git commit, runtime (precision, world size), chosen token budget
-    RUN/metrics.jsonl    one line per logged step; validation lines with `val_` keys
-    RUN/checkpoints/     step-NNNNNN/ and last -> the newest (see train/checkpoint.py)
+RUN/config.json      resolved config, git commit, runtime (precision, world size), chosen token budget
+RUN/metrics.jsonl    one line per logged step; validation lines with `val_` keys
+RUN/checkpoints/     step-NNNNNN/ and last -> the newest (see train/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from train.sequence import SequenceFormat
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None  # not a git checkout (e.g. an installed copy): recorded as null
     return out.stdout.strip()
@@ -52,8 +53,11 @@ def _sinks(cfg: TrainConfig, run: Path) -> list:
         )
 
         writer = SummaryWriter(str(run / "tensorboard"))
-        sinks.append(lambda v: [writer.add_scalar(k, x, v["step"]) for k, x in v.items()
-                                if k != "step" and isinstance(x, (int, float))])
+        sinks.append(
+            lambda v: [
+                writer.add_scalar(k, x, v["step"]) for k, x in v.items() if k != "step" and isinstance(x, (int, float))
+            ]
+        )
     if cfg.wandb:
         import wandb  # needs the wandb package and a login
 
@@ -67,13 +71,17 @@ def check_shards(cfg: TrainConfig, index: ShardIndex, model, what: str) -> None:
     name; `dst prepare`'s manifest and every sample record the model."""
     hidden = model.text_model.config.hidden_size
     if index.hidden_size != hidden:
-        raise TrainConfigError(f"{what} {index.shards[0].parent} hold embeddings of hidden size {index.hidden_size} "
-                               f"(prepared with {index.model}), the model {cfg.model} has text hidden size {hidden}; "
-                               "prepare the shards with the same --model")
+        raise TrainConfigError(
+            f"{what} {index.shards[0].parent} hold embeddings of hidden size {index.hidden_size} "
+            f"(prepared with {index.model}), the model {cfg.model} has text hidden size {hidden}; "
+            "prepare the shards with the same --model"
+        )
     if index.model is not None and not cfg.allow_other_model and _model_name(index.model) != _model_name(cfg.model):
-        raise TrainConfigError(f"{what} {index.shards[0].parent} were prepared with --model {index.model}, this run "
-                               f"trains {cfg.model}; use the same model (or allow_other_model = true if it is the "
-                               "same one under another name)")
+        raise TrainConfigError(
+            f"{what} {index.shards[0].parent} were prepared with --model {index.model}, this run "
+            f"trains {cfg.model}; use the same model (or allow_other_model = true if it is the "
+            "same one under another name)"
+        )
 
 
 def _model_name(model: str) -> str:
@@ -116,8 +124,15 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
     try:  # windows that cannot fit max_seq_len, too few batches for the ranks: a setting to change
         data = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world)
         if cfg.curriculum_steps:
-            easy = TrainData.from_config(index, fmt, cfg, budget, runtime.rank, runtime.world,
-                                         max_seq_len=cfg.curriculum_max_seq_len or cfg.max_seq_len // 4)
+            easy = TrainData.from_config(
+                index,
+                fmt,
+                cfg,
+                budget,
+                runtime.rank,
+                runtime.world,
+                max_seq_len=cfg.curriculum_max_seq_len or cfg.max_seq_len // 4,
+            )
             data = Curriculum(easy, data, cfg.curriculum_steps)
     except ValueError as exc:
         raise TrainConfigError(f"{cfg.shards}: {exc}") from None
@@ -126,11 +141,14 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
         val_index = ShardIndex.build(cfg.val_shards)
         check_shards(cfg, val_index, model, "the validation shards")
         if val_index.tokens_per_frame != index.tokens_per_frame:
-            raise TrainConfigError(f"the validation shards hold {val_index.tokens_per_frame} tokens per frame, the "
-                                   f"training shards {index.tokens_per_frame}")
+            raise TrainConfigError(
+                f"the validation shards hold {val_index.tokens_per_frame} tokens per frame, the "
+                f"training shards {index.tokens_per_frame}"
+            )
         try:
-            val_data = TrainData.from_config(val_index, fmt, cfg, budget, runtime.rank, runtime.world,
-                                             validation=True).batches_for_epoch(0)
+            val_data = TrainData.from_config(
+                val_index, fmt, cfg, budget, runtime.rank, runtime.world, validation=True
+            ).batches_for_epoch(0)
         except ValueError as exc:
             raise TrainConfigError(f"{cfg.val_shards}: {exc}") from None
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -146,19 +164,48 @@ def _run(cfg: TrainConfig, console: Console, preemption: Preemption, runtime: Ru
         cfg.out.mkdir(parents=True, exist_ok=True)
         for line in set_aside(cfg.out, start, state["step"]):
             console.print(line, highlight=False)
-        write_atomic(cfg.out / "config.json", json.dumps({
-            "config": cfg.to_json(), "git_commit": git_commit(), "precision": runtime.precision,
-            "world_size": runtime.world, "device": str(runtime.device), "token_budget": budget,
-            "steps_per_epoch": data.steps_per_epoch, **{f"model_{k}": v for k, v in meta.items()},
-        }, indent=1))
+        write_atomic(
+            cfg.out / "config.json",
+            json.dumps(
+                {
+                    "config": cfg.to_json(),
+                    "git_commit": git_commit(),
+                    "precision": runtime.precision,
+                    "world_size": runtime.world,
+                    "device": str(runtime.device),
+                    "token_budget": budget,
+                    "steps_per_epoch": data.steps_per_epoch,
+                    **{f"model_{k}": v for k, v in meta.items()},
+                },
+                indent=1,
+            ),
+        )
     if runtime.world > 1:  # the run folder exists before any rank writes to it
         torch.distributed.barrier()
     log = jsonl_logger(cfg.out / "metrics.jsonl", runtime.is_main, _sinks(cfg, cfg.out) if runtime.is_main else ())
-    console.print(f"training {cfg.model}, variant {cfg.variant} ({'LoRA' if cfg.lora else 'full'}, "
-                  f"{runtime.precision}) on "
-                  f"{runtime.device} x{runtime.world}: {data.steps_per_epoch} micro-batches per epoch per rank, "
-                  f"{budget} tokens each", highlight=False, soft_wrap=True)
-    step = train_loop(cfg, runtime, model, tokenizer, data, val_data, optimizer, scheduler, scaler, state, log,
-                      console, meta, preemption)
+    console.print(
+        f"training {cfg.model}, variant {cfg.variant} ({'LoRA' if cfg.lora else 'full'}, "
+        f"{runtime.precision}) on "
+        f"{runtime.device} x{runtime.world}: {data.steps_per_epoch} micro-batches per epoch per rank, "
+        f"{budget} tokens each",
+        highlight=False,
+        soft_wrap=True,
+    )
+    step = train_loop(
+        cfg,
+        runtime,
+        model,
+        tokenizer,
+        data,
+        val_data,
+        optimizer,
+        scheduler,
+        scaler,
+        state,
+        log,
+        console,
+        meta,
+        preemption,
+    )
     console.print(f"done at step {step}: {cfg.out}", highlight=False)
     return cfg.out

@@ -38,13 +38,17 @@ def start_point(out: Path, resume: bool) -> StartPoint:
     if has_last:
         folder = last.resolve()
         if not (folder / "trainer.json").is_file():
-            raise RunFolderError(f"{last} points to {folder}, which is not a complete checkpoint; point it at a "
-                                 "complete step-NNNNNN folder or remove it")
+            raise RunFolderError(
+                f"{last} points to {folder}, which is not a complete checkpoint; point it at a "
+                "complete step-NNNNNN folder or remove it"
+            )
         return StartPoint(folder)
     steps = sorted(p for p in (out / "checkpoints").glob("step-??????") if p.is_dir())
     if steps:
-        raise RunFolderError(f"{out / 'checkpoints'} holds {steps[-1].name} but no 'last' link: link it "
-                             f"(ln -s {steps[-1].name} {last}) or move the checkpoints away")
+        raise RunFolderError(
+            f"{out / 'checkpoints'} holds {steps[-1].name} but no 'last' link: link it "
+            f"(ln -s {steps[-1].name} {last}) or move the checkpoints away"
+        )
     return StartPoint(None, restart=(out / METRICS).exists())
 
 

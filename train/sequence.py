@@ -90,8 +90,14 @@ class SequenceFormat:
         # special ids only ever come from this builder.
         return self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def system(self, goal: str, nodes: list[tuple[str, str]], state: dict[str, str] | None = None,
-               recent: list[tuple[str, str]] = (), progress: str = "") -> list[int]:
+    def system(
+        self,
+        goal: str,
+        nodes: list[tuple[str, str]],
+        state: dict[str, str] | None = None,
+        recent: list[tuple[str, str]] = (),
+        progress: str = "",
+    ) -> list[int]:
         """System segment: instructions, goal, steps with ids, the variant's memory (the DST state for `dst`, a
         progress summary for `summary` when there is one), and recent turns (role, text)."""
         lines = [f"System: {self.variant.instructions}", f"Goal: {goal}", "Steps:"]
@@ -205,17 +211,24 @@ def frame_segments(fmt: SequenceFormat, meta: VideoMeta, conversation: int, row:
 
 def frame_cost(fmt: SequenceFormat, segments: dict[str, list[int]]) -> int:
     """Tokens one frame adds to a sequence."""
-    return (len(segments["user"]) + len(fmt.frame)
-            + (len(fmt.dst_prefix) + len(segments["dst"]) if segments["dst"] else 0)
-            + (len(fmt.response_prefix) + len(segments["response"]) if segments["response"] else 0))
+    return (
+        len(segments["user"])
+        + len(fmt.frame)
+        + (len(fmt.dst_prefix) + len(segments["dst"]) if segments["dst"] else 0)
+        + (len(fmt.response_prefix) + len(segments["response"]) if segments["response"] else 0)
+    )
 
 
 def closing_cost(fmt: SequenceFormat, meta: VideoMeta, conversation: int, end: int) -> int:
     """Tokens of the block that closes a window ending before frame row `end` (summary variant only)."""
     if not fmt.variant.writes_summary or end >= meta.num_rows:
         return 0
-    return (len(fmt.summary_request) + len(fmt.frame) + len(fmt.summary_prefix)
-            + len(fmt.response_body(progress_before(meta, conversation, end))))
+    return (
+        len(fmt.summary_request)
+        + len(fmt.frame)
+        + len(fmt.summary_prefix)
+        + len(fmt.response_body(progress_before(meta, conversation, end)))
+    )
 
 
 def append_frame_block(fmt: SequenceFormat, seq: Sequence, row: int) -> int:
@@ -227,8 +240,9 @@ def append_frame_block(fmt: SequenceFormat, seq: Sequence, row: int) -> int:
     return last
 
 
-def append_frame(fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[str, list[int]],
-                 update: bool, speak: bool) -> None:
+def append_frame(
+    fmt: SequenceFormat, seq: Sequence, row: int, segments: dict[str, list[int]], update: bool, speak: bool
+) -> None:
     """Append one frame with its decisions; `update`/`speak` are the labels (ground truth in training)."""
     if segments["user"]:
         seq.extend(segments["user"])
@@ -262,8 +276,7 @@ def build_window(fmt: SequenceFormat, meta: VideoMeta, conversation: int, start:
     seq.extend(system_for(fmt, meta, conversation, start))
     conv = meta.conversations[conversation]
     for row in range(start, end):
-        append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row), meta.dst_update[row],
-                     conv.speak[row])
+        append_frame(fmt, seq, row, frame_segments(fmt, meta, conversation, row), meta.dst_update[row], conv.speak[row])
     if closing_cost(fmt, meta, conversation, end):
         append_summary(fmt, seq, end - 1, fmt.response_body(progress_before(meta, conversation, end)))
     return seq

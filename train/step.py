@@ -17,10 +17,22 @@ from train.losses import TERMS, LossWeights, combine, decision_loss, lm_loss
 def loss_terms(out: dict, batch: Batch, cfg: TrainConfig) -> tuple[dict, dict]:
     """(mean per term, positions per term) for one micro-batch."""
     terms = {
-        "update": decision_loss(cfg.decision_loss, out["update"], batch.update_labels, batch.update_weights,
-                                alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
-        "speak": decision_loss(cfg.decision_loss, out["speak"], batch.speak_labels, batch.speak_weights,
-                               alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
+        "update": decision_loss(
+            cfg.decision_loss,
+            out["update"],
+            batch.update_labels,
+            batch.update_weights,
+            alpha=cfg.focal_alpha,
+            gamma=cfg.focal_gamma,
+        ),
+        "speak": decision_loss(
+            cfg.decision_loss,
+            out["speak"],
+            batch.speak_labels,
+            batch.speak_weights,
+            alpha=cfg.focal_alpha,
+            gamma=cfg.focal_gamma,
+        ),
         "dst_text": lm_loss(out["dst_text"], out["dst_text_targets"]),
         "response": lm_loss(out["response"], out["response_targets"]),
         "summary": lm_loss(out["summary"], out["summary_targets"]),
@@ -29,9 +41,13 @@ def loss_terms(out: dict, batch: Batch, cfg: TrainConfig) -> tuple[dict, dict]:
 
 
 def counts(batch: Batch) -> dict[str, float]:
-    return {"update": float(batch.update_weights.sum()), "speak": float(batch.speak_weights.sum()),
-            "dst_text": float(batch.dst_index.shape[0]), "response": float(batch.response_index.shape[0]),
-            "summary": float(batch.summary_index.shape[0])}
+    return {
+        "update": float(batch.update_weights.sum()),
+        "speak": float(batch.speak_weights.sum()),
+        "dst_text": float(batch.dst_index.shape[0]),
+        "response": float(batch.response_index.shape[0]),
+        "summary": float(batch.summary_index.shape[0]),
+    }
 
 
 def global_counts(batches: list[Batch], device: torch.device, world: int) -> dict[str, float]:
@@ -78,9 +94,12 @@ def validate(model, batches, cfg: TrainConfig, runtime) -> dict[str, float]:
     s = sums.tolist()
     metrics = {f"val_{t}": s[2 * i] / s[2 * i + 1] if s[2 * i + 1] else 0.0 for i, t in enumerate(TERMS)}
     for j, name in enumerate(("update", "speak")):
-        tp, fp, fn = s[2 * len(TERMS) + 3 * j: 2 * len(TERMS) + 3 * j + 3]
+        tp, fp, fn = s[2 * len(TERMS) + 3 * j : 2 * len(TERMS) + 3 * j + 3]
         p = tp / (tp + fp) if tp + fp else 0.0
         r = tp / (tp + fn) if tp + fn else 0.0
-        metrics |= {f"val_{name}_precision": p, f"val_{name}_recall": r,
-                    f"val_{name}_f1": 2 * p * r / (p + r) if p + r else 0.0}
+        metrics |= {
+            f"val_{name}_precision": p,
+            f"val_{name}_recall": r,
+            f"val_{name}_f1": 2 * p * r / (p + r) if p + r else 0.0,
+        }
     return metrics

@@ -26,10 +26,16 @@ class Variant:
         return self.name
 
 
-DST = Variant("dst", True, False, f"{_ROLE} After each frame, track the state of every step and speak only when "
-              "it helps.", ("w_upd", "w_dst", "w_spk", "w_rsp"))
-SUMMARY = Variant("summary", False, True, f"{_ROLE} After each frame, speak only when it helps.",
-                  ("w_spk", "w_rsp", "w_sum"))
+DST = Variant(
+    "dst",
+    True,
+    False,
+    f"{_ROLE} After each frame, track the state of every step and speak only when it helps.",
+    ("w_upd", "w_dst", "w_spk", "w_rsp"),
+)
+SUMMARY = Variant(
+    "summary", False, True, f"{_ROLE} After each frame, speak only when it helps.", ("w_spk", "w_rsp", "w_sum")
+)
 NONE = Variant("none", False, False, f"{_ROLE} After each frame, speak only when it helps.", ("w_spk", "w_rsp"))
 
 VARIANTS = {v.name: v for v in (DST, SUMMARY, NONE)}

@@ -63,17 +63,28 @@ def cut_windows(fmt: SequenceFormat, meta: VideoMeta, video_id: str, max_seq_len
                 cuts.append((start, row, used + closing_cost(fmt, meta, c, row)))
                 start, used = row, len(system_for(fmt, meta, c, row))
             if used + cost + closing_cost(fmt, meta, c, row + 1) > max_seq_len:
-                raise ValueError(f"video {video_id}, conversation {c}: frame row {row} needs "
-                                 f"{used + cost + closing_cost(fmt, meta, c, row + 1)} tokens with its system prompt"
-                                 f"{' and closing summary' if fmt.variant.writes_summary else ''}, more than "
-                                 f"max_seq_len={max_seq_len}")
+                raise ValueError(
+                    f"video {video_id}, conversation {c}: frame row {row} needs "
+                    f"{used + cost + closing_cost(fmt, meta, c, row + 1)} tokens with its system prompt"
+                    f"{' and closing summary' if fmt.variant.writes_summary else ''}, more than "
+                    f"max_seq_len={max_seq_len}"
+                )
             used += cost
         if n_rows:
             cuts.append((start, n_rows, used))
-        windows += [Window(video_id, meta.dataset, c, a, b, n,
-                           sum(map(bool, meta.dst_update[a:b])) if fmt.variant.tracks_state else 0,
-                           sum(map(bool, conv.speak[a:b])))
-                    for a, b, n in cuts]
+        windows += [
+            Window(
+                video_id,
+                meta.dataset,
+                c,
+                a,
+                b,
+                n,
+                sum(map(bool, meta.dst_update[a:b])) if fmt.variant.tracks_state else 0,
+                sum(map(bool, conv.speak[a:b])),
+            )
+            for a, b, n in cuts
+        ]
     return windows
 
 
@@ -85,8 +96,9 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
 
 
-def epoch_weights(windows: list[Window], positive_strength: float = 1.0,
-                  dataset_weights: dict[str, float] | None = None) -> np.ndarray:
+def epoch_weights(
+    windows: list[Window], positive_strength: float = 1.0, dataset_weights: dict[str, float] | None = None
+) -> np.ndarray:
     """Unnormalised sampling weight per window:
 
         w = dataset_weights.get(dataset, 1.0) * (1 + n_update_pos + n_speak_pos) ** positive_strength
@@ -101,9 +113,14 @@ def epoch_weights(windows: list[Window], positive_strength: float = 1.0,
     return base * (1.0 + positives) ** positive_strength
 
 
-def epoch_windows(windows: list[Window], epoch: int, seed: int, positive_strength: float = 1.0,
-                  dataset_weights: dict[str, float] | None = None,
-                  conversations_per_video: int | None = None) -> list[Window]:
+def epoch_windows(
+    windows: list[Window],
+    epoch: int,
+    seed: int,
+    positive_strength: float = 1.0,
+    dataset_weights: dict[str, float] | None = None,
+    conversations_per_video: int | None = None,
+) -> list[Window]:
     """The windows of one epoch: drawn with replacement, as many as the pool holds, with probability proportional to
     `epoch_weights` (see there). With `conversations_per_video` = N, the pool first keeps, per video, the windows of
     at most N conversations picked at random this epoch (so the epoch shrinks accordingly): conversations of one
@@ -134,8 +151,9 @@ def epoch_windows(windows: list[Window], epoch: int, seed: int, positive_strengt
 # ------------------------------------------------------------------------------------------------------ batching
 
 
-def pack_batches(windows: list[Window], max_tokens: int, seed: int, epoch: int,
-                 bucket: int = BUCKET) -> list[list[Window]]:
+def pack_batches(
+    windows: list[Window], max_tokens: int, seed: int, epoch: int, bucket: int = BUCKET
+) -> list[list[Window]]:
     """Batches with `len(batch) * longest <= max_tokens` and little padding: shuffle, cut into buckets of `bucket`
     windows, sort each bucket by length and fill batches greedily, then shuffle the batch order. Only a window
     longer than `max_tokens` breaks the budget, alone in its batch."""
@@ -145,7 +163,7 @@ def pack_batches(windows: list[Window], max_tokens: int, seed: int, epoch: int,
     for lo in range(0, len(order), bucket):
         current: list[Window] = []
         longest = 0
-        for w in sorted(order[lo:lo + bucket], key=lambda w: w.n_tokens):
+        for w in sorted(order[lo : lo + bucket], key=lambda w: w.n_tokens):
             if current and (len(current) + 1) * max(longest, w.n_tokens) > max_tokens:
                 batches.append(current)
                 current, longest = [], 0
@@ -168,4 +186,4 @@ def rank_batches(batches: list[list[Window]], rank: int, world_size: int) -> lis
     must run the same number of steps, or the last all-reduce waits forever)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    return batches[rank::world_size][:len(batches) // world_size]
+    return batches[rank::world_size][: len(batches) // world_size]
