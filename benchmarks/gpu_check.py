@@ -22,12 +22,8 @@ the repository changes. The numbers are for the record in docs/benchmarks.md, by
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import select
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_deps  # noqa: E402  (beside this file, not a package)
 import gpu_report  # noqa: E402
+from gpu_launch import Worker, tail  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -108,6 +105,10 @@ class Context:
             "TOKENIZERS_PARALLELISM": "false",
             **threads,
         }
+
+    def worker_flags(self) -> list[str]:
+        flags = ["--no-meteor"] + (["--stand-in-coco"] if self.stand_in_coco else [])
+        return flags + (["--cap-gib", str(self.args.cap_gib), "--no-flash"] if self.gpu else [])
 
     def shapes(self) -> list[str]:
         return [split(name)[1] for name, _ in STEPS[self.mode] if split(name)[0] == "prepare"]
@@ -200,75 +201,6 @@ def commands(kind: str, shape: str, ctx: Context) -> list[list[str]]:
     raise ValueError(f"unknown step kind {kind!r}")
 
 
-class Worker:
-    """The benchmarks/gpu_launch.py process the steps run in: started at the first step that needs it (that step's
-    budget pays for its imports), killed with its process group when a step runs out of time or it dies, and
-    started afresh for the next step."""
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.proc, self.started = ctx, None, 0
-
-    def _start(self) -> None:
-        read, write = os.pipe()
-        argv = [sys.executable, str(BENCH / "gpu_launch.py"), "--status-fd", str(write), "--no-meteor"]
-        argv += ["--stand-in-coco"] if self.ctx.stand_in_coco else []
-        argv += ["--cap-gib", str(self.ctx.args.cap_gib), "--no-flash"] if self.ctx.gpu else []
-        self.started += 1
-        with open(self.ctx.logs / f"worker-{self.started}.log", "w", encoding="utf-8") as log:
-            # its own process group: the DataLoader and frame feeder workers die with it
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.ctx.work,
-                env=self.ctx.env(),
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(write,),
-                text=True,
-                start_new_session=True,
-            )
-        os.close(write)
-        self.status = os.fdopen(read, "rb", buffering=0)
-
-    def run(self, request: dict, timeout: float) -> str:
-        """ "ok", "failed" or "timed_out" for one step."""
-        if self.proc is None:
-            self._start()
-        try:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            self.kill()
-            return "failed"
-        ready, _, _ = select.select([self.status], [], [], max(0.0, timeout))
-        line = self.status.readline() if ready else b""
-        if not line:  # past its time, or the process died (its log says how)
-            self.kill()
-            return "failed" if ready else "timed_out"
-        return "ok" if json.loads(line)["rc"] == 0 else "failed"
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.status.close()
-            self.proc = None
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.stdin.close()  # end of its input: it exits
-            try:
-                self.proc.wait(timeout=REPORT_S / 2)
-            except subprocess.TimeoutExpired:
-                pass
-            self.kill()
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]) if path.exists() else ""
-
-
 def run_step(name: str, budget: float, ctx: Context, worker: Worker) -> dict:
     kind, shape = split(name)
     step: dict = {"name": name, "budget_s": budget}
@@ -295,7 +227,7 @@ def run_step(name: str, budget: float, ctx: Context, worker: Worker) -> dict:
         step |= {"status": status, "elapsed_s": time.monotonic() - started, "setup": ctx.setup or None}
         if status == "timed_out":
             step["reason"] = f"ran past its {budget:g} s"
-        return step if status == "ok" else {**step, "log_tail": _tail(log)}
+        return step if status == "ok" else {**step, "log_tail": tail(log)}
     argv_lists = commands(kind, shape, ctx)
     status = worker.run({"kind": "dst", "commands": argv_lists, "log": str(log), "probe": str(probe)}, budget)
     lines = [json.loads(line) for line in probe.read_text().splitlines()] if probe.exists() else []
@@ -308,7 +240,7 @@ def run_step(name: str, budget: float, ctx: Context, worker: Worker) -> dict:
     if status == "timed_out":
         step["reason"] = f"ran past its {budget:g} s; {len(lines[1:])} of {len(argv_lists)} commands finished"
     if status != "ok":
-        step["log_tail"] = _tail(log)
+        step["log_tail"] = tail(log)
     if kind.startswith("train"):
         step["runs"] = gpu_report.train_runs(ctx.work / "runs" / f"{shape}-{'full' if 'full' in kind else 'lora'}")
     return step
@@ -350,7 +282,7 @@ def main() -> None:
     started = time.monotonic()
     done: dict[str, str] = {}
     steps = []
-    worker = Worker(ctx)
+    worker = Worker(ctx.logs, ctx.work, lambda: (ctx.env(), ctx.worker_flags()))
     for name, budget in budgets.items():
         kind, shape = split(name)
         needed = f"{NEEDS[kind]}-{shape}" if kind in NEEDS and NEEDS[kind] != "setup" else NEEDS.get(kind)

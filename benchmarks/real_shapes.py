@@ -143,8 +143,13 @@ _STS_WORDS = (
 
 def sts_standin(out: Path, hidden: int = 32) -> Path:
     """A random 1-layer BERT with mean pooling, saved as a sentence-transformers folder at `out`."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:  # sentence-transformers 6.2 (the pin) moved the modules; a lent machine's may be older
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Pooling, Transformer
 
     base = out / "bert"
     base.mkdir(parents=True, exist_ok=True)
@@ -166,8 +171,8 @@ def sts_standin(out: Path, hidden: int = 32) -> Path:
         )
     bert.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    transformer = models.Transformer(str(base), max_seq_length=128)
-    SentenceTransformer(modules=[transformer, models.Pooling(hidden, "mean")], device="cpu").save(str(out / "st"))
+    transformer = Transformer(str(base), max_seq_length=128)
+    SentenceTransformer(modules=[transformer, Pooling(hidden, "mean")], device="cpu").save(str(out / "st"))
     return out / "st"
 
 
@@ -183,6 +188,40 @@ def synthetic_data(out: Path, videos: int, size: int, seed: int = 0) -> dict:
         "frames": summary["splits"]["train"]["frames"],
         "size": size,
     }
+
+
+def short_video(out: Path, frames: int, size: int = 384) -> tuple[Path, Path]:
+    """One `frames`-frame video (2 fps) with two conversations, for CPU runs: (DST json, frames root)."""
+    from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
+
+    write_frames_file(frames_file_candidates(out / "frames", "wtag", "short")[0], synthetic_jpegs(frames, size))
+    seconds = frames / 2
+    turns = [
+        {"role": "user", "time": 0.2, "content": "what should I do now?"},
+        {
+            "role": "assistant",
+            "time": seconds * 0.6,
+            "content": "open the lid of the box",
+            "labels": "initiative|instruction",
+            "progress": "The user has just started.",
+        },
+    ]
+    record = {
+        "video_uid": "short",
+        "inferred_goal": "assemble the toy",
+        "inferred_knowledge": "1. open\n2. screw",
+        "parsed_video_anns": {"dataset": "wtag", "video_start_time": 0.0, "duration": seconds},
+        "dst": [
+            {"type": "step", "id": "S1", "start_ts": 0.0, "end_ts": seconds * 0.5, "name": "open"},
+            {"type": "step", "id": "S2", "start_ts": seconds * 0.5, "end_ts": seconds, "name": "screw"},
+        ],
+        "conversations": [
+            {"user_type": "talk_some", "conversation": turns},
+            {"user_type": "no_talk", "conversation": turns[1:]},
+        ],
+    }
+    (out / "short.json").write_text(json.dumps([record]))
+    return out / "short.json", out / "frames"
 
 
 def setup(

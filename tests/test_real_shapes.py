@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_record, write_records
+import torch
 
 from eval import metrics_text
 from eval.config import EvalConfig, StreamConfig
 from eval.evaluate import run as eval_run
 from pipeline import prepare
 from pipeline.config import PrepareConfig
-from pipeline.frames_files import frames_file_candidates, synthetic_jpegs, write_frames_file
 from pipeline.shard_index import ShardIndex
 from train import run as train_run
 from train.config import resolve
@@ -50,9 +49,16 @@ def tokenizer(smollm2):
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> tuple[Path, Path]:
     """One 3-frame video at ProAssist's 384 px with two conversations: (dst json, frames root)."""
-    tmp = tmp_path_factory.mktemp("real-shapes-data")
-    write_frames_file(frames_file_candidates(tmp / "frames", "wtag", "v-real")[0], synthetic_jpegs(FRAMES, 384))
-    return write_records(tmp / "train.json", [tiny_record("v-real", "wtag", 0.0, 2)]), tmp / "frames"
+    return real_shapes.short_video(tmp_path_factory.mktemp("real-shapes-data"), FRAMES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on the 2 shared cores mostly wait for each other (docs/benchmarks.md): 2-3x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _train(shards: Path, model: Path, out: Path, lora: bool) -> Path:
@@ -123,6 +129,6 @@ def test_prepare_train_eval(text, vision, tokens, hidden, mode, tokenizer, video
         )
     )
     records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert [(r["video_uid"], r["conversation"]) for r in records] == [("v-real", 0), ("v-real", 1)]
+    assert [(r["video_uid"], r["conversation"]) for r in records] == [("short", 0), ("short", 1)]
     assert all(1 <= len(r["frames"]) <= FRAMES for r in records)
     assert set(metrics["datasets"]) == {"wtag"}
