@@ -10,9 +10,10 @@ and 500M shapes (2 decoder layers, the full vision tower; SmolVLM2's tokenizer f
 smollm2-135m cache) and a stand-in sentence model (benchmarks/real_shapes.py); then per shape `dst prepare
 --tokens-per-frame all` (64 or 81 tokens per frame), `dst train` (LoRA, fp16 with GradScaler, `--batch-size auto`
 under the memory cap, checkpoints at steps 2 and 4, then `--resume` to step 6; 256M also full fine-tuning) and
-`dst eval` from that fp16 checkpoint with `--batch-dialogues` 1, 8 and 16. Every command runs in
-benchmarks/gpu_launch.py, which caps the process to `--cap-gib` (a 24 GB Titan RTX), turns SDPA's flash kernel
-off (Turing has none) and times the encoder, the training loop and the streaming.
+`dst eval` from that fp16 checkpoint with `--batch-dialogues` 1, 8 and 16. Every command runs in one worker
+process (benchmarks/gpu_launch.py, driven by benchmarks/gpu_worker.py), which caps its memory to `--cap-gib` (a
+24 GB Titan RTX), turns SDPA's flash kernel off (Turing has none) and times the encoder, the training loop and
+the streaming. `benchmarks/gpu_kit.sh` gathers the tokenizer and wheels for a machine without network.
 
 A step that fails, runs out of time (`timed_out`) or lacks the step it needs (`skipped`) is reported as such.
 Everything is written under `--out` (the run's folders, the logs, gpu_check.json and gpu_check.md); nothing in
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_deps  # noqa: E402  (beside this file, not a package)
 import gpu_report  # noqa: E402
-from gpu_launch import Worker, tail  # noqa: E402
+from gpu_worker import Worker, tail  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -114,88 +116,70 @@ class Context:
         return [split(name)[1] for name, _ in STEPS[self.mode] if split(name)[0] == "prepare"]
 
 
+def _opts(**values) -> list[str]:
+    """`--key value` pairs, in order (`max_steps=4` -> `--max-steps 4`)."""
+    return [item for key, value in values.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
 def commands(kind: str, shape: str, ctx: Context) -> list[list[str]]:
     """The `dst` argument lists of one step."""
     data, model = ctx.setup["data"], ctx.setup["models"][shape]["folder"]
     device = "cuda" if ctx.gpu else "cpu"
     shards, runs = str(ctx.work / "shards" / shape), ctx.work / "runs"
     if kind == "prepare":
-        return [
-            [
-                "prepare",
-                "--split",
-                "train",
-                "--dst-json",
-                data["dst_json"],
-                "--frames-root",
-                data["frames_root"],
-                "--model",
-                model,
-                "--out",
-                shards,
-                "--tokens-per-frame",
-                "all",
-                "--device",
-                device,
-                "--workers",
-                "4" if ctx.gpu else "0",
-            ]
-        ]
+        options = _opts(
+            split="train",
+            dst_json=data["dst_json"],
+            frames_root=data["frames_root"],
+            model=model,
+            out=shards,
+            tokens_per_frame="all",
+            device=device,
+            workers=4 if ctx.gpu else 0,
+        )
+        return [["prepare", *options]]
     base = [
         "train",
-        "--shards",
-        shards,
-        "--model",
-        model,
-        "--precision",
-        "fp16" if ctx.gpu else "fp32",
-        "--batch-size",
-        "auto",
-        "--memory-fraction",
-        "0.9",
-        "--max-seq-len",
-        "4096" if ctx.gpu else "512",
-        "--log-every",
-        "1",
-        "--warmup-steps",
-        "1",
-        "--save-every",
-        "2",
-        "--num-workers",
-        "2" if ctx.gpu else "0",
-        "--device",
-        device,
+        *_opts(
+            shards=shards,
+            model=model,
+            precision="fp16" if ctx.gpu else "fp32",
+            batch_size="auto",
+            memory_fraction=0.9,
+            max_seq_len=4096 if ctx.gpu else 512,
+            log_every=1,
+            warmup_steps=1,
+            save_every=2,
+            num_workers=2 if ctx.gpu else 0,
+            device=device,
+        ),
     ]
     if kind == "train":
-        run = str(runs / f"{shape}-lora")
+        run = runs / f"{shape}-lora"
         return [
-            [*base, "--out", run, "--max-steps", str(TRAIN_STEPS[0])],
-            [*base, "--out", run, "--max-steps", str(TRAIN_STEPS[1]), "--resume"],
+            [*base, *_opts(out=run, max_steps=TRAIN_STEPS[0])],
+            [*base, *_opts(out=run, max_steps=TRAIN_STEPS[1]), "--resume"],
         ]
     if kind == "train-full":
-        return [[*base, "--full", "--out", str(runs / f"{shape}-full"), "--max-steps", "2"]]
+        return [[*base, "--full", *_opts(out=runs / f"{shape}-full", max_steps=2)]]
     if kind == "eval":
         # B = 1, the slow one, streams 2 of the 6 videos (3 conversations each); the smoke run 1 of 2 throughout
-        videos = {1: "2", 8: None, 16: None} if ctx.gpu else {1: "1", 8: "1", 16: "1"}
+        videos = {1: 2, 8: None, 16: None} if ctx.gpu else {1: 1, 8: 1, 16: 1}
+        ckpt = runs / f"{shape}-lora" / "checkpoints" / "last"
         return [
             [
                 "eval",
-                "--shards",
-                shards,
-                "--ckpt",
-                str(runs / f"{shape}-lora" / "checkpoints" / "last"),
-                "--out",
-                str(ctx.work / "eval" / f"{shape}-b{b}"),
-                "--batch-dialogues",
-                str(b),
-                "--max-new-tokens",
-                "8" if ctx.gpu else "4",
-                "--sts-model",
-                ctx.setup["sts_model"],
-                "--device",
-                device,
+                *_opts(
+                    shards=shards,
+                    ckpt=ckpt,
+                    out=ctx.work / "eval" / f"{shape}-b{b}",
+                    batch_dialogues=b,
+                    max_new_tokens=8 if ctx.gpu else 4,
+                    sts_model=ctx.setup["sts_model"],
+                    device=device,
+                ),
             ]
-            + (["--max-videos", videos[b]] if videos[b] else [])
+            + (_opts(max_videos=videos[b]) if videos[b] else [])
             for b in EVAL_BATCHES
         ]
     raise ValueError(f"unknown step kind {kind!r}")
@@ -206,7 +190,12 @@ def run_step(name: str, budget: float, ctx: Context, worker: Worker) -> dict:
     step: dict = {"name": name, "budget_s": budget}
     started = time.monotonic()
     if kind == "deps":
-        report = gpu_deps.check(ctx.out, ctx.args.wheels)
+        try:
+            report = gpu_deps.check(ctx.out, ctx.args.wheels, timeout=budget)
+        except subprocess.TimeoutExpired:
+            return {**step, "status": "timed_out", "elapsed_s": budget, "reason": f"pip ran past its {budget:g} s"}
+        except gpu_deps.InstallError as exc:
+            return {**step, "status": "failed", "elapsed_s": time.monotonic() - started, "reason": str(exc)}
         ctx.site = report["site"]
         ctx.stand_in_coco = "pycocoevalcap" in report["stand_ins"]
         return {**step, "status": "ok", "elapsed_s": time.monotonic() - started, "deps": report}

@@ -12,4 +12,5 @@ python="${PYTHON:-$here/../.venv/bin/python}"
 if [ ! -x "$python" ]; then
     python="$(command -v python3)"
 fi
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in the checkout: everything this writes goes under --out
 exec "$python" "$here/gpu_check.py" "$@"

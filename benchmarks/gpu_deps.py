@@ -132,7 +132,11 @@ def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
     return None
 
 
-def install(wheels: Path, rows: list[dict], target: Path) -> tuple[list[str], str]:
+class InstallError(RuntimeError):
+    """pip could not install the wheels given."""
+
+
+def install(wheels: Path, rows: list[dict], target: Path, timeout: float) -> tuple[list[str], str]:
     """pip install the wheels DIR holds for the rows that need them; (installed wheel files, pip's output tail)."""
     files = []
     for row in rows:
@@ -159,21 +163,21 @@ def install(wheels: Path, rows: list[dict], target: Path) -> tuple[list[str], st
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     tail = (proc.stdout + proc.stderr).strip()[-600:]
     if proc.returncode:
-        raise RuntimeError(f"pip install from {wheels} failed (exit {proc.returncode}): {tail}")
+        raise InstallError(f"pip install from {wheels} failed (exit {proc.returncode}): {tail}")
     return files, tail
 
 
-def check(out: Path, wheels: Path | None) -> dict:
+def check(out: Path, wheels: Path | None, timeout: float = 300) -> dict:
     """The deps step: survey, install from `wheels` if given, survey again. Returns the report; `site` is the
     folder the later steps must put first on PYTHONPATH (None when nothing was installed)."""
     site = out / "site"
     paths = [str(site), *sys.path]
     rows = survey(paths, wheels)
-    installed_files, pip_tail = install(wheels, rows, site) if wheels else ([], "")
+    installed_files, pip_tail = install(wheels, rows, site, timeout) if wheels else ([], "")
     if installed_files:
         importlib.invalidate_caches()
         rows = survey(paths, wheels)

@@ -5,8 +5,8 @@
 It reads one step per line on stdin (`{"kind": "dst", "commands": [argument lists], "log": ..., "probe": ...}`
 or `{"kind": "setup", "args": {...}, ...}`), runs each command through the real CLI (cli.py's app) and writes the
 step's exit code to file descriptor N. One process for all steps imports torch and transformers once, not once
-per step (seconds each); the orchestrator kills it (with its process group) when a step runs past its time, and
-starts a fresh one for the next step.
+per step (seconds each); the orchestrator's side (benchmarks/gpu_worker.py) kills it with its process group when a
+step runs past its time, and starts a fresh one for the next step.
 
 At start, `--cap-gib` caps this process's CUDA memory with `set_per_process_memory_fraction` (a 24 GB Titan RTX
 on a bigger card), `--no-flash` turns SDPA's flash kernel off (Turing has none), `--no-meteor` turns METEOR off
@@ -21,17 +21,12 @@ stops its step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
-import select
-import signal
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,7 +193,19 @@ def run_command(argv: list[str]) -> dict:
     except Exception as exc:  # noqa: BLE001 - recorded for the report; the traceback goes to the step's log
         traceback.print_exc()
         code, error = 1, f"{type(exc).__name__}: {exc}"[:500]
-    return {"argv": argv, "rc": code, "error": error, "wall_s": time.perf_counter() - started, **_memory(""), **_probe}
+    result = {
+        "argv": argv,
+        "rc": code,
+        "error": error,
+        "wall_s": time.perf_counter() - started,
+        **_memory(""),
+        **_probe,
+    }
+    if argv[0] == "train" and "--out" in argv:  # each run's pick: the resumed run searches again
+        config = Path(argv[argv.index("--out") + 1]) / "config.json"
+        if config.is_file():
+            result["token_budget"] = json.loads(config.read_text()).get("token_budget")
+    return result
 
 
 def serve_one(request: dict, device: dict) -> int:
@@ -230,74 +237,6 @@ def serve_one(request: dict, device: dict) -> int:
             if result["rc"]:
                 return result["rc"]
     return 0
-
-
-class Worker:
-    """The orchestrator's side: this file run as the process the steps run in, started at the first step that
-    needs it (that step's budget pays for its imports), killed with its process group when a step runs out of time
-    or it dies, and started afresh for the next step. `settings()` gives (environment, flags) at each start."""
-
-    def __init__(self, logs: Path, cwd: Path, settings: Callable[[], tuple[dict, list[str]]]):
-        self.logs, self.cwd, self.settings, self.proc, self.started = logs, cwd, settings, None, 0
-
-    def _start(self) -> None:
-        read, write = os.pipe()
-        env, flags = self.settings()
-        argv = [sys.executable, str(Path(__file__).resolve()), "--status-fd", str(write), *flags]
-        self.started += 1
-        with open(self.logs / f"worker-{self.started}.log", "w", encoding="utf-8") as log:
-            # its own process group: the DataLoader and frame feeder workers die with it
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.cwd,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(write,),
-                text=True,
-                start_new_session=True,
-            )
-        os.close(write)
-        self.status = os.fdopen(read, "rb", buffering=0)
-
-    def run(self, request: dict, timeout: float) -> str:
-        """ "ok", "failed" or "timed_out" for one step."""
-        if self.proc is None:
-            self._start()
-        try:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            self.kill()
-            return "failed"
-        ready, _, _ = select.select([self.status], [], [], max(0.0, timeout))
-        line = self.status.readline() if ready else b""
-        if not line:  # past its time, or the process died (its log says how)
-            self.kill()
-            return "failed" if ready else "timed_out"
-        return "ok" if json.loads(line)["rc"] == 0 else "failed"
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.status.close()
-            self.proc = None
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.stdin.close()  # end of its input: it exits
-            try:
-                self.proc.wait(timeout=5)  # it has nothing left to do
-            except subprocess.TimeoutExpired:
-                pass
-            self.kill()
-
-
-def tail(path: Path, n: int = 15) -> str:
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ def _train_summary(step: dict, cap_gib: float | None) -> dict:
     out = {
         "status": step["status"],
         "token_budget": runs.get("token_budget"),
+        "token_budgets": [c.get("token_budget") for c in commands],
         "tokens_per_s": _median(rates),
         "skipped_steps": sum(skipped) if skipped else None,
         "loss_scale": logged[-1].get("loss_scale") if logged else None,
@@ -209,9 +210,10 @@ def _rows(shape: str, kind: str, r: dict) -> list[str]:
             if "resumed" not in r
             else f"; resume {'continued' if r['resumed'] else 'DID NOT continue'} (steps {r['steps_logged']})"
         )
+        picks = " then ".join(str(b) for b in r["token_budgets"] if b is not None) or r["token_budget"]
         return [
             f"| {shape} | dst {kind} ({'full' if 'full' in kind else 'LoRA'}) | {r['status']}; "
-            f"`--batch-size auto` picked {r['token_budget']} tokens; {_f(r['tokens_per_s'], ',.0f')} tokens/s; "
+            f"`--batch-size auto` picked {picks} tokens; {_f(r['tokens_per_s'], ',.0f')} tokens/s; "
             f"loop peak {_f(r['peak_reserved_gib'], '.2f')} GiB reserved{share}; skipped fp16 steps "
             f"{_f(r['skipped_steps'], 'd')}, loss scale {_f(r['loss_scale'], 'g')}{resumed} |"
         ]

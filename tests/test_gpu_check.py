@@ -84,7 +84,11 @@ def test_cpu_smoke_reports_every_step_and_writes_only_under_out(tmp_path):
     assert all(b["rc"] == 0 and b["conversations"] == 3 and b["frames_per_s"] > 0 for b in tiny["eval"]["batches"])
     markdown = (out / "gpu_check.md").read_text()
     assert markdown.startswith("# CPU smoke run of the device check (tiny model: not measurements)")
-    assert "resume continued (steps [1, 2, 3, 4, 5, 6])" in markdown and "`--batch-dialogues 16`" in markdown
+    assert (
+        "picked 4096 then 4096 tokens" in markdown
+        and "resume continued (steps [1, 2, 3, 4, 5, 6])" in markdown
+        and "`--batch-dialogues 16`" in markdown
+    )
     assert not processes_in(out)
 
 
@@ -163,8 +167,8 @@ def test_package_survey_names_the_wheels_and_what_they_weigh(tmp_path):
 
 def test_train_summary_compares_the_peak_with_the_memory_fraction():
     commands = [
-        {"rc": 0, "train": {"last_step": 4, "loop_peak_reserved_gib": 20.0}},
-        {"rc": 0, "train": {"last_step": 6, "loop_peak_reserved_gib": 23.0}},
+        {"rc": 0, "train": {"last_step": 4, "loop_peak_reserved_gib": 20.0}, "token_budget": 65536},
+        {"rc": 0, "train": {"last_step": 6, "loop_peak_reserved_gib": 23.0}, "token_budget": 61440},
     ]
     logged = [
         {
@@ -184,4 +188,23 @@ def test_train_summary_compares_the_peak_with_the_memory_fraction():
     assert got["peak_reserved_gib"] == 23.0 and not got["peak_within_memory_fraction"]
     assert got["resumed"] is True and got["loss_scale"] == 16384.0
     row = gpu_report._rows("256M", "train", got)[0]
-    assert "(96% of the cap: OVER 90%)" in row and "picked 65536 tokens; 4,000 tokens/s" in row
+    assert "(96% of the cap: OVER 90%)" in row and "picked 65536 then 61440 tokens; 4,000 tokens/s" in row
+
+
+def test_wheels_found_in_the_folder_are_installed_into_out(tmp_path):
+    """--wheels: a missing pin's wheel is pip-installed (offline) under OUT/site, where the later steps look first."""
+    import zipfile
+
+    wheel = tmp_path / "wheels" / "braceexpand-0.1.7-py3-none-any.whl"
+    wheel.parent.mkdir()
+    info = "braceexpand-0.1.7.dist-info"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("braceexpand.py", "VALUE = 1\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: braceexpand\nVersion: 0.1.7\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", f"braceexpand.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    rows = [{"package": "braceexpand", "state": "missing", "wheels": ["braceexpand==0.1.7"], "in_wheels_dir": True}]
+    site = tmp_path / "out" / "site"
+    files, _ = gpu_deps.install(wheel.parent, rows, site, timeout=120)
+    assert files == [str(wheel)] and (site / "braceexpand.py").read_text() == "VALUE = 1\n"
+    assert gpu_deps.installed("braceexpand", [str(site)]) == "0.1.7"
