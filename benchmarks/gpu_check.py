@@ -43,8 +43,8 @@ LIMIT_S = {"gpu": 540, "cpu-smoke": 120}
 REPORT_S = 10
 STEPS = {
     "gpu": (
-        ("deps", 20),
-        ("setup", 60),
+        ("deps", 40),  # pip unpacking polars's runtime (54 MB) takes a while
+        ("setup", 50),
         ("prepare-256M", 30),
         ("train-256M", 60),
         ("train-full-256M", 25),
@@ -53,7 +53,7 @@ STEPS = {
         ("train-2.2B", 75),
         ("eval-2.2B", 45),
         ("prepare-500M", 30),
-        ("train-500M", 50),
+        ("train-500M", 45),
         ("eval-500M", 40),
     ),
     "cpu-smoke": (  # about 15 s in all on the 2-core development machine; the rest is room for a loaded one
