@@ -191,3 +191,16 @@ def test_other_errors_propagate():
         " of 90% of the GPU for tiny-random (LoRA, 4-bit, gradient checkpointing, fp16); try a shorter "
         "--max-seq-len (now 4096)"
     )
+
+
+def test_cuda_memory_total_honours_a_per_process_cap(monkeypatch):
+    """The device check caps an 80 GB card to 24 GB with set_per_process_memory_fraction: the search must see 24."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from train.budget import CudaMemory
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.3)
+    assert CudaMemory(torch.device("cuda:0")).total() == int(80 * 2**30 * 0.3)

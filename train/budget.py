@@ -57,7 +57,9 @@ class CudaMemory:
     device: torch.device
 
     def total(self) -> int:
-        return torch.cuda.get_device_properties(self.device).total_memory
+        # a process capped with set_per_process_memory_fraction (the device check's 24 GB stand-in) owns that share
+        card = torch.cuda.get_device_properties(self.device).total_memory
+        return int(card * torch.cuda.get_per_process_memory_fraction(self.device))
 
     def peak_reserved(self) -> int:
         return torch.cuda.max_memory_reserved(self.device)
