@@ -42,8 +42,9 @@ def jobs(index: ShardIndex):
         yield vid, meta, index.rows(vid, 0, index.num_rows(vid)), 0, None
 
 
-def calibrate(model, fmt, cfg: StreamConfig, index: ShardIndex, device, update_rate: float, speak_rate: float,
-              rounds: int = 6) -> tuple[float, float]:
+def calibrate(
+    model, fmt, cfg: StreamConfig, index: ShardIndex, device, update_rate: float, speak_rate: float, rounds: int = 6
+) -> tuple[float, float]:
     """Thresholds that give about these rates on the first conversation: start at the (1 - rate) quantiles of the
     heads' probabilities without generation, then bisect in model mode (generated text changes what follows)."""
     _, meta, emb, c, _ = next(jobs(index))
@@ -51,12 +52,17 @@ def calibrate(model, fmt, cfg: StreamConfig, index: ShardIndex, device, update_r
     def rates(theta_update: float, theta_speak: float) -> tuple[list[dict], float, float]:
         streamer = Streamer(model, fmt, replace(cfg, theta_update=theta_update, theta_speak=theta_speak), device)
         frames = streamer.run(meta, emb, c)["frames"]
-        return (frames, sum(bool(f["pred_dst_delta"]) for f in frames) / len(frames),
-                sum(bool(f["pred_text"]) for f in frames) / len(frames))
+        return (
+            frames,
+            sum(bool(f["pred_dst_delta"]) for f in frames) / len(frames),
+            sum(bool(f["pred_text"]) for f in frames) / len(frames),
+        )
 
     frames, _, _ = rates(1.0, 1.0)
-    theta = [float(np.quantile([f["p_update"] for f in frames], 1 - update_rate)),
-             float(np.quantile([f["p_speak"] for f in frames], 1 - speak_rate))]
+    theta = [
+        float(np.quantile([f["p_update"] for f in frames], 1 - update_rate)),
+        float(np.quantile([f["p_speak"] for f in frames], 1 - speak_rate)),
+    ]
     brackets = [[0.0, 1.0], [0.0, 1.0]]
     for _ in range(rounds):
         _, *got = rates(*theta)
@@ -89,11 +95,18 @@ def timed_run(model, fmt, cfg: StreamConfig, index: ShardIndex, device, slots: i
     results = dict(streamer.run_many(jobs(index)))
     seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - start_cpu
     frames = [f for vid in sorted(results) for f in results[vid]["frames"]]
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "conversations": len(results), "frames": len(frames),
-            "forward_share": clock["forward"] / seconds, "tokens_per_forward": clock["tokens"] / clock["forwards"],
-            "decisions": [(bool(f["pred_dst_delta"]), f["pred_dst_text"], f["pred_text"]) for f in frames],
-            "spoken": sum(bool(f["pred_text"]) for f in frames), "updates": sum(bool(f["pred_dst_delta"]) for f in frames),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "conversations": len(results),
+        "frames": len(frames),
+        "forward_share": clock["forward"] / seconds,
+        "tokens_per_forward": clock["tokens"] / clock["forwards"],
+        "decisions": [(bool(f["pred_dst_delta"]), f["pred_dst_text"], f["pred_text"]) for f in frames],
+        "spoken": sum(bool(f["pred_text"]) for f in frames),
+        "updates": sum(bool(f["pred_dst_delta"]) for f in frames),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def main() -> None:
@@ -124,17 +137,24 @@ def main() -> None:
         cfg = StreamConfig(max_new_tokens=args.max_new_tokens, max_context=args.max_context, protocol="full-video")
         theta_update, theta_speak = calibrate(model, fmt, cfg, index, device, args.update_rate, args.speak_rate)
         cfg = replace(cfg, theta_update=theta_update, theta_speak=theta_speak)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-            f"CPU ({torch.get_num_threads()} threads)"
-        print(f"device {name}; model {args.model}; {args.conversations} conversations x {args.frames} frames; "
-              f"thresholds update {theta_update:.3f}, speak {theta_speak:.3f}", flush=True)
+        name = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        )
+        print(
+            f"device {name}; model {args.model}; {args.conversations} conversations x {args.frames} frames; "
+            f"thresholds update {theta_update:.3f}, speak {theta_speak:.3f}",
+            flush=True,
+        )
         runs: dict[int, list[dict]] = {b: [] for b in batches}
         for repeat in range(args.repeats):
             for b in batches:
                 run = timed_run(model, fmt, cfg, index, device, b)
                 runs[b].append(run)
-                print(f"  repeat {repeat + 1} B={b:<3} {run['conversations'] / run['seconds']:.3f} conversations/s "
-                      f"({run['seconds']:.1f} s)", flush=True)
+                print(
+                    f"  repeat {repeat + 1} B={b:<3} {run['conversations'] / run['seconds']:.3f} conversations/s "
+                    f"({run['seconds']:.1f} s)",
+                    flush=True,
+                )
     base = runs[batches[0]]
     # this thread's CPU time misses other threads' work and the GPU's: only reported for one CPU thread
     clocks = ["seconds", "cpu_seconds"] if device.type == "cpu" and torch.get_num_threads() == 1 else ["seconds"]
@@ -142,24 +162,36 @@ def main() -> None:
     for b in batches:
         first = runs[b][0]
         same = sum(a == o for a, o in zip(first["decisions"], base[0]["decisions"]))
-        row = {"batch": b, "frames_per_s": statistics.median(r["frames"] / r["seconds"] for r in runs[b]),
-               "forward_share": first["forward_share"], "tokens_per_forward": first["tokens_per_forward"],
-               "same_as_first": f"{same}/{len(first['decisions'])}", "peak_gib": first["peak_gib"]}
+        row = {
+            "batch": b,
+            "frames_per_s": statistics.median(r["frames"] / r["seconds"] for r in runs[b]),
+            "forward_share": first["forward_share"],
+            "tokens_per_forward": first["tokens_per_forward"],
+            "same_as_first": f"{same}/{len(first['decisions'])}",
+            "peak_gib": first["peak_gib"],
+        }
         line = f"B={b:<3}"
         for clock in clocks:
             rates = [r["conversations"] / r[clock] for r in runs[b]]
             speedups = [o[clock] / r[clock] for r, o in zip(runs[b], base)]  # same conversations: time ratio
             suffix = "" if clock == "seconds" else "_cpu"
-            row |= {f"conversations_per_s{suffix}": statistics.median(rates), f"range{suffix}": [min(rates), max(rates)],
-                    f"speedup{suffix}": statistics.median(speedups),
-                    f"speedup_range{suffix}": [min(speedups), max(speedups)]}
-            line += (f" {'wall' if clock == 'seconds' else 'cpu'}: {statistics.median(rates):.3f} conversations/s "
-                     f"(range {min(rates):.3f}-{max(rates):.3f}), x{statistics.median(speedups):.2f} (range "
-                     f"{min(speedups):.2f}-{max(speedups):.2f});")
+            row |= {
+                f"conversations_per_s{suffix}": statistics.median(rates),
+                f"range{suffix}": [min(rates), max(rates)],
+                f"speedup{suffix}": statistics.median(speedups),
+                f"speedup_range{suffix}": [min(speedups), max(speedups)],
+            }
+            line += (
+                f" {'wall' if clock == 'seconds' else 'cpu'}: {statistics.median(rates):.3f} conversations/s "
+                f"(range {min(rates):.3f}-{max(rates):.3f}), x{statistics.median(speedups):.2f} (range "
+                f"{min(speedups):.2f}-{max(speedups):.2f});"
+            )
         rows.append(row)
-        print(line + f" {row['frames_per_s']:.1f} frames/s, {100 * first['forward_share']:.0f}% in forwards, "
-              f"{first['tokens_per_forward']:.1f} tokens per forward, frames equal to B={batches[0]}: "
-              f"{row['same_as_first']}" + (f", peak {first['peak_gib']:.2f} GiB" if first["peak_gib"] else ""))
+        print(
+            line + f" {row['frames_per_s']:.1f} frames/s, {100 * first['forward_share']:.0f}% in forwards, "
+            f"{first['tokens_per_forward']:.1f} tokens per forward, frames equal to B={batches[0]}: "
+            f"{row['same_as_first']}" + (f", peak {first['peak_gib']:.2f} GiB" if first["peak_gib"] else "")
+        )
     print(f"spoken frames {base[0]['spoken']}, DST updates {base[0]['updates']} of {base[0]['frames']}")
     if args.json:
         print("RESULT " + json.dumps({"device": name, "model": args.model, "rows": rows}))

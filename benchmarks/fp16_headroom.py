@@ -19,7 +19,8 @@ numeric modes:
 
 Margin = 65,504 / the largest fp16-held |activation|. Argmax agreement: the share of positions whose LM-head argmax
 equals fp32's. Fine-tunes: LoRA and full fine-tuning for `--steps` steps on synthetic demo tasks (prepared with
-`smollm2-135m`), `--batch-tokens` micro-batches, LoRA lr 1e-3, full lr 1e-4. fp16 matmuls on a CPU are slow (about 4x fp32).
+`smollm2-135m`), `--batch-tokens` micro-batches, LoRA lr 1e-3, full lr 1e-4. fp16 matmuls on a CPU are slow
+(about 4x fp32).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def layer_maxima(model: DSTModel, ids, image_mask, frames, autocast) -> tuple[np
     handles = []
     for i, layer in enumerate(layers):
         handles += [
-            layer.register_forward_hook(lambda m, a, out, i=i: record(i, "residual", out[0] if isinstance(out, tuple)
-                                                                      else out)),
+            layer.register_forward_hook(
+                lambda m, a, out, i=i: record(i, "residual", out[0] if isinstance(out, tuple) else out)
+            ),
             layer.self_attn.o_proj.register_forward_hook(lambda m, a, out, i=i: record(i, "attn_out", out)),
             layer.mlp.down_proj.register_forward_hook(lambda m, a, out, i=i: record(i, "mlp_inner", a[0])),
             layer.mlp.down_proj.register_forward_hook(lambda m, a, out, i=i: record(i, "mlp_out", out)),
@@ -83,8 +85,10 @@ def layer_maxima(model: DSTModel, ids, image_mask, frames, autocast) -> tuple[np
 
 
 def measure(model: DSTModel, ids, image_mask, frames) -> dict[str, tuple]:
-    out = {"fp32": layer_maxima(model, ids, image_mask, frames, nullcontext()),
-           "fp16 autocast": layer_maxima(model, ids, image_mask, frames, torch.autocast("cpu", dtype=torch.float16))}
+    out = {
+        "fp32": layer_maxima(model, ids, image_mask, frames, nullcontext()),
+        "fp16 autocast": layer_maxima(model, ids, image_mask, frames, torch.autocast("cpu", dtype=torch.float16)),
+    }
     out["fp16 weights"] = layer_maxima(copy.deepcopy(model).half(), ids, image_mask, frames, nullcontext())
     return out
 
@@ -94,7 +98,7 @@ def summary_rows(name: str, scale: float, results: dict) -> list[str]:
     reference = results["fp32"][1]
     for mode, (peak, argmax, finite) in results.items():
         cells = []
-        for k, kind in enumerate(KINDS):
+        for k in range(len(KINDS)):
             layer = int(peak[:, k].argmax())
             cells.append(f"{peak[layer, k]:,.0f} (L{layer})")
         held = [KINDS.index(k) for k in FP16_HELD[mode]]
@@ -109,12 +113,33 @@ def fine_tune(folder: Path, lora: bool, steps: int, tokens: int) -> Path:
     shards = folder / "shards"
     if not shards.exists():
         data = generate(folder / "data", 8, 1, 1, seed=0)
-        prepare.run(PrepareConfig(split="train", dst_json=(Path(data["splits"]["train"]["json"]),), model=SMOLLM2,
-                                  out=shards, frames_root=Path(data["frames_root"]), tokens_per_frame=5))
+        prepare.run(
+            PrepareConfig(
+                split="train",
+                dst_json=(Path(data["splits"]["train"]["json"]),),
+                model=SMOLLM2,
+                out=shards,
+                frames_root=Path(data["frames_root"]),
+                tokens_per_frame=5,
+            )
+        )
     out = folder / ("lora" if lora else "full")
-    train_run.run(TrainConfig(shards=shards, model=SMOLLM2, out=out, max_steps=steps, lora=lora,
-                              lr=1e-3 if lora else 1e-4, batch_size=str(tokens), max_seq_len=tokens, warmup_steps=2,
-                              num_workers=0, log_every=max(steps // 4, 1), save_every=steps))
+    train_run.run(
+        TrainConfig(
+            shards=shards,
+            model=SMOLLM2,
+            out=out,
+            max_steps=steps,
+            lora=lora,
+            lr=1e-3 if lora else 1e-4,
+            batch_size=str(tokens),
+            max_seq_len=tokens,
+            warmup_steps=2,
+            num_workers=0,
+            log_every=max(steps // 4, 1),
+            save_every=steps,
+        )
+    )
     return out / "checkpoints" / "last"
 
 
@@ -145,8 +170,10 @@ def main() -> None:
             ckpt = fine_tune(work, lora, args.steps, args.batch_tokens)
             models.append((f"{'LoRA' if lora else 'full'} {args.steps} steps", load_dst_model(ckpt)[0]))
     print(f"sequence: {len(seq.input_ids)} tokens ({args.frames} frames, 5 tokens each); token embedding RMS {rms:.3f}")
-    header = ("| model | frame RMS | mode | residual max (layer) | attention out max | MLP inner max | MLP out max "
-              "| fp16 margin | all finite | argmax = fp32 |")
+    header = (
+        "| model | frame RMS | mode | residual max (layer) | attention out max | MLP inner max | MLP out max "
+        "| fp16 margin | all finite | argmax = fp32 |"
+    )
     rows = [header, "|" + "---|" * 10]
     per_layer = []
     for name, model in models:
@@ -157,8 +184,10 @@ def main() -> None:
                 per_layer.append((name, results["fp32"][0][:, 0]))
             print(f"measured {name} at {scale:g}x ({time.time() - started:.0f} s)", flush=True)
     print("\n".join(rows))
-    print("\nresidual stream max |x| per layer, fp32, frame RMS "
-          f"{args.frame_scales[0]:g}x:\n| layer | " + " | ".join(n for n, _ in per_layer) + " |")
+    print(
+        "\nresidual stream max |x| per layer, fp32, frame RMS "
+        f"{args.frame_scales[0]:g}x:\n| layer | " + " | ".join(n for n, _ in per_layer) + " |"
+    )
     print("|" + "---|" * (len(per_layer) + 1))
     for layer in range(len(per_layer[0][1])):
         print(f"| {layer} | " + " | ".join(f"{p[layer]:,.0f}" for _, p in per_layer) + " |")

@@ -52,8 +52,9 @@ def decode_rate(path: Path, n: int, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def rate(feeder: FrameFeeder | None, path: Path, n: int, batch: int, image_size: int, model=None,
-         device=None, encode=None) -> float:
+def rate(
+    feeder: FrameFeeder | None, path: Path, n: int, batch: int, image_size: int, model=None, device=None, encode=None
+) -> float:
     """Frames per second through the feeder (a fresh in-process one when None), encoding with `model` if given,
     or calling `encode(pixels)`."""
     if feeder is None:
@@ -87,14 +88,16 @@ def stage_rows(path: Path, args, device: torch.device) -> list[dict]:
     fps = max(decode_rate(path, args.frames, args.batch_size) for _ in range(3))
     print(f"{'decode only':<40} {fps:8.1f} frames/s (best of 3 x {args.frames} frames)")
     rows = [{"stage": "decode only", "frames_per_s": fps}]
-    cheap = {"decode + preprocess 64 px": (64, None), "decode + preprocess 512 px": (512, None),
-             "decode + preprocess 64 px + tiny model": (64, tiny)}
+    cheap = {
+        "decode + preprocess 64 px": (64, None),
+        "decode + preprocess 512 px": (512, None),
+        "decode + preprocess 64 px + tiny model": (64, tiny),
+    }
     for label, (size, model) in cheap.items():
         fps = max(rate(None, path, args.frames, args.batch_size, size, model, device) for _ in range(3))
         print(f"{label:<40} {fps:8.1f} frames/s (best of 3 x {args.frames} frames)")
         rows.append({"stage": label, "frames_per_s": fps})
-    shapes = args.shapes.split(",") if args.shapes else ("256M", "500M", "2.2B") if device.type == "cuda" \
-        else ("256M",)
+    shapes = args.shapes.split(",") if args.shapes else ("256M", "500M", "2.2B") if device.type == "cuda" else ("256M",)
     n_real = args.frames if device.type == "cuda" else args.real_frames
     for shape in shapes:
         model = load_model(shape, device=device)[0] if shape == "tiny-random" else build_random(shape)
@@ -105,8 +108,13 @@ def stage_rows(path: Path, args, device: torch.device) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
         fps = rate(None, path, n_real, args.batch_size, spec.image_size, model, device)
         line = f"{f'decode + preprocess + {shape} shape':<40} {fps:8.1f} frames/s ({n_real} frames)"
-        row = {"stage": f"decode + preprocess + {shape} shape", "shape": shape, "frames_per_s": fps,
-               "frames": n_real, "hours_for_3.4M_frames": PROASSIST_FRAMES / fps / 3600}
+        row = {
+            "stage": f"decode + preprocess + {shape} shape",
+            "shape": shape,
+            "frames_per_s": fps,
+            "frames": n_real,
+            "hours_for_3.4M_frames": PROASSIST_FRAMES / fps / 3600,
+        }
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             line += f", peak {row['peak_gib']:.1f} GiB, {PROASSIST_FRAMES / fps / 3600:.1f} h for 3.4M frames"
@@ -133,9 +141,11 @@ def worker_rows(path: Path, args, device: torch.device) -> None:
 
     counts = [int(w) for w in args.workers.split(",")]
     feeders = {w: FrameFeeder(w, 512, args.batch_size, 2.0) for w in counts}
-    paths = {"decode + preprocess 512 px": {},
-             "decode + preprocess 512 px + tiny encoder": {"model": encoder, "device": device},
-             f"decode + preprocess 512 px + {args.gpu_ms:g} ms/frame wait": {"encode": waiting_encoder}}
+    paths = {
+        "decode + preprocess 512 px": {},
+        "decode + preprocess 512 px + tiny encoder": {"model": encoder, "device": device},
+        f"decode + preprocess 512 px + {args.gpu_ms:g} ms/frame wait": {"encode": waiting_encoder},
+    }
     best = {(w, label): 0.0 for w in counts for label in paths}
     cpu = {(w, label): [0.0, 0.0] for w in counts for label in paths}  # main, workers: seconds over all rounds
     try:
@@ -158,11 +168,15 @@ def worker_rows(path: Path, args, device: torch.device) -> None:
     for label in paths:
         base = best[counts[0], label]
         print(f"{label:<48}" + "".join(f"{best[w, label]:12.1f}" for w in counts) + "  frames/s")
-        print(f"{'  ratio to ' + str(counts[0]) + ' workers':<48}" +
-              "".join(f"{best[w, label] / base:12.2f}" for w in counts))
+        print(
+            f"{'  ratio to ' + str(counts[0]) + ' workers':<48}"
+            + "".join(f"{best[w, label] / base:12.2f}" for w in counts)
+        )
         per_frame = {w: [1000 * t / (3 * args.feed_frames) for t in cpu[w, label]] for w in counts}
-        print(f"{'  CPU ms/frame, main + workers':<48}" +
-              "".join(f"{f'{m:.1f} + {k:.1f}':>12}" for m, k in per_frame.values()))
+        print(
+            f"{'  CPU ms/frame, main + workers':<48}"
+            + "".join(f"{f'{m:.1f} + {k:.1f}':>12}" for m, k in per_frame.values())
+        )
 
 
 def main() -> None:
@@ -171,18 +185,30 @@ def main() -> None:
     parser.add_argument("--feed-frames", type=int, default=512, help="frames per worker measurement")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to compare, comma-separated")
     parser.add_argument("--real-frames", type=int, default=8, help="frames for the real-shape models on CPU")
-    parser.add_argument("--gpu-ms", type=float, default=10.0,
-                        help="the waiting encoder's time per frame (stands in for a GPU: the CPU stays free)")
+    parser.add_argument(
+        "--gpu-ms",
+        type=float,
+        default=10.0,
+        help="the waiting encoder's time per frame (stands in for a GPU: the CPU stays free)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-stages", action="store_true", help="only the worker comparison")
     parser.add_argument("--skip-workers", action="store_true", help="only the stages")
-    parser.add_argument("--shapes", default=None, help="comma-separated: 256M,500M,2.2B,tiny-random (default: all "
-                                                         "three real shapes on a GPU, 256M on a CPU)")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated: 256M,500M,2.2B,tiny-random (default: all three real shapes on a GPU, 256M on a CPU)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one line `RESULT {json}` (the stage rows)")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,8 +51,9 @@ class DynamicCacheStream:
             embeds = torch.zeros(0, self.model.lm_head.in_features, device=self.device)
         input_ids = torch.tensor([ids], device=self.device)
         positions = torch.arange(self.length, self.length + len(ids), device=self.device)[None]
-        hidden, self.cache = self.model.hidden_states(input_ids, input_ids == self.fmt.image_id, embeds,
-                                                      cache=self.cache, position_ids=positions)
+        hidden, self.cache = self.model.hidden_states(
+            input_ids, input_ids == self.fmt.image_id, embeds, cache=self.cache, position_ids=positions
+        )
         self.length += len(ids)
         return hidden[0, -1]
 
@@ -75,8 +76,9 @@ class EngineStream:
         return self.engine.drive(self.session.feed(ids, embeds))
 
 
-def frame_latencies(stream, model, fmt, frames: int, at: list[int], device,
-                    max_context: int | None = None) -> dict[str, dict[int, float]]:
+def frame_latencies(
+    stream, model, fmt, frames: int, at: list[int], device, max_context: int | None = None
+) -> dict[str, dict[int, float]]:
     """Mean latency of the 5 frames around each of `at`, `{"wall": {frame: s}, "cpu": {frame: s}}` (cpu: this
     thread's CPU time). With `max_context`, the context is re-seeded with the system prompt when it would
     overflow, as `dst eval` does (its cost counts in the frame that triggers it)."""
@@ -106,8 +108,10 @@ def frame_latencies(stream, model, fmt, frames: int, at: list[int], device,
         wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
         for a in watch:
             timings[a].append((wall, cpu))
-    return {clock: {a: sum(t[i] for t in ts) / len(ts) for a, ts in timings.items()}
-            for i, clock in enumerate(("wall", "cpu"))}
+    return {
+        clock: {a: sum(t[i] for t in ts) / len(ts) for a, ts in timings.items()}
+        for i, clock in enumerate(("wall", "cpu"))
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -138,10 +142,14 @@ def main() -> None:
     fullest = (args.max_context - system) // len(fmt.frame) - 3  # the last frames before the re-seed
     context = system + fullest * len(fmt.frame)
     if fullest < 16:
-        raise SystemExit(f"--max-context {args.max_context} leaves {fullest} frames after the {system}-token system "
-                         "prompt: too few to compare frame 10 with the fullest")
-    streams = {"slot cache": EngineStream(model, fmt, device, capacity=args.max_context + 64),
-               "DynamicCache": DynamicCacheStream(model, fmt, device)}
+        raise SystemExit(
+            f"--max-context {args.max_context} leaves {fullest} frames after the {system}-token system "
+            "prompt: too few to compare frame 10 with the fullest"
+        )
+    streams = {
+        "slot cache": EngineStream(model, fmt, device, capacity=args.max_context + 64),
+        "DynamicCache": DynamicCacheStream(model, fmt, device),
+    }
     # this thread's CPU time misses other threads' work and the GPU's: only reported for one CPU thread
     clocks = ["wall", "cpu"] if device.type == "cpu" and torch.get_num_threads() == 1 else ["wall"]
     results = {(s, c): [] for s in streams for c in clocks}
@@ -151,16 +159,23 @@ def main() -> None:
             for clock_name in clocks:
                 t = measured[clock_name]
                 results[label, clock_name].append(t)
-                print(f"  repeat {repeat + 1} {label:<13} {clock_name:<4}: frame 10 {1000 * t[10]:7.2f} ms, "
-                      f"frame {fullest} {1000 * t[fullest]:7.2f} ms, ratio {t[fullest] / t[10]:.2f}", flush=True)
-    print(f"max_context {args.max_context} (re-seeded), frame {fullest} holds ~{context} tokens, the fullest before "
-          f"a re-seed; median (range) over {args.repeats} repeats:")
+                print(
+                    f"  repeat {repeat + 1} {label:<13} {clock_name:<4}: frame 10 {1000 * t[10]:7.2f} ms, "
+                    f"frame {fullest} {1000 * t[fullest]:7.2f} ms, ratio {t[fullest] / t[10]:.2f}",
+                    flush=True,
+                )
+    print(
+        f"max_context {args.max_context} (re-seeded), frame {fullest} holds ~{context} tokens, the fullest before "
+        f"a re-seed; median (range) over {args.repeats} repeats:"
+    )
     for (label, clock_name), runs in results.items():
         if runs:
-            print(f"{label:<13} {clock_name:<4}: frame 10 {spread([1000 * t[10] for t in runs])} ms, frame "
-                  f"{fullest} {spread([1000 * t[fullest] for t in runs])} ms, ratio "
-                  f"{spread([t[fullest] / t[10] for t in runs])}, {1 / statistics.median(t[fullest] for t in runs):.0f}"
-                  " frames/s at the fullest")
+            print(
+                f"{label:<13} {clock_name:<4}: frame 10 {spread([1000 * t[10] for t in runs])} ms, frame "
+                f"{fullest} {spread([1000 * t[fullest] for t in runs])} ms, ratio "
+                f"{spread([t[fullest] / t[10] for t in runs])}, {1 / statistics.median(t[fullest] for t in runs):.0f}"
+                " frames/s at the fullest"
+            )
     for clock_name in clocks:
         new, old = results["slot cache", clock_name], results["DynamicCache", clock_name]
         if new:
@@ -168,24 +183,48 @@ def main() -> None:
             late = [a[fullest] / b[fullest] for a, b in zip(new, old)]
             print(f"slot cache / DynamicCache ({clock_name}): frame 10 {spread(early)}, frame {fullest} {spread(late)}")
     if args.json:
-        print("RESULT " + json.dumps({
-            "device": name, "model": args.model, "max_context": args.max_context, "fullest_frame": fullest,
-            "context_tokens": context, "rows": [
-                {"path": label, "clock": clock_name, "frame_10_ms": 1000 * statistics.median(t[10] for t in runs),
-                 "fullest_ms": 1000 * statistics.median(t[fullest] for t in runs),
-                 "ratio": statistics.median(t[fullest] / t[10] for t in runs)}
-                for (label, clock_name), runs in results.items() if runs]}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "device": name,
+                    "model": args.model,
+                    "max_context": args.max_context,
+                    "fullest_frame": fullest,
+                    "context_tokens": context,
+                    "rows": [
+                        {
+                            "path": label,
+                            "clock": clock_name,
+                            "frame_10_ms": 1000 * statistics.median(t[10] for t in runs),
+                            "fullest_ms": 1000 * statistics.median(t[fullest] for t in runs),
+                            "ratio": statistics.median(t[fullest] / t[10] for t in runs),
+                        }
+                        for (label, clock_name), runs in results.items()
+                        if runs
+                    ],
+                }
+            )
+        )
     late = 997
     if args.unbounded:
-        for label, stream in (("slot cache", EngineStream(model, fmt, device)), ("DynamicCache", streams["DynamicCache"])):
+        for label, stream in (
+            ("slot cache", EngineStream(model, fmt, device)),
+            ("DynamicCache", streams["DynamicCache"]),
+        ):
             t = frame_latencies(stream, model, fmt, 1000, [10, late], device)["wall"]
-            print(f"{label}, unbounded: frame 10 {1000 * t[10]:.2f} ms, frame {late} (~{system + late * 8} tokens) "
-                  f"{1000 * t[late]:.2f} ms, ratio {t[late] / t[10]:.2f}")
+            print(
+                f"{label}, unbounded: frame 10 {1000 * t[10]:.2f} ms, frame {late} (~{system + late * 8} tokens) "
+                f"{1000 * t[late]:.2f} ms, ratio {t[late] / t[10]:.2f}"
+            )
     if args.full:
-        t = frame_latencies(EngineStream(model, fmt, device, use_cache=False), model, fmt, 1000, [10, late],
-                            device)["wall"]
-        print(f"without cache: frame 10 {1000 * t[10]:.2f} ms, frame {late} {1000 * t[late]:.2f} ms, "
-              f"ratio {t[late] / t[10]:.2f}")
+        t = frame_latencies(EngineStream(model, fmt, device, use_cache=False), model, fmt, 1000, [10, late], device)[
+            "wall"
+        ]
+        print(
+            f"without cache: frame 10 {1000 * t[10]:.2f} ms, frame {late} {1000 * t[late]:.2f} ms, "
+            f"ratio {t[late] / t[10]:.2f}"
+        )
 
 
 if __name__ == "__main__":

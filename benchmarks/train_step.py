@@ -4,8 +4,8 @@
         [--tokens 4096|auto] [--memory-fraction 0.9] [--max-seq-len 1024] [--threads N] [--json]
 
 Writes synthetic shards (random float16 frame embeddings of the model's width, labels of synthetic dialogues
-through the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving it, forward +
-backward, the optimizer step; reports the share of step time outside forward + backward, the padding share of
+through the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving
+it, forward + backward, the optimizer step; reports the share of step time outside forward + backward, the padding share of
 the packed batches, tokens/s and (on a GPU) peak memory. `mid` is a randomly initialised text model of moderate
 size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; `smollm2-135m`
 is the real SmolLM2-135M language half (pipeline/smollm2.py); 256M/500M/2.2B are randomly initialised real shapes
@@ -53,8 +53,16 @@ def build(name: str, lora: bool, hidden: int):
         from transformers import SmolVLMForConditionalGeneration
 
         config = tiny_config(tokenizer)
-        config.text_config.update(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=8,
-                                       num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8))
+        config.text_config.update(
+            dict(
+                hidden_size=hidden,
+                intermediate_size=4 * hidden,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=hidden // 8,
+            )
+        )
         torch.manual_seed(0)
         vlm = SmolVLMForConditionalGeneration(config)
     elif name != "tiny-random":
@@ -71,16 +79,38 @@ def synthetic_shards(folder: Path, videos: int, frames: int, hidden: int, tokens
         length = frames / 2
         bounds = sorted(rng.uniform(0, length) for _ in range(12))
         turns = sorted(rng.uniform(0, length) for _ in range(rng.randint(10, 40)))
-        raw = {"video_uid": f"v{v}", "parsed_video_anns": {"dataset": "wtag", "video_start_time": 0.0},
-               "inferred_goal": "make the thing",
-               "dst": [{"id": f"S{i + 1}", "name": f"step {i + 1} of the task", "start_ts": bounds[2 * i],
-                        "end_ts": bounds[2 * i + 1]} for i in range(6)],
-               "conversations": [{"user_type": "talk_some", "conversation": [
-                   {"role": rng.choice(["user", "assistant", "assistant"]), "time": t,
-                    "content": "now attach the wheel to the chassis and tighten the screw"} for t in turns]}]}
+        raw = {
+            "video_uid": f"v{v}",
+            "parsed_video_anns": {"dataset": "wtag", "video_start_time": 0.0},
+            "inferred_goal": "make the thing",
+            "dst": [
+                {
+                    "id": f"S{i + 1}",
+                    "name": f"step {i + 1} of the task",
+                    "start_ts": bounds[2 * i],
+                    "end_ts": bounds[2 * i + 1],
+                }
+                for i in range(6)
+            ],
+            "conversations": [
+                {
+                    "user_type": "talk_some",
+                    "conversation": [
+                        {
+                            "role": rng.choice(["user", "assistant", "assistant"]),
+                            "time": t,
+                            "content": "now attach the wheel to the chassis and tighten the screw",
+                        }
+                        for t in turns
+                    ],
+                }
+            ],
+        }
         labels = video_labels(parse_record(raw), frames, 2.0)
         emb = np.random.default_rng(v).standard_normal((frames, tokens, hidden)).astype(np.float16)
-        samples.append(encode_sample(sample_key("wtag", f"v{v}"), emb, VideoMeta.from_labels(labels, "synthetic", tokens)))
+        samples.append(
+            encode_sample(sample_key("wtag", f"v{v}"), emb, VideoMeta.from_labels(labels, "synthetic", tokens))
+        )
     write_shard(folder / "shard-000000.tar", samples)
     return folder
 
@@ -106,8 +136,14 @@ def main() -> None:
     model, tokenizer = build(args.model, not args.full, args.hidden)
     hidden = model.lm_head.in_features
     model = model.to(device).train()
-    options = {"model": args.model, "out": Path("unused"), "max_steps": args.steps, "max_seq_len": args.max_seq_len,
-               "batch_size": args.tokens, "memory_fraction": args.memory_fraction}
+    options = {
+        "model": args.model,
+        "out": Path("unused"),
+        "max_steps": args.steps,
+        "max_seq_len": args.max_seq_len,
+        "batch_size": args.tokens,
+        "memory_fraction": args.memory_fraction,
+    }
     fmt = SequenceFormat(tokenizer, 5)
     picked = None
     if args.tokens == "auto":  # the search `dst train` runs, its probe shaped by shards like the timed ones
@@ -125,8 +161,9 @@ def main() -> None:
     cfg = resolve({**options, "shards": shards, "batch_size": str(tokens_per_step)})
     data = TrainData.from_config(index, fmt, cfg, tokens_per_step)
     optimizer, scheduler = build_optimizer(cfg, model)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                         enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     loader = iter(torch.utils.data.DataLoader(data.batches_for_epoch(0), batch_size=None, num_workers=args.workers))
     times = {"total": 0.0, "fwd_bwd": 0.0}
@@ -165,8 +202,10 @@ def main() -> None:
             tokens += batch.num_tokens
     outside = 1 - times["fwd_bwd"] / times["total"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}; model {args.model} ({'full' if args.full else 'LoRA'}); {steps} steps of "
-          f"{tokens_per_step} tokens, max_seq_len {args.max_seq_len}, {args.workers} workers")
+    print(
+        f"device {name}; model {args.model} ({'full' if args.full else 'LoRA'}); {steps} steps of "
+        f"{tokens_per_step} tokens, max_seq_len {args.max_seq_len}, {args.workers} workers"
+    )
     print(f"step time outside forward+backward: {100 * outside:.1f}% (data, transfer, optimizer)")
     print(f"padding share of the epoch's batches: {100 * padding_share(data.rank_batches(0)):.1f}%")
     print(f"tokens/s (non-pad): {tokens / times['total']:,.0f}")
@@ -176,12 +215,25 @@ def main() -> None:
     if peak is not None:
         print(f"peak memory: {peak:.2f} GiB")
     if args.json:
-        print("RESULT " + json.dumps({
-            "device": name, "model": args.model, "mode": "full" if args.full else "LoRA", "steps": steps,
-            "precision": "fp16" if device.type == "cuda" else "fp32",
-            "token_budget": tokens_per_step, "auto_pick": picked, "memory_fraction": args.memory_fraction,
-            "max_seq_len": args.max_seq_len, "tokens_per_s": tokens / times["total"], "outside_share": outside,
-            "peak_gib": peak}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "device": name,
+                    "model": args.model,
+                    "mode": "full" if args.full else "LoRA",
+                    "steps": steps,
+                    "precision": "fp16" if device.type == "cuda" else "fp32",
+                    "token_budget": tokens_per_step,
+                    "auto_pick": picked,
+                    "memory_fraction": args.memory_fraction,
+                    "max_seq_len": args.max_seq_len,
+                    "tokens_per_s": tokens / times["total"],
+                    "outside_share": outside,
+                    "peak_gib": peak,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

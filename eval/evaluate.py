@@ -64,10 +64,11 @@ class EvalError(InputError):
 
 
 def _dialogues(
-    streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str, ranks: Ranks = Ranks()
+    streamer, index: ShardIndex, video_ids, thresholds: dict, console, label: str, ranks: Ranks | None = None
 ) -> list[dict] | None:
     """Stream every conversation of `video_ids` (this rank's share, `streamer`'s slots at a time); on rank 0 all
     records in the single-process order (video, then conversation), None on the other ranks."""
+    ranks = ranks or Ranks()
     cfg = streamer.cfg
     items = [(pos, vid, c) for pos, vid in enumerate(video_ids) for c in range(len(index.meta(vid).conversations))]
     lengths = [stream_rows(index.meta(vid), c, cfg.protocol) for _, vid, c in items]

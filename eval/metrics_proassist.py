@@ -1,4 +1,5 @@
-"""`speak_proassist`: ProAssist's own speaking score, reproduced to the float (docs/design.md §8), beside the exact `speak`.
+"""`speak_proassist`: ProAssist's own speaking score, reproduced to the float (docs/design.md §8), beside the
+exact `speak`.
 
 ProAssist (`mmassist/eval/evaluators/pred_match.py: find_match`, pooled by `stream_evaluator.compute_metrics`)
 matches each dialogue on a float32 cost matrix over the list positions of its frames, rows = frames with generated

@@ -10,8 +10,10 @@ metrics.json (what `score` returns):
 - per dataset and `mean`: `speak` (the exact min-cost matching, eval/metrics_speak.py), `speak_proassist`
   (ProAssist's find_match reproduced, eval/metrics_proassist.py), each with `intent_recall`; `text` (on the TP
   pairs of `speak`); `dst` and `dst_never` (the never-update predictor on the same references; null when the
-  records lack `initial_state`; every DST number null for the variants without a DST); `summary_similarity` (summary variant: mean |cos| of generated summaries to the
-  reference progress at the same re-seed; null otherwise or when there is none); `reseeds`.
+  records lack `initial_state`; every DST number null for the variants without a DST); `summary_similarity`
+  (summary variant: mean |cos| of generated summaries to the reference progress at the same re-seed; null
+  otherwise or when there is none); `memory_split` (memory and local turns apart; null without memory tags);
+  `reseeds`.
 
 The mean is over datasets, unweighted, of every number (counts too); null when any dataset's value is null (e.g.
 METEOR unavailable), except intent recall and summary similarity, which average the datasets that have a value

@@ -14,8 +14,8 @@ Modes:
 - `oracle` (references as predictions), `never` (silent, no updates), `periodic` (a fixed sentence every
   `every` seconds): baselines that need no model.
 
-Protocols (docs/design.md §8): `proassist` streams a conversation up to the decision point of its last assistant turn, as
-ProAssist's evaluation does; `full-video` to the last frame.
+Protocols (docs/design.md §8): `proassist` streams a conversation up to the decision point of its last assistant
+turn, as ProAssist's evaluation does; `full-video` to the last frame.
 """
 
 from __future__ import annotations

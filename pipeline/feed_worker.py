@@ -75,7 +75,7 @@ def worker_main(conn, buffer_path: str, slot_bytes: int, slot_frames: int, image
                         src.close()
                         src = None
                     src = open_frames(path, fps)
-                bad, count = decode_and_preprocess(src, indices, image_size, lambda n: slot_array(slot))
+                bad, count = decode_and_preprocess(src, indices, image_size, lambda n, slot=slot: slot_array(slot))
                 reply = ("ok", bad, count)
             except Exception as exc:  # every failure goes back to the main process, which raises it
                 reply = error_reply(path, indices, exc)

@@ -1,4 +1,5 @@
-"""RGB frames of one video as uint8 arrays, from a ProAssist frames file (`.arrow`) or a raw video (docs/design.md §2-3).
+"""RGB frames of one video as uint8 arrays, from a ProAssist frames file (`.arrow`) or a raw video
+(docs/design.md §2-3).
 
     with open_frames(path, fps=2.0) as src:        # src.backend: "arrow", "decord" or "pyav"
         frames, bad = src.read(range(src.num_frames))   # uint8 [n, H, W, 3], indices that could not be decoded
@@ -118,7 +119,7 @@ class FrameSource(ABC):
     def _fallback_size(self) -> tuple[int, int]:
         return DEFAULT_SIZE
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release; those that do override it
         pass
 
     def __enter__(self) -> FrameSource:

@@ -1,4 +1,5 @@
-"""SmolVLM frame preprocessing without torchvision (docs/design.md §4.1, §9): resize, rescale 1/255, normalize mean 0.5 std 0.5.
+"""SmolVLM frame preprocessing without torchvision (docs/design.md §4.1, §9): resize, rescale 1/255, normalize
+mean 0.5 std 0.5.
 
 Matches transformers 5.24 `SmolVLMImageProcessor` with `do_image_splitting=False` (without torchvision it *is*
 `SmolVLMImageProcessorPil`), step for step:

@@ -315,7 +315,7 @@ def test_torchrun_ranks_with_workers_match_one_process(data, tmp_path):
 def test_default_workers_leave_a_core_per_rank(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cpus, expected in ((1, 0), (2, 1), (4, 3), (16, 4)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cpus)))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, cpus=cpus: set(range(cpus)))
         assert default_workers() == expected
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_workers() == 4  # 16 CPUs, 2 ranks: 7 each, capped at 4

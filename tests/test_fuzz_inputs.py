@@ -167,7 +167,7 @@ def test_any_file_text(text):
         except InputFileError as exc:
             assert one_line(exc).startswith(str(path))
             return
-        for i, raw in enumerate(records[:5]):
+        for raw in records[:5]:
             exercise(raw)
 
 

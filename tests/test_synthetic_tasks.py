@@ -47,7 +47,7 @@ def test_summary_and_record_format(synth):
     out, summary = synth
     assert [summary["splits"][s]["videos"] for s in st.SPLITS] == list(SIZES)
     datasets = set()
-    for split, raw, record, labels, _ in _videos(out):
+    for _split, raw, record, labels, _ in _videos(out):
         datasets.add(record.dataset)
         assert set(raw) >= {
             "video_uid",

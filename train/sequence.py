@@ -21,8 +21,9 @@ The `<image>` positions carry the stored frame embeddings (through `inputs_embed
 (`\nDST:`, `\nAssistant:`, `\nSummary:`) are forced once the decision fires, so only the text after them and its
 EOS are LM targets: EOS is always learned, and pad (`<|im_end|>`) is never EOS.
 
-Variants (docs/design.md §5): `dst` tracks the state (State line, decision A, DST text); `summary` is ProAssist's iterative
-progress summarization (no DST anywhere; the progress summary is the memory across windows); `none` has neither.
+Variants (docs/design.md §5): `dst` tracks the state (State line, decision A, DST text); `summary` is ProAssist's
+iterative progress summarization (no DST anywhere; the progress summary is the memory across windows); `none` has
+neither.
 """
 
 from __future__ import annotations
