@@ -3,15 +3,15 @@
     python benchmarks/train_step.py [--model mid|tiny-random|smollm2-135m|256M|500M|2.2B] [--steps 30] [--full]
         [--tokens 4096|auto] [--memory-fraction 0.9] [--max-seq-len 1024] [--threads N] [--json]
 
-Writes synthetic shards (random float16 frame embeddings of the model's width, labels of synthetic dialogues
-through the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving
-it, forward + backward, the optimizer step; reports the share of step time outside forward + backward, the
-padding share of the packed batches, tokens/s and (on a GPU) peak memory. `mid` is a randomly initialised text model of moderate
-size (hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; `smollm2-135m`
-is the real SmolLM2-135M language half (pipeline/smollm2.py); 256M/500M/2.2B are randomly initialised real shapes
-(no download). `--tokens auto` runs `dst train --batch-size auto`'s search (fp16 on a GPU, under
-`--memory-fraction` of its memory) and times steps at the budget it picks (more synthetic videos are written when
-the picked budget needs them); `--json` ends with one line `RESULT {json}`.
+Writes synthetic shards (random float16 frame embeddings of the model's width, labels of synthetic dialogues through
+the real label rules), then runs the loop's pieces by hand: fetching a batch from the DataLoader, moving it, forward
++ backward, the optimizer step; reports the share of step time outside forward + backward, the padding share of the
+packed batches, tokens/s and (on a GPU) peak memory. `mid` is a randomly initialised text model of moderate size
+(hidden 512, 8 layers) so CPU timings are not dominated by the tiny model's near-zero compute; `smollm2-135m` is the
+real SmolLM2-135M language half (pipeline/smollm2.py); 256M/500M/2.2B are randomly initialised real shapes (no
+download). `--tokens auto` runs `dst train --batch-size auto`'s search (fp16 on a GPU, under `--memory-fraction` of
+its memory) and times steps at the budget it picks (more synthetic videos are written when the picked budget needs
+them); `--json` ends with one line `RESULT {json}`.
 """
 
 from __future__ import annotations
