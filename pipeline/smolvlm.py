@@ -215,6 +215,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> SmolVLMConfig:
 # hub's fp32 model.safetensors sizes (1.03, 2.03, 4.96 + 4.03 GB). rope_theta escapes that check: 100000
 # (SmolLM2-135M/360M) and 273768 (SmolVLM-Instruct 2.2B, the same SmolLM2-1.7B backbone). Shared: vocab 49280
 # (49152 BPE + 128 added), <image> = 49190, untied lm_head, rms_norm_eps 1e-5, max_position_embeddings 8192.
+# SmolVLM2-256M and -500M share one vision tower (SigLIP base, 512 px, 16 px patches)
+_VISION_512 = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16
+)
 _REAL_SHAPES = {
     "256M": dict(  # SmolVLM2-256M-Video-Instruct: SmolLM2-135M text, 8x8 = 64 tokens per frame
         text=dict(
@@ -225,14 +229,7 @@ _REAL_SHAPES = {
             num_key_value_heads=3,
             rope_theta=100000.0,
         ),
-        vision=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=512,
-            patch_size=16,
-        ),
+        vision=_VISION_512,
         scale_factor=4,
     ),
     "500M": dict(  # SmolVLM2-500M-Video-Instruct: SmolLM2-360M text, 8x8 = 64 tokens per frame
@@ -244,14 +241,7 @@ _REAL_SHAPES = {
             num_key_value_heads=5,
             rope_theta=100000.0,
         ),
-        vision=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=512,
-            patch_size=16,
-        ),
+        vision=_VISION_512,
         scale_factor=4,
     ),
     "2.2B": dict(  # SmolVLM2-2.2B-Instruct: SmolLM2-1.7B text, 27x27 patches / 3 -> 9x9 = 81 tokens per frame
