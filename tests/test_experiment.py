@@ -78,7 +78,7 @@ def test_the_cli_refuses_a_bad_config_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_two_study_configs():
+def test_the_study_configs():
     memory = load(CONFIGS / "memory.toml")
     assert memory.data["setting"] == "long" and len(memory.seeds) >= 3
     assert [c.name for c in memory.cells] == [
@@ -90,6 +90,9 @@ def test_the_two_study_configs():
     # drop-all is an eval setting: it reuses the dst training runs
     assert memory.cells[0].train_slug == memory.cells[3].train_slug != memory.cells[1].train_slug
     assert memory.cells[3].eval["context_strategy"] == "drop-all"
+    losses = load(CONFIGS / "decision_loss.toml")
+    assert [c.name for c in losses.cells] == ["decision_loss=focal", "decision_loss=balanced_bce", "decision_loss=bce"]
+    assert losses.cells[0].train["max_steps"] == 2500 and len(losses.seeds) >= 3
     imbalance = load(CONFIGS / "imbalance.toml")
     assert imbalance.data["setting"] == "demo" and len(imbalance.seeds) >= 3
     assert [c.name for c in imbalance.cells] == [
