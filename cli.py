@@ -18,6 +18,7 @@ import train.config
 from core.errors import EXIT_CODES
 from core.settings import ConfigError, nest, options, required
 from eval.config import EvalConfig, ScoreConfig
+from eval.judge import JudgeConfig
 from experiments.config import DemoConfig, ExperimentRunConfig
 from pipeline.config import LabelsConfig, PrepareConfig
 from synthetic.frames import SynthFramesConfig
@@ -96,6 +97,8 @@ command("eval", EvalConfig, "eval.evaluate:run",
         "Stream videos through a trained model with a KV cache and score it with ProAssist's metrics. Under "
         "`torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations.")
 command("score", ScoreConfig, "eval.evaluate:score_file", "Re-score saved predictions without a model.")
+command("judge", JudgeConfig, "eval.judge:run",
+        "ProAssist's LLM judge on saved predictions (an OpenAI-compatible server or a local model): judge.json.")
 command("demo", DemoConfig, "experiments.demo:run",
         "Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines.")
 command("experiment", ExperimentRunConfig, "experiments.runner:run",

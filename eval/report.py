@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from core.files import write_atomic
@@ -267,15 +268,52 @@ def _dialogue(d: dict, idx: int, matches: list | None, thetas: dict, is_open: bo
             f'{_events(d, idx, matches, max_rows)}</details>')
 
 
+def judge_section(judge: dict) -> str:
+    """The "LLM judge" section from judge.json (`dst judge`, eval/judge.py): its four 1-5 scores per dataset and
+    their mean, which judge gave them, and how many samples it skipped."""
+    metrics = list(judge["mean"])
+    head = "".join(f'<th class="num">{esc(m)}</th>' for m in metrics)
+    rows = []
+    for name, block in [("mean over datasets", judge["mean"]), *sorted(judge["datasets"].items())]:
+        counts = f'{block["dialogues_scored"]} of {block["dialogues"]}' if "dialogues" in block else ""
+        cells = "".join(f'<td class="num">{fmt(block[m], 2)}</td>' for m in metrics)
+        rows.append(f'<tr><td>{esc(name)}</td>{cells}<td class="num">{esc(counts)}</td></tr>')
+    j, st, s = judge["judge"], judge["settings"], judge["samples"]
+    where = f", {j['url']}" if j.get("url") else ""
+    caveat = ("" if judge.get("proassist_settings") else
+              " <strong>Not ProAssist's judge and settings: not comparable with the paper.</strong>")
+    return (f'<section id="judge"><h2>LLM judge</h2><p class="meta">{esc(j["model"])} ({esc(j["backend"])}'
+            f'{esc(where)}); n={esc(st["n"])}, temperature {esc(st["temperature"])}, top_p {esc(st["top_p"])}, '
+            f'protocol {esc(st["protocol"])}; 1-5 Likert scores, mean over valid samples, then dialogues, then '
+            f'datasets. Skipped samples (no score object, or a score missing or outside 1-5): {esc(s["skipped"])} '
+            f'of {esc(s["requested"])}.{caveat}</p><div class="events"><table><tr><th>dataset</th>{head}'
+            f'<th class="num">dialogues scored</th></tr>{"".join(rows)}</table></div></section>')
+
+
+JUDGE_SECTION = re.compile(r'<section id="judge">.*?</section>', re.S)
+
+
+def with_judge(html: str, judge: dict) -> str:
+    """A report with judge.json's section: replacing the one it has, else before the threshold curves or the
+    dialogues (after the metrics), else at the end of the page."""
+    section = judge_section(judge)
+    if JUDGE_SECTION.search(html):
+        return JUDGE_SECTION.sub(lambda _: section, html, count=1)
+    for anchor in ('<section id="thresholds">', '<section id="dialogues">', "</body>"):
+        if anchor in html:
+            return html.replace(anchor, section + anchor, 1)
+    return html + section
+
+
 def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=None, sweep: dict | None = None,
                   *, max_dialogues: int = 50, open_first: int = 3, max_table_rows: int = 500,
-                  title: str = "dst eval report") -> str:
+                  title: str = "dst eval report", judge: dict | None = None) -> str:
     """The whole report as one HTML document.
 
     `matches`: per dialogue index (a list aligned with `dialogues`, or a dict keyed by index) the speaking
     matcher's pairs, with absolute frame indices; without it speech marks carry no match class.
     Only the first `max_dialogues` dialogues get a timeline (the page says how many were left out), the first
-    `open_first` of them expanded."""
+    `open_first` of them expanded. `judge`: judge.json of these predictions, shown after the metrics."""
     shown = dialogues[:max_dialogues]
     parts = [_dialogue(d, i, _matches_for(matches, i), _thetas(run_info, d.get("dataset")), i < open_first,
                        max_table_rows) for i, d in enumerate(shown)]
@@ -286,7 +324,8 @@ def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=
     toggles = ('<button type="button" onclick="document.querySelectorAll(\'details.dlg\').forEach(function(d)'
                '{d.open=true})">expand all</button><button type="button" onclick="document.querySelectorAll('
                '\'details.dlg\').forEach(function(d){d.open=false})">collapse all</button>')
-    body = (_header(run_info, metrics, title) + _summary(metrics) + _intents(metrics) + _curves(sweep)
+    body = (_header(run_info, metrics, title) + _summary(metrics) + _intents(metrics)
+            + (judge_section(judge) if judge else "") + _curves(sweep)
             + f'<section id="dialogues"><h2>Dialogues ({len(dialogues)})</h2>'
             '<p class="meta">Hover a mark for its text; click it to jump to its row in the table below the '
             f'timeline. Each node shows the reference state above the predicted one.</p>{legend_html()}'
