@@ -13,17 +13,11 @@ import re
 from pathlib import Path
 
 from core.files import write_atomic
+from eval.charts import threshold_curve
 from eval.columns import block_rows
 from eval.intents import INTENTS
-from eval.report_svg import (
-    MATCH_STYLES,
-    curve_svg,
-    delta_text,
-    esc,
-    legend_html,
-    match_index,
-    timeline_svg,
-)
+from eval.report_text import delta_text, esc
+from eval.timeline import MATCH_STYLES, legend_html, match_index, timeline_svg
 
 NA = '<span class="na">not available</span>'
 SPEAK_ROWS = tuple((c.key, c.label.removeprefix("speaking ")) for c in block_rows("speak"))
@@ -43,9 +37,7 @@ dl.run dt{color:#6c757d}dl.run dd{margin:0;font-family:ui-monospace,monospace;wo
 .card td.v{text-align:right;font-variant-numeric:tabular-nums;font-weight:600}.card th.v{text-align:right}
 .card td.alt{color:#6c757d;font-weight:400}
 .counts{font-size:12px;color:#495057;margin-top:4px}.na{color:#adb5bd;font-weight:400;font-style:italic}
-.curves{display:flex;flex-wrap:wrap;gap:8px 18px}.curve .cline{fill:none;stroke:#1864ab;stroke-width:1.5}
-.curve .cpt{fill:#1864ab}.curve .best line{stroke:#e03131;stroke-dasharray:4 3}.curve .best text{fill:#e03131}
-svg text{font-size:10px;fill:#495057}.ctitle{font-size:12px!important;font-weight:600}
+.curves{display:flex;flex-wrap:wrap;gap:8px 18px}svg text{font-size:10px;fill:#495057}
 details.dlg{border:1px solid #dee2e6;border-radius:6px;margin:8px 0;padding:4px 10px}
 details.dlg>summary{cursor:pointer;font-weight:600}.meta{color:#6c757d;font-weight:400}
 .tl{display:flex;margin:8px 0}.tl .labels{flex:none}.tl .scroll{overflow-x:auto;min-width:0}.labels text{font-size:10px}
@@ -184,7 +176,8 @@ def _curves(sweep: dict | None) -> str:
         for decision in ("speak", "update"):
             c = (per or {}).get(decision)
             if c and c.get("thresholds"):
-                charts.append(curve_svg(c["thresholds"], c.get("f1") or [], c.get("best"), f"{name} · {decision}"))
+                charts.append(threshold_curve(c["thresholds"], c.get("f1") or [], c.get("best"),
+                                              f"{name} · {decision}", f"sweep-{len(charts)}"))
     return ('<section id="thresholds"><h2>Threshold sweep</h2><p class="meta">F1 against the decision threshold; '
             f'the red line is the chosen threshold.</p><div class="curves">{"".join(charts)}</div></section>')
 

@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 
 from core.files import write_atomic
+from eval.charts import Bar, Series, learning_curves, seed_bars
 from experiments.compare import compare
 from train.variants import get_variant
 
@@ -153,18 +154,26 @@ def comparison_rows(cfg, lines: list[dict]) -> list[list[str]]:
 COMPARISON_HEADER = ["cells (a - b)", "turns", "mean difference", "95% interval", "dialogues / pairs", "verdict"]
 
 
-def curve_rows(lines: list[dict]) -> list[list[str]]:
-    """Per cell with learning curves: per kept checkpoint, the mean over seeds of val joint accuracy and speaking
-    F1 (model mode, thresholds 0.5)."""
-    rows = []
+def curve_stats(lines: list[dict]) -> dict[str, list[tuple[int, Stat | None, Stat]]]:
+    """Per cell with learning curves: per kept checkpoint (step), val DST joint accuracy (None where no seed has
+    it) and speaking F1 (model mode, thresholds 0.5) over seeds."""
+    out = {}
     for cell in cells_in_order(lines):
         curves = [ln.get("curve") or [] for ln in lines if ln["cell"] == cell and _is_model(ln)]
+        points = []
         for step in sorted({p["step"] for c in curves for p in c}):
-            points = [p for c in curves for p in c if p["step"] == step]
-            joint = [p["joint_accuracy"] for p in points if p["joint_accuracy"] is not None]
-            rows.append([cell, str(step), fmt(Stat(tuple(joint))) if joint else "n/a",
-                         fmt(Stat(tuple(p["speak_f1"] for p in points)))])
-    return rows
+            at = [p for c in curves for p in c if p["step"] == step]
+            joint = [p["joint_accuracy"] for p in at if p["joint_accuracy"] is not None]
+            points.append((step, Stat(tuple(joint)) if joint else None, Stat(tuple(p["speak_f1"] for p in at))))
+        if points:
+            out[cell] = points
+    return out
+
+
+def curve_rows(lines: list[dict]) -> list[list[str]]:
+    """The learning curves as table rows: cell, step, mean ± sd of each measure."""
+    return [[cell, str(step), fmt(joint), fmt(speak)]
+            for cell, points in curve_stats(lines).items() for step, joint, speak in points]
 
 
 CURVE_HEADER = ["cell", "step", "val DST joint accuracy", "val speaking F1"]
@@ -191,8 +200,8 @@ def summary_markdown(cfg, lines: list[dict]) -> str:
             "tracks no DST.", ""]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
-    for row, row_marks in zip(rows, marks):
-        out.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, row_marks)) + " |")
+    for row, row_marks in zip(rows, marks, strict=True):
+        out.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, row_marks, strict=True)) + " |")
     n_model = sum(1 for ln in lines if _is_model(ln))
     out += ["", f"results.jsonl: {n_model} lines, one per cell and seed, and {len(lines) - n_model} baseline "
                 f"line(s); each holds every val and test metric of metrics.json by key path."]
@@ -212,40 +221,33 @@ def summary_markdown(cfg, lines: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------- HTML
 
 
-def _chart(title: str, key: str, cell_stats: dict[str, Stat | None], best: set[str], low: bool) -> str:
-    """One horizontal bar chart: bar = mean, whisker = ± std, dots = seeds."""
-    names = [c for c, s in cell_stats.items() if s is not None]
-    if not names:
+def _bars(title: str, key: str, cell_stats: dict[str, Stat | None], best: set[str], low: bool, index: int) -> str:
+    """One bar chart (eval/charts.py): bar = mean, whisker = ± std, circles = seeds."""
+    bars = [Bar(c, s.mean, s.std, s.values, c in best) for c, s in cell_stats.items() if s is not None]
+    if not bars:
         return ""
-    label_w, bar_w, row_h = 260, 360, 22
-    top = max(max(s.mean + s.std for s in (cell_stats[c] for c in names)),
-              max(v for c in names for v in cell_stats[c].values), 1e-9)
-    scale = bar_w / (top * 1.05)
-    h = row_h * len(names) + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 90}" height="{h}" '
-             f'role="img" aria-label="{escape(title)}">']
-    for i, c in enumerate(names):
-        s, y = cell_stats[c], 10 + i * row_h
-        colour = "#2f9e44" if c in best else "#868e96"
-        w = max(0.0, s.mean) * scale
-        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end" font-size="12">{escape(c)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" fill="{colour}">'
-                     f'<title>{escape(c)}: {escape(fmt(s, 4))}</title></rect>')
-        if s.n > 1:
-            lo, hi = label_w + max(0.0, s.mean - s.std) * scale, label_w + (s.mean + s.std) * scale
-            mid = y + row_h / 2 - 1
-            parts.append(f'<path d="M{lo:.1f} {mid:.1f}H{hi:.1f}M{lo:.1f} {mid - 5:.1f}V{mid + 5:.1f}'
-                         f'M{hi:.1f} {mid - 5:.1f}V{mid + 5:.1f}" stroke="#212529" stroke-width="1.5"/>')
-        for v in s.values:
-            parts.append(f'<circle cx="{label_w + max(0.0, v) * scale:.1f}" cy="{y + row_h / 2 - 1:.1f}" r="2.5" '
-                         f'fill="#fff" stroke="#212529"><title>{v:.4f}</title></circle>')
-        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 14}" font-size="12">{s.mean:.3f}</text>')
-    axis_y = 10 + row_h * len(names) + 4
-    parts.append(f'<text x="{label_w}" y="{axis_y + 12}" font-size="11" fill="#495057">0</text>')
-    parts.append(f'<text x="{label_w + bar_w}" y="{axis_y + 12}" font-size="11" fill="#495057" text-anchor="end">'
-                 f'{top * 1.05:.3g}</text></svg>')
     note = " (lower is better)" if low else ""
-    return f"<h3>{escape(title)}{note}</h3><p class=key><code>{escape(key)}</code></p>" + "".join(parts)
+    return (f"<h3>{escape(title)}{note}</h3><p class=key><code>{escape(key)}</code></p>"
+            + seed_bars(title, bars, f"bars-{index}", low))
+
+
+def _curve_chart(lines: list[dict]) -> str:
+    """Val joint accuracy and speaking F1 against the step, one line per cell (mean, shaded ± std)."""
+    per_cell = curve_stats(lines)
+    if not per_cell:
+        return ""
+
+    def series(index: int) -> list[Series]:  # index 1: joint accuracy, 2: speaking F1
+        out = []
+        for cell, points in per_cell.items():
+            kept = [(p[0], p[index]) for p in points if p[index] is not None]
+            if kept:
+                out.append(Series(cell, tuple(step for step, _ in kept), tuple(v.mean for _, v in kept),
+                                  tuple(v.std for _, v in kept)))
+        return out
+
+    panels = [("val DST joint accuracy", series(1)), ("val speaking F1", series(2))]
+    return learning_curves(panels, list(per_cell), "learning-curves")
 
 
 def report_html(cfg, lines: list[dict]) -> str:
@@ -256,16 +258,16 @@ def report_html(cfg, lines: list[dict]) -> str:
         return f"<th>{escape(name)}<br><code>{escape(key.rstrip(')`'))}</code></th>" if key else f"<th>{escape(h)}</th>"
 
     table = ["<table><tr>" + "".join(th(h) for h in header) + "</tr>"]
-    for row, row_marks in zip(rows, marks):
+    for row, row_marks in zip(rows, marks, strict=True):
         table.append("<tr>" + "".join(f"<td class={'best' if m else 'v'}>{escape(v)}</td>"
-                                      for v, m in zip(row, row_marks)) + "</tr>")
+                                      for v, m in zip(row, row_marks, strict=True)) + "</tr>")
     table.append("</table>")
     charts = []
-    for col in cfg.columns:
+    for i, col in enumerate(cfg.columns):
         key = resolve_key(col.keys, lines)
         if key:
             s = stats(lines, key)
-            charts.append(_chart(col.name, key, s, marked(s, models, col.lower_is_better), col.lower_is_better))
+            charts.append(_bars(col.name, key, s, marked(s, models, col.lower_is_better), col.lower_is_better, i))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dst experiment {escape(cfg.name)}</title>
 <style>
@@ -284,6 +286,7 @@ standard deviation; circles: single seeds.</p>
 {''.join(table)}
 {_html_table("Paired comparisons", COMPARISON_HEADER, comparison_rows(cfg, lines))}
 {_html_table("Learning curves (val, model mode, thresholds 0.5)", CURVE_HEADER, curve_rows(lines))}
+{_curve_chart(lines)}
 {''.join(charts)}
 </body></html>
 """

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from eval.report import render_report, write_report
-from eval.report_svg import runs
+from eval.timeline import runs
 
 EVIL = "<script>alert(1)</script> & \"quoted\" 'single'"
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr", "area", "base", "source", "track", "embed"}
@@ -34,7 +36,8 @@ def dialogue(uid: str, dataset: str, n: int, k0: int = 10, events: dict | None =
         f = frame(k, ref=ref, pred=pred)
         f.update((events or {}).get(k, {}))
         frames.append(f)
-    return {"dataset": dataset, "video_uid": uid, "conversation": 0, "user_type": "talk_some", "fps": 2.0, "variant": "dst", "protocol": "full-video",
+    return {"dataset": dataset, "video_uid": uid, "conversation": 0, "user_type": "talk_some", "fps": 2.0,
+            "variant": "dst", "protocol": "full-video",
             "frames": frames, **kw}
 
 
@@ -117,9 +120,11 @@ def test_complete_well_formed_document(sample):
 def test_self_contained(sample):
     page = render_report(*sample)
     assert "http://" not in page and "https://" not in page
-    for ref in re.findall(r'\b(?:src|href)\s*=\s*["\']?([^"\'\s>]*)', page):
-        assert ref.startswith("#"), ref  # only in-page anchors
-    assert "<link" not in page and "@import" not in page and "url(" not in page
+    refs = re.findall(r'\b(?:src|href)\s*=\s*["\']?([^"\'\s>]*)', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert refs
+    for ref in refs:
+        assert ref.startswith("#"), ref  # only in-page anchors (marks to rows, chart glyphs and clip paths)
+    assert "<link" not in page and "@import" not in page
 
 
 def test_escapes_dialogue_text(sample):
@@ -166,11 +171,58 @@ def test_cap_and_omitted_note(sample):
     check_well_formed(page)
 
 
+def charts(page: str) -> list[tuple[str, str]]:
+    """(id, title) of each matplotlib chart (eval/charts.py), in page order."""
+    return re.findall(r'<svg class="chart" id="([^"]+)" role="img"[^>]*><title>([^<]*)</title>', page)
+
+
+def group(page: str, gid: str) -> str:
+    """The text of the SVG group with this id, up to its first nested group's end (enough for its title)."""
+    start = page.index(f'<g id="{gid}">')
+    return page[start:page.index("</g>", start)]
+
+
 def test_threshold_curves(sample):
     page = render_report(*sample)
-    assert page.count('<svg class="curve"') == 4 and page.count('<g class="best">') == 4
-    assert "best 0.5, F1 0.400" in page
-    assert 'id="thresholds"' not in render_report(*sample[:4])
+    names = [(n, d) for n in ("ego4d", "wtag") for d in ("speak", "update")]
+    assert charts(page) == [(f"sweep-{i}", f"{n} · {d}: best 0.5, F1 0.400") for i, (n, d) in enumerate(names)]
+    curve = group(page, "sweep-3-f1")
+    assert "<title>wtag · update: F1 at 9 thresholds, 0.1 to 0.9</title>" in curve
+    # the null F1 at 0.8 breaks the line: two stretches, and a marker for each of the 8 values
+    assert len(re.findall(r"\bM ", re.search(r'<path d="([^"]*)"', curve)[1])) == 2 and curve.count("<use ") == 8
+    assert "<title>best 0.5, F1 0.400</title>" in group(page, "sweep-0-best")
+    assert 'id="thresholds"' not in render_report(*sample[:4]) and not charts(render_report(*sample[:4]))
+
+
+def test_threshold_curve_without_f1_or_best(sample):
+    dialogues, metrics, run_info, matches, _ = sample
+    sweep = {"datasets": {"wtag": {"speak": {"thresholds": [0.1, 0.2], "f1": [], "best": None},
+                                   "update": {"thresholds": [0.5], "f1": [0.3], "best": 0.5}}}}
+    page = render_report(dialogues[:1], metrics, run_info, matches[:1], sweep)
+    assert charts(page) == [("sweep-0", "wtag · speak"), ("sweep-1", "wtag · update: best 0.5, F1 0.300")]
+    assert 'id="sweep-0-best"' not in page and 'id="sweep-1-best"' in page
+
+
+def test_charts_are_inline_deterministic_and_their_ids_unique(sample):
+    page = render_report(*sample)
+    assert page == render_report(*sample)  # fixed hash salt, no date
+    assert "<?xml" not in page and "<!DOCTYPE svg" not in page and "<metadata" not in page
+    assert page.count("<style") == 1  # matplotlib's own <style> would restyle the whole page
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))
+    refs = set(re.findall(r'(?:xlink:href="#|url\(#)([^")]+)', page))
+    assert refs and refs <= set(ids)  # glyphs and clip paths resolve inside the page
+
+
+def test_matplotlib_is_imported_only_where_a_chart_is_drawn():
+    """Its import takes about a second: a command that draws no chart must not pay for it."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "cli.py"] + [p for pkg in ("core", "pipeline", "synthetic", "train", "eval", "experiments")
+                                 for p in (root / pkg).glob("*.py")]
+    top = [(p.name, a.name if isinstance(n, ast.Import) else n.module) for p in files
+           for n in ast.parse(p.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))
+           for a in n.names]
+    assert ("charts.py", "__future__") in top and not [t for t in top if t[1] and t[1].startswith("matplotlib")]
 
 
 def test_null_probabilities_and_meteor(sample):

@@ -1,17 +1,15 @@
-"""Inline SVG for the eval report: the per-dialogue timeline and the threshold curves.
-
-Everything is plain SVG with `<title>` hover text (no JS, no external resources). State strips are drawn as one rect
-per constant run and probability sparklines are bucketed to the pixel width, so a video of thousands of frames
-still gives a small page.
+"""The per-dialogue timeline of the eval report, drawn by hand as inline SVG because it is the page's
+interactive part: every mark carries `<title>` hover text (the spoken text, the match class, the update) and links
+to its row in the table below, and the labels stay put while a long video scrolls sideways (no JS, no external
+resources). State strips are one rect per constant run and probability sparklines are bucketed to the pixel width,
+so a video of thousands of frames still gives a small page. The report's charts are in eval/charts.py.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from html import escape
 
-from train.sequence import format_state
+from eval.report_text import delta_text, esc, node_key
 
 STATE_COLOURS = {"not_started": "#cfd4da", "in_progress": "#f2a900", "completed": "#2f9e44"}
 # Match classes of the speaking matcher; shapes differ as well as colours so the lanes read in greyscale too.
@@ -21,20 +19,6 @@ UPDATE_COLOURS = {"ref": "#1864ab", "pred": "#0c8599"}
 RESEED_COLOUR = "#ae3ec9"
 LABEL_W = 84
 PAD = 6
-
-
-def esc(value) -> str:
-    return escape(str(value), quote=True)
-
-
-def node_key(node: str):
-    """Natural order: S2 before S10."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", node) if p]
-
-
-def delta_text(delta: dict | None) -> str:
-    """An update or state in the DST grammar (train/sequence.py), nodes in natural order."""
-    return format_state(dict(sorted((delta or {}).items(), key=lambda kv: node_key(kv[0]))))
 
 
 def runs(values: list) -> list[tuple[int, int, object]]:
@@ -220,7 +204,7 @@ def timeline_svg(d: dict, idx: int, matches: list | None, thetas: dict) -> tuple
     if "err" in at:
         y, h = at["err"]
         diff = [tuple(sorted((k for k in set(r) | set(p) if r.get(k) != p.get(k)), key=node_key))
-                for r, p in zip(ref_states, pred_states)]
+                for r, p in zip(ref_states, pred_states, strict=True)]
         for a, b, v in runs(diff):
             if v:
                 out.append(f'<rect class="err" x="{x(a):.1f}" y="{y}" width="{x(b) - x(a):.2f}" height="{h}" '
@@ -301,37 +285,3 @@ def _sparkline(probs: list, slot: tuple[int, int], x, width: int, theta) -> str:
                    f'<title>threshold {float(theta):.2f}</title></line>')
     out += [f'<polyline points="{" ".join(s)}" class="sparkline"/>' for s in segs]
     return "".join(out) + "</g>"
-
-
-def curve_svg(thresholds: list, f1: list, best, title: str, w: int = 280, h: int = 170) -> str:
-    """F1 against threshold, with the chosen threshold marked."""
-    ml, mr, mt, mb = 36, 10, 20, 28
-    pw, ph = w - ml - mr, h - mt - mb
-    pts = [(float(a), b) for a, b in zip(thresholds, f1)]
-    lo, hi = (min(p[0] for p in pts), max(p[0] for p in pts)) if pts else (0.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    sx = lambda v: ml + (v - lo) / (hi - lo) * pw  # noqa: E731
-    sy = lambda v: mt + ph - max(0.0, min(1.0, v)) * ph  # noqa: E731
-    out = [f'<svg class="curve" width="{w}" height="{h}" viewBox="0 0 {w} {h}">',
-           f'<text x="{ml}" y="13" class="ctitle">{esc(title)}</text>',
-           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#f8f9fa" stroke="#ced4da"/>']
-    for v in (0.0, 0.5, 1.0):
-        out.append(f'<text x="{ml - 4}" y="{sy(v) + 3:.1f}" text-anchor="end" class="tick">{v:g}</text>')
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        out.append(f'<text x="{sx(v):.1f}" y="{mt + ph + 12}" text-anchor="middle" class="tick">{v:.2g}</text>')
-    out.append(f'<text x="{ml + pw / 2}" y="{h - 3}" text-anchor="middle" class="tick">threshold (F1 on y)</text>')
-    segs = _segments([None if b is None else f"{sx(a):.1f},{sy(float(b)):.1f}" for a, b in pts])
-    out += [f'<polyline points="{" ".join(s)}" class="cline"/>' for s in segs]
-    if len(pts) <= 101:  # hover values, while that stays cheap
-        out += [f'<circle cx="{sx(a):.1f}" cy="{sy(float(b)):.1f}" r="2" class="cpt"><title>threshold {a:.3g}: '
-                f'F1 {float(b):.3f}</title></circle>' for a, b in pts if b is not None]
-    if best is not None and pts:
-        near = min(pts, key=lambda p: abs(p[0] - float(best)))
-        xb = sx(float(best))
-        label = f"best {float(best):.3g}" + (f", F1 {float(near[1]):.3f}" if near[1] is not None else "")
-        out.append(f'<g class="best"><line x1="{xb:.1f}" y1="{mt}" x2="{xb:.1f}" y2="{mt + ph}"/>'
-                   f'<text x="{min(xb + 3, ml + pw - 90):.1f}" y="{mt + 11}">{esc(label)}</text></g>')
-    out.append("</svg>")
-    return "".join(out)
