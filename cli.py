@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,8 +25,12 @@ from pipeline.config import LabelsConfig, PrepareConfig
 from synthetic.frames import SynthFramesConfig
 from train.config import TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train and evaluate SmolVLM2 as a proactive assistant with dialogue state tracking.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train and evaluate SmolVLM2 as a proactive assistant with dialogue state tracking.",
+)
 console = Console()  # progress, skip lines and summaries
 err_console = Console(stderr=True)  # fatal errors
 
@@ -54,21 +59,35 @@ def _build_plain(config: type) -> Callable[[dict, Path | None], object]:
 
 def _by_name(resolve: Callable) -> Callable[[dict, Path | None], object]:
     """A config-file command's resolver takes options by name (None = not given)."""
-    return lambda values, file: resolve({path[-1]: tuple(v) if isinstance(v, list) else v
-                                         for path, v in values.items()}, file)
+    return lambda values, file: resolve(
+        {path[-1]: tuple(v) if isinstance(v, list) else v for path, v in values.items()}, file
+    )
 
 
-def command(name: str, config: type, target: str, doc: str, build: Callable | None = None,
-            config_file: str | None = None) -> None:
+def command(
+    name: str, config: type, target: str, doc: str, build: Callable | None = None, config_file: str | None = None
+) -> None:
     """Register `dst {name}`: one option per declared field of `config` (None when not given, so the config's own
     default applies), `--config` for commands that read a config file, then `target` ("module:function")."""
     opts = options(config)
-    params = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[o.type],
-                                default=typer.Option(None, _flag(o), help=o.help, show_default=False))
-              for o in opts]
+    params = [
+        inspect.Parameter(
+            o.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[o.type],  # noqa: UP045 - built at run time, where Optional is the plain form
+            default=typer.Option(None, _flag(o), help=o.help, show_default=False),
+        )
+        for o in opts
+    ]
     if config_file:
-        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                        default=typer.Option(None, "--config", help=config_file)))
+        params.append(
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Optional[Path],  # noqa: UP045 - as above
+                default=typer.Option(None, "--config", help=config_file),
+            )
+        )
     build = build or _build_plain(config)
 
     def run_command(**kwargs) -> None:
@@ -85,26 +104,40 @@ def command(name: str, config: type, target: str, doc: str, build: Callable | No
     app.command(name)(run_command)
 
 
-command("labels", LabelsConfig, "pipeline.labels:run",
-        "Per-frame labels: DST update, DST state, speak and response at every decision point.")
-command("prepare", PrepareConfig, "pipeline.prepare:run",
-        "Frames -> SmolVLM2 vision embeddings -> WebDataset shards, with labels.parquet and manifest.json.",
-        _by_name(lambda options, file: pipeline.config.resolve(options.get("split"), options, file)), "Data config file (TOML). Default: configs/data.toml if it exists.")
-command("train", TrainConfig, "train.run:run",
-        "Train the decision heads, DST text and responses on prepared shards; checkpoints resume exactly.",
-        _by_name(train.config.resolve), "TOML file with a [train] table (any of these settings, and dataset_weights).")
-command("eval", EvalConfig, "eval.evaluate:run",
-        "Stream videos through a trained model with a KV cache and score it with ProAssist's metrics. Under "
-        "`torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations.")
-command("score", ScoreConfig, "eval.evaluate:score_file", "Re-score saved predictions without a model.")
-command("judge", JudgeConfig, "eval.judge:run",
-        "ProAssist's LLM judge on saved predictions (an OpenAI-compatible server or a local model): judge.json.")
-command("demo", DemoConfig, "experiments.demo:run",
-        "Generate synthetic task videos, prepare, train, evaluate, and compare with the baselines.")
-command("experiment", ExperimentRunConfig, "experiments.runner:run",
-        "Prepare once, train and evaluate every cell of a grid over seeds; results.jsonl, summary.md, report.html.")
-command("synth-frames", SynthFramesConfig, "synthetic.frames:run",
-        "Write synthetic frames files covering each record's video, for trying the pipeline without real frames.")
+_DATA_FILE = "Data config file (TOML). Default: configs/data.toml if it exists."
+_TRAIN_FILE = "TOML file with a [train] table (any of these settings, and dataset_weights)."
+_EVAL_DOC = (
+    "Stream videos through a trained model with a KV cache and score it with ProAssist's metrics. Under "
+    "`torchrun --nproc-per-node N --no-python dst eval ...` the ranks share the conversations."
+)
+# name, config, target, help, (options -> config, --config help) for the commands that read a config file
+COMMANDS = [
+    ("labels", LabelsConfig, "pipeline.labels:run", "Per-frame labels: DST update, DST state, speak and response."),
+    (
+        "prepare",
+        PrepareConfig,
+        "pipeline.prepare:run",
+        "Frames -> SmolVLM2 vision embeddings -> WebDataset shards.",
+        _by_name(lambda options, file: pipeline.config.resolve(options.get("split"), options, file)),
+        _DATA_FILE,
+    ),
+    (
+        "train",
+        TrainConfig,
+        "train.run:run",
+        "Train the decision heads, DST text and responses; resumes exactly.",
+        _by_name(train.config.resolve),
+        _TRAIN_FILE,
+    ),
+    ("eval", EvalConfig, "eval.evaluate:run", _EVAL_DOC),
+    ("score", ScoreConfig, "eval.evaluate:score_file", "Re-score saved predictions without a model."),
+    ("judge", JudgeConfig, "eval.judge:run", "ProAssist's LLM judge on saved predictions: judge.json."),
+    ("demo", DemoConfig, "experiments.demo:run", "Synthetic task videos through prepare, train, eval, and baselines."),
+    ("experiment", ExperimentRunConfig, "experiments.runner:run", "Train and evaluate a grid of cells over seeds."),
+    ("synth-frames", SynthFramesConfig, "synthetic.frames:run", "Synthetic frames files for trying the pipeline."),
+]
+for spec in COMMANDS:
+    command(*spec)
 
 if __name__ == "__main__":
     app()

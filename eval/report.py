@@ -84,37 +84,60 @@ def _card(name: str, m: dict, mean: bool = False) -> str:
         return "".join(f'<tr><td>{lab}</td><td class="v">{fmt(block.get(key))}</td></tr>' for key, lab in items)
 
     if pro is not None:  # the exact score beside ProAssist's own (the one to quote next to the paper)
-        s_tab = ('<table><tr><th>Speaking</th><th class="v">exact</th><th class="v" title="ProAssist\'s find_match, '
-                 'reproduced">ProAssist</th></tr>'
-                 + "".join(_pair_row(lab, speak.get(key), pro.get(key)) for key, lab in SPEAK_ROWS) + "</table>")
+        s_tab = (
+            '<table><tr><th>Speaking</th><th class="v">exact</th><th class="v" title="ProAssist\'s find_match, '
+            'reproduced">ProAssist</th></tr>'
+            + "".join(_pair_row(lab, speak.get(key), pro.get(key)) for key, lab in SPEAK_ROWS)
+            + "</table>"
+        )
     else:
         s_tab = f'<table><tr><th colspan="2">Speaking</th></tr>{rows(SPEAK_ROWS, speak)}</table>'
     if never is not None or "dst_never" in m:  # every DST number beside the never-update predictor's
         never = never or {}
-        d_tab = ('<table><tr><th>DST</th><th class="v">model</th><th class="v" title="the never-update predictor on '
-                 'the same references">never</th></tr>'
-                 + "".join(_pair_row(lab, dst.get(key), never.get(key), _pr_title(dst, p, r))
-                           for key, lab, p, r in DST_ROWS) + "</table>")
+        d_tab = (
+            '<table><tr><th>DST</th><th class="v">model</th><th class="v" title="the never-update predictor on '
+            'the same references">never</th></tr>'
+            + "".join(_pair_row(lab, dst.get(key), never.get(key), _pr_title(dst, p, r)) for key, lab, p, r in DST_ROWS)
+            + "</table>"
+        )
     else:
-        d_tab = ('<table><tr><th colspan="2">DST</th></tr>' + "".join(
-            f'<tr><td>{lab}</td><td class="v"{_pr_title(dst, p, r)}>{fmt(dst.get(key))}</td></tr>'
-            for key, lab, p, r in DST_ROWS) + "</table>")
+        d_tab = (
+            '<table><tr><th colspan="2">DST</th></tr>'
+            + "".join(
+                f'<tr><td>{lab}</td><td class="v"{_pr_title(dst, p, r)}>{fmt(dst.get(key))}</td></tr>'
+                for key, lab, p, r in DST_ROWS
+            )
+            + "</table>"
+        )
     t_tab = f'<table><tr><th colspan="2">Text (on matched pairs)</th></tr>{rows(TEXT_ROWS, text)}</table>'
-    counts = [f"{lab} {fmt(speak.get(key))}" for key, lab in (
-        ("num_pred", "predicted"), ("num_ref", "reference"), ("num_matched", "matched"),
-        ("num_mismatched", "mismatched"), ("num_missed", "missed"), ("num_redundant", "redundant"),
-        ("jaccard", "Jaccard")) if key in speak]
+    counts = [
+        f"{lab} {fmt(speak.get(key))}"
+        for key, lab in (
+            ("num_pred", "predicted"),
+            ("num_ref", "reference"),
+            ("num_matched", "matched"),
+            ("num_mismatched", "mismatched"),
+            ("num_missed", "missed"),
+            ("num_redundant", "redundant"),
+            ("jaccard", "Jaccard"),
+        )
+        if key in speak
+    ]
     if "time_diff_s" in speak:
         counts.append(f"mean time offset {fmt(speak['time_diff_s'], 2)} s")
     if pro is not None:
-        counts.append(f"ProAssist matching: exact copies {fmt(pro.get('exact_copies'))}, zero-cost pairs dropped "
-                      f"{fmt(pro.get('zero_cost_dropped'))}")
+        counts.append(
+            f"ProAssist matching: exact copies {fmt(pro.get('exact_copies'))}, zero-cost pairs dropped "
+            f"{fmt(pro.get('zero_cost_dropped'))}"
+        )
     if m.get("summary_similarity") is not None:
         counts.append(f"summary similarity {fmt(m['summary_similarity'])}")
     if m.get("reseeds") is not None:
         counts.append(f"re-seeds {fmt(m['reseeds'])}")
-    return (f'<div class="card{" mean" if mean else ""}"><h3>{esc(name)}</h3>'
-            f'<div class="cols">{s_tab}{d_tab}{t_tab}</div><div class="counts">{" · ".join(counts)}</div></div>')
+    return (
+        f'<div class="card{" mean" if mean else ""}"><h3>{esc(name)}</h3>'
+        f'<div class="cols">{s_tab}{d_tab}{t_tab}</div><div class="counts">{" · ".join(counts)}</div></div>'
+    )
 
 
 def _intent_cell(block: dict | None, intent: str) -> str:
@@ -136,12 +159,17 @@ def _intents(metrics: dict) -> str:
     for name, m in scopes:
         for score, label in (("speak", "exact"), ("speak_proassist", "ProAssist")):
             if m.get(score) is not None:
-                body.append(f"<tr><td>{esc(name)}</td><td>{label}</td>"
-                            + "".join(_intent_cell(m[score], i) for i in INTENTS) + "</tr>")
-    return ('<section id="intents"><h2>Speaking recall per intent</h2><p class="meta">Share of reference turns of '
-            'each intent that a prediction matched (a turn can count for two intents); "of n" is the number of '
-            'reference turns (the mean row averages the datasets that have the intent).</p><div class="events">'
-            f'<table><tr><th>scope</th><th>score</th>{head}</tr>{"".join(body)}</table></div></section>')
+                body.append(
+                    f"<tr><td>{esc(name)}</td><td>{label}</td>"
+                    + "".join(_intent_cell(m[score], i) for i in INTENTS)
+                    + "</tr>"
+                )
+    return (
+        '<section id="intents"><h2>Speaking recall per intent</h2><p class="meta">Share of reference turns of '
+        'each intent that a prediction matched (a turn can count for two intents); "of n" is the number of '
+        'reference turns (the mean row averages the datasets that have the intent).</p><div class="events">'
+        f"<table><tr><th>scope</th><th>score</th>{head}</tr>{''.join(body)}</table></div></section>"
+    )
 
 
 def _summary(metrics: dict) -> str:
@@ -153,8 +181,12 @@ def _summary(metrics: dict) -> str:
 
 def _header(run_info: dict, metrics: dict, title: str) -> str:
     info = dict(run_info or {})
-    for key, label in (("protocol", "protocol"), ("variant", "variant"), ("dst_window_s", "DST window (s, each side)"),
-                       ("dialogues_without_reference", "dialogues without reference")):
+    for key, label in (
+        ("protocol", "protocol"),
+        ("variant", "variant"),
+        ("dst_window_s", "DST window (s, each side)"),
+        ("dialogues_without_reference", "dialogues without reference"),
+    ):
         if metrics.get(key) is not None:
             info.setdefault(label, metrics[key])
     if isinstance(metrics.get("reseeds"), dict):
@@ -163,8 +195,11 @@ def _header(run_info: dict, metrics: dict, title: str) -> str:
         info.setdefault("METEOR failures", "; ".join(metrics["meteor_failures"]))
     info.setdefault("sentence embeddings", metrics.get("sts_model"))
     info.setdefault("METEOR", metrics.get("meteor") or "not available")
-    items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v if isinstance(v, str) else json.dumps(v, default=str))}</dd>"
-                    for k, v in info.items() if v is not None)
+    items = "".join(
+        f"<dt>{esc(k)}</dt><dd>{esc(v if isinstance(v, str) else json.dumps(v, default=str))}</dd>"
+        for k, v in info.items()
+        if v is not None
+    )
     return f'<header><h1>{esc(title)}</h1><dl class="run">{items}</dl></header>'
 
 
@@ -176,10 +211,19 @@ def _curves(sweep: dict | None) -> str:
         for decision in ("speak", "update"):
             c = (per or {}).get(decision)
             if c and c.get("thresholds"):
-                charts.append(threshold_curve(c["thresholds"], c.get("f1") or [], c.get("best"),
-                                              f"{name} · {decision}", f"sweep-{len(charts)}"))
-    return ('<section id="thresholds"><h2>Threshold sweep</h2><p class="meta">F1 against the decision threshold; '
-            f'the red line is the chosen threshold.</p><div class="curves">{"".join(charts)}</div></section>')
+                charts.append(
+                    threshold_curve(
+                        c["thresholds"],
+                        c.get("f1") or [],
+                        c.get("best"),
+                        f"{name} · {decision}",
+                        f"sweep-{len(charts)}",
+                    )
+                )
+    return (
+        '<section id="thresholds"><h2>Threshold sweep</h2><p class="meta">F1 against the decision threshold; '
+        f'the red line is the chosen threshold.</p><div class="curves">{"".join(charts)}</div></section>'
+    )
 
 
 def _thetas(run_info: dict, dataset: str) -> dict:
@@ -228,14 +272,17 @@ def _events(d: dict, idx: int, matches: list | None, max_rows: int) -> str:
         rows.append(
             f'<tr id="d{idx}-f{esc(f["frame"])}"><td class="num">{"" if time is None else f"{time:.1f}"}</td>'
             f'<td class="num">{esc(f["frame"])}</td><td>{esc(f.get("user_text") or "")}</td>'
-            f'<td>{_badge(by_ref.get(f["frame"])) if f.get("ref_text") else ""}{esc(f.get("ref_text") or "")}</td>'
-            f'<td>{_badge(by_pred.get(f["frame"])) if f.get("pred_text") else ""}{esc(f.get("pred_text") or "")}'
-            f'</td><td>{esc(delta_text(f.get("ref_dst_delta")))}</td><td>{esc(pred_upd)}</td>'
-            f'<td class="num">{probs}</td></tr>')
-    more = (f'<p class="meta">{len(busy) - max_rows} more rows not shown.</p>' if len(busy) > max_rows else "")
-    return ('<div class="events"><table><tr><th>time (s)</th><th>frame</th><th>user</th><th>reference</th>'
-            '<th>prediction</th><th>ref update</th><th>pred update</th><th>p_update / p_speak</th></tr>'
-            f'{"".join(rows)}</table></div>{more}')
+            f"<td>{_badge(by_ref.get(f['frame'])) if f.get('ref_text') else ''}{esc(f.get('ref_text') or '')}</td>"
+            f"<td>{_badge(by_pred.get(f['frame'])) if f.get('pred_text') else ''}{esc(f.get('pred_text') or '')}"
+            f"</td><td>{esc(delta_text(f.get('ref_dst_delta')))}</td><td>{esc(pred_upd)}</td>"
+            f'<td class="num">{probs}</td></tr>'
+        )
+    more = f'<p class="meta">{len(busy) - max_rows} more rows not shown.</p>' if len(busy) > max_rows else ""
+    return (
+        '<div class="events"><table><tr><th>time (s)</th><th>frame</th><th>user</th><th>reference</th>'
+        "<th>prediction</th><th>ref update</th><th>pred update</th><th>p_update / p_speak</th></tr>"
+        f"{''.join(rows)}</table></div>{more}"
+    )
 
 
 def _dialogue(d: dict, idx: int, matches: list | None, thetas: dict, is_open: bool, max_rows: int) -> str:
@@ -245,9 +292,11 @@ def _dialogue(d: dict, idx: int, matches: list | None, thetas: dict, is_open: bo
     def count(key):
         return sum(1 for f in frames if f.get(key))
 
-    meta = [f"{len(frames)} frames, {len(frames) / fps:.1f} s",
-            f"speech ref/pred {count('ref_text')}/{count('pred_text')}",
-            f"updates ref/pred {count('ref_dst_delta')}/{count('pred_dst_delta')}"]
+    meta = [
+        f"{len(frames)} frames, {len(frames) / fps:.1f} s",
+        f"speech ref/pred {count('ref_text')}/{count('pred_text')}",
+        f"updates ref/pred {count('ref_dst_delta')}/{count('pred_dst_delta')}",
+    ]
     if matches is not None:
         kinds = [m.get("kind") for m in matches]
         meta.append(", ".join(f"{k} {kinds.count(k)}" for k in ("matched", "mismatched", "missed", "redundant")))
@@ -255,10 +304,12 @@ def _dialogue(d: dict, idx: int, matches: list | None, thetas: dict, is_open: bo
     if d.get("conversation") is not None:
         name += f" · conversation {esc(d['conversation'])}"
     labels, svg = timeline_svg(d, idx, matches, thetas)
-    return (f'<details class="dlg"{" open" if is_open else ""}><summary>#{idx} {name} '
-            f'<span class="meta">({esc("; ".join(meta))})</span></summary>'
-            f'<div class="tl">{labels}<div class="scroll">{svg}</div></div>'
-            f'{_events(d, idx, matches, max_rows)}</details>')
+    return (
+        f'<details class="dlg"{" open" if is_open else ""}><summary>#{idx} {name} '
+        f'<span class="meta">({esc("; ".join(meta))})</span></summary>'
+        f'<div class="tl">{labels}<div class="scroll">{svg}</div></div>'
+        f"{_events(d, idx, matches, max_rows)}</details>"
+    )
 
 
 def judge_section(judge: dict) -> str:
@@ -268,19 +319,24 @@ def judge_section(judge: dict) -> str:
     head = "".join(f'<th class="num">{esc(m)}</th>' for m in metrics)
     rows = []
     for name, block in [("mean over datasets", judge["mean"]), *sorted(judge["datasets"].items())]:
-        counts = f'{block["dialogues_scored"]} of {block["dialogues"]}' if "dialogues" in block else ""
+        counts = f"{block['dialogues_scored']} of {block['dialogues']}" if "dialogues" in block else ""
         cells = "".join(f'<td class="num">{fmt(block[m], 2)}</td>' for m in metrics)
         rows.append(f'<tr><td>{esc(name)}</td>{cells}<td class="num">{esc(counts)}</td></tr>')
     j, st, s = judge["judge"], judge["settings"], judge["samples"]
     where = f", {j['url']}" if j.get("url") else ""
-    caveat = ("" if judge.get("proassist_settings") else
-              " <strong>Not ProAssist's judge and settings: not comparable with the paper.</strong>")
-    return (f'<section id="judge"><h2>LLM judge</h2><p class="meta">{esc(j["model"])} ({esc(j["backend"])}'
-            f'{esc(where)}); n={esc(st["n"])}, temperature {esc(st["temperature"])}, top_p {esc(st["top_p"])}, '
-            f'protocol {esc(st["protocol"])}; 1-5 Likert scores, mean over valid samples, then dialogues, then '
-            f'datasets. Skipped samples (no score object, or a score missing or outside 1-5): {esc(s["skipped"])} '
-            f'of {esc(s["requested"])}.{caveat}</p><div class="events"><table><tr><th>dataset</th>{head}'
-            f'<th class="num">dialogues scored</th></tr>{"".join(rows)}</table></div></section>')
+    caveat = (
+        ""
+        if judge.get("proassist_settings")
+        else " <strong>Not ProAssist's judge and settings: not comparable with the paper.</strong>"
+    )
+    return (
+        f'<section id="judge"><h2>LLM judge</h2><p class="meta">{esc(j["model"])} ({esc(j["backend"])}'
+        f"{esc(where)}); n={esc(st['n'])}, temperature {esc(st['temperature'])}, top_p {esc(st['top_p'])}, "
+        f"protocol {esc(st['protocol'])}; 1-5 Likert scores, mean over valid samples, then dialogues, then "
+        f"datasets. Skipped samples (no score object, or a score missing or outside 1-5): {esc(s['skipped'])} "
+        f'of {esc(s["requested"])}.{caveat}</p><div class="events"><table><tr><th>dataset</th>{head}'
+        f'<th class="num">dialogues scored</th></tr>{"".join(rows)}</table></div></section>'
+    )
 
 
 JUDGE_SECTION = re.compile(r'<section id="judge">.*?</section>', re.S)
@@ -298,9 +354,19 @@ def with_judge(html: str, judge: dict) -> str:
     return html + section
 
 
-def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=None, sweep: dict | None = None,
-                  *, max_dialogues: int = 50, open_first: int = 3, max_table_rows: int = 500,
-                  title: str = "dst eval report", judge: dict | None = None) -> str:
+def render_report(
+    dialogues: list[dict],
+    metrics: dict,
+    run_info: dict,
+    matches=None,
+    sweep: dict | None = None,
+    *,
+    max_dialogues: int = 50,
+    open_first: int = 3,
+    max_table_rows: int = 500,
+    title: str = "dst eval report",
+    judge: dict | None = None,
+) -> str:
     """The whole report as one HTML document.
 
     `matches`: per dialogue index (a list aligned with `dialogues`, or a dict keyed by index) the speaking
@@ -308,28 +374,48 @@ def render_report(dialogues: list[dict], metrics: dict, run_info: dict, matches=
     Only the first `max_dialogues` dialogues get a timeline (the page says how many were left out), the first
     `open_first` of them expanded. `judge`: judge.json of these predictions, shown after the metrics."""
     shown = dialogues[:max_dialogues]
-    parts = [_dialogue(d, i, _matches_for(matches, i), _thetas(run_info, d.get("dataset")), i < open_first,
-                       max_table_rows) for i, d in enumerate(shown)]
+    parts = [
+        _dialogue(d, i, _matches_for(matches, i), _thetas(run_info, d.get("dataset")), i < open_first, max_table_rows)
+        for i, d in enumerate(shown)
+    ]
     omitted = len(dialogues) - len(shown)
     if omitted:
-        parts.append(f'<p class="omitted">{omitted} of {len(dialogues)} dialogues omitted '
-                     f'(showing the first {len(shown)}; raise max_dialogues to see more).</p>')
-    toggles = ('<button type="button" onclick="document.querySelectorAll(\'details.dlg\').forEach(function(d)'
-               '{d.open=true})">expand all</button><button type="button" onclick="document.querySelectorAll('
-               '\'details.dlg\').forEach(function(d){d.open=false})">collapse all</button>')
-    body = (_header(run_info, metrics, title) + _summary(metrics) + _intents(metrics)
-            + (judge_section(judge) if judge else "") + _curves(sweep)
-            + f'<section id="dialogues"><h2>Dialogues ({len(dialogues)})</h2>'
-            '<p class="meta">Hover a mark for its text; click it to jump to its row in the table below the '
-            f'timeline. Each node shows the reference state above the predicted one.</p>{legend_html()}'
-            f'<p>{toggles}</p>{"".join(parts)}</section>')
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f"<body>{body}</body></html>\n")
+        parts.append(
+            f'<p class="omitted">{omitted} of {len(dialogues)} dialogues omitted '
+            f"(showing the first {len(shown)}; raise max_dialogues to see more).</p>"
+        )
+    toggles = (
+        '<button type="button" onclick="document.querySelectorAll(\'details.dlg\').forEach(function(d)'
+        '{d.open=true})">expand all</button><button type="button" onclick="document.querySelectorAll('
+        "'details.dlg').forEach(function(d){d.open=false})\">collapse all</button>"
+    )
+    body = (
+        _header(run_info, metrics, title)
+        + _summary(metrics)
+        + _intents(metrics)
+        + (judge_section(judge) if judge else "")
+        + _curves(sweep)
+        + f'<section id="dialogues"><h2>Dialogues ({len(dialogues)})</h2>'
+        '<p class="meta">Hover a mark for its text; click it to jump to its row in the table below the '
+        f"timeline. Each node shows the reference state above the predicted one.</p>{legend_html()}"
+        f"<p>{toggles}</p>{''.join(parts)}</section>"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        f"<body>{body}</body></html>\n"
+    )
 
 
-def write_report(path: str | Path, dialogues: list[dict], metrics: dict, run_info: dict, matches=None,
-                 sweep: dict | None = None, **kwargs) -> Path:
+def write_report(
+    path: str | Path,
+    dialogues: list[dict],
+    metrics: dict,
+    run_info: dict,
+    matches=None,
+    sweep: dict | None = None,
+    **kwargs,
+) -> Path:
     path = Path(path)
     write_atomic(path, render_report(dialogues, metrics, run_info, matches, sweep, **kwargs))
     return path

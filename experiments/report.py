@@ -117,11 +117,15 @@ def table_rows(cfg, lines: list[dict]) -> tuple[list[str], list[list[str]], list
         header.append(f"{col.name} (`{key}`)" if key else f"{col.name} (missing)")
         columns.append((key, col.lower_is_better))
     rows, marks = [], []
-    per_column = [(stats(lines, key) if key else {}, marked(stats(lines, key), models, low) if key else set())
-                  for key, low in columns]
+    per_column = [
+        (stats(lines, key) if key else {}, marked(stats(lines, key), models, low) if key else set())
+        for key, low in columns
+    ]
     reseeds = stats(lines, STREAM_COLUMN[1])
-    train = {c: Stat(tuple(ln["timings"]["train_s"] / 60 for ln in lines if ln["cell"] == c and _is_model(ln)))
-             for c in models}
+    train = {
+        c: Stat(tuple(ln["timings"]["train_s"] / 60 for ln in lines if ln["cell"] == c and _is_model(ln)))
+        for c in models
+    }
     header += [STREAM_COLUMN[0], "train min"]
     for cell in cells:
         n = sum(1 for ln in lines if ln["cell"] == cell and _is_model(ln))
@@ -146,8 +150,16 @@ def comparison_rows(cfg, lines: list[dict]) -> list[list[str]]:
                 rows.append([f"{a} - {b}", measure, "n/a", "n/a", "0", "no pairs"])
                 continue
             verdict = ("a wins" if interval.low > 0 else "b wins") if interval.win else "no win (0 inside)"
-            rows.append([f"{a} - {b}", measure, f"{interval.mean:+.3f}", f"[{interval.low:+.3f}, {interval.high:+.3f}]",
-                         f"{interval.n_dialogues} / {interval.n_pairs}", verdict])
+            rows.append(
+                [
+                    f"{a} - {b}",
+                    measure,
+                    f"{interval.mean:+.3f}",
+                    f"[{interval.low:+.3f}, {interval.high:+.3f}]",
+                    f"{interval.n_dialogues} / {interval.n_pairs}",
+                    verdict,
+                ]
+            )
     return rows
 
 
@@ -172,8 +184,11 @@ def curve_stats(lines: list[dict]) -> dict[str, list[tuple[int, Stat | None, Sta
 
 def curve_rows(lines: list[dict]) -> list[list[str]]:
     """The learning curves as table rows: cell, step, mean ± sd of each measure."""
-    return [[cell, str(step), fmt(joint), fmt(speak)]
-            for cell, points in curve_stats(lines).items() for step, joint, speak in points]
+    return [
+        [cell, str(step), fmt(joint), fmt(speak)]
+        for cell, points in curve_stats(lines).items()
+        for step, joint, speak in points
+    ]
 
 
 CURVE_HEADER = ["cell", "step", "val DST joint accuracy", "val speaking F1"]
@@ -190,30 +205,46 @@ def summary_markdown(cfg, lines: list[dict]) -> str:
     if cfg.description:
         out += [cfg.description, ""]
     seeds = ", ".join(map(str, cfg.seeds))
-    out += [f"Data: the `{data['setting']}` synthetic setting, {data['videos'][0]}/{data['videos'][1]}/"
-            f"{data['videos'][2]} train/val/test videos, data seed {data['seed']}, model `{data['model']}`"
-            f"{' (--fast)' if cfg.fast else ''}. Training seeds: {seeds}. Thresholds swept on val, applied to test.",
-            "",
-            "Mean ± sample standard deviation over seeds. **Bold**: the best mean of a column and every cell within "
-            "one standard deviation of it (the larger of the two): a difference inside the seed spread is not a "
-            "win, so one bold entry in a column is a win, several are a tie. n/a: a DST metric of a variant that "
-            "tracks no DST.", ""]
+    out += [
+        f"Data: the `{data['setting']}` synthetic setting, {data['videos'][0]}/{data['videos'][1]}/"
+        f"{data['videos'][2]} train/val/test videos, data seed {data['seed']}, model `{data['model']}`"
+        f"{' (--fast)' if cfg.fast else ''}. Training seeds: {seeds}. Thresholds swept on val, applied to test.",
+        "",
+        "Mean ± sample standard deviation over seeds. **Bold**: the best mean of a column and every cell within "
+        "one standard deviation of it (the larger of the two): a difference inside the seed spread is not a "
+        "win, so one bold entry in a column is a win, several are a tie. n/a: a DST metric of a variant that "
+        "tracks no DST.",
+        "",
+    ]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
     for row, row_marks in zip(rows, marks, strict=True):
         out.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, row_marks, strict=True)) + " |")
     n_model = sum(1 for ln in lines if _is_model(ln))
-    out += ["", f"results.jsonl: {n_model} lines, one per cell and seed, and {len(lines) - n_model} baseline "
-                f"line(s); each holds every val and test metric of metrics.json by key path."]
+    out += [
+        "",
+        f"results.jsonl: {n_model} lines, one per cell and seed, and {len(lines) - n_model} baseline "
+        f"line(s); each holds every val and test metric of metrics.json by key path.",
+    ]
     if cfg.comparisons:
-        out += ["", "## Paired comparisons", "",
-                "Test speaking F1 (ProAssist's matching) per dialogue, a - b, pooled over dialogues and seeds; 95% "
-                "percentile bootstrap interval over dialogues (experiments/compare.py). An interval containing 0 is "
-                "not a win.", ""]
+        out += [
+            "",
+            "## Paired comparisons",
+            "",
+            "Test speaking F1 (ProAssist's matching) per dialogue, a - b, pooled over dialogues and seeds; 95% "
+            "percentile bootstrap interval over dialogues (experiments/compare.py). An interval containing 0 is "
+            "not a win.",
+            "",
+        ]
         out += _markdown_table(COMPARISON_HEADER, comparison_rows(cfg, lines))
     if curve := curve_rows(lines):
-        out += ["", "## Learning curves", "", "Val, model mode at thresholds 0.5, mean ± sd over seeds, per kept "
-                "checkpoint.", ""]
+        out += [
+            "",
+            "## Learning curves",
+            "",
+            "Val, model mode at thresholds 0.5, mean ± sd over seeds, per kept checkpoint.",
+            "",
+        ]
         out += _markdown_table(CURVE_HEADER, curve)
     return "\n".join(out) + "\n"
 
@@ -227,8 +258,9 @@ def _bars(title: str, key: str, cell_stats: dict[str, Stat | None], best: set[st
     if not bars:
         return ""
     note = " (lower is better)" if low else ""
-    return (f"<h3>{escape(title)}{note}</h3><p class=key><code>{escape(key)}</code></p>"
-            + seed_bars(title, bars, f"bars-{index}", low))
+    return f"<h3>{escape(title)}{note}</h3><p class=key><code>{escape(key)}</code></p>" + seed_bars(
+        title, bars, f"bars-{index}", low
+    )
 
 
 def _curve_chart(lines: list[dict]) -> str:
@@ -242,8 +274,14 @@ def _curve_chart(lines: list[dict]) -> str:
         for cell, points in per_cell.items():
             kept = [(p[0], p[index]) for p in points if p[index] is not None]
             if kept:
-                out.append(Series(cell, tuple(step for step, _ in kept), tuple(v.mean for _, v in kept),
-                                  tuple(v.std for _, v in kept)))
+                out.append(
+                    Series(
+                        cell,
+                        tuple(step for step, _ in kept),
+                        tuple(v.mean for _, v in kept),
+                        tuple(v.std for _, v in kept),
+                    )
+                )
         return out
 
     panels = [("val DST joint accuracy", series(1)), ("val speaking F1", series(2))]
@@ -253,14 +291,18 @@ def _curve_chart(lines: list[dict]) -> str:
 def report_html(cfg, lines: list[dict]) -> str:
     header, rows, marks = table_rows(cfg, lines)
     models = [c for c in cells_in_order(lines) if any(_is_model(ln) for ln in lines if ln["cell"] == c)]
+
     def th(h: str) -> str:  # the markdown header's `key` as <code>
         name, _, key = h.partition(" (`")
         return f"<th>{escape(name)}<br><code>{escape(key.rstrip(')`'))}</code></th>" if key else f"<th>{escape(h)}</th>"
 
     table = ["<table><tr>" + "".join(th(h) for h in header) + "</tr>"]
     for row, row_marks in zip(rows, marks, strict=True):
-        table.append("<tr>" + "".join(f"<td class={'best' if m else 'v'}>{escape(v)}</td>"
-                                      for v, m in zip(row, row_marks, strict=True)) + "</tr>")
+        table.append(
+            "<tr>"
+            + "".join(f"<td class={'best' if m else 'v'}>{escape(v)}</td>" for v, m in zip(row, row_marks, strict=True))
+            + "</tr>"
+        )
     table.append("</table>")
     charts = []
     for i, col in enumerate(cfg.columns):
@@ -283,11 +325,11 @@ p.key {{ margin: 0; font-size: 12px; color: #495057; }}
 <p>Mean ± sample standard deviation over {len(cfg.seeds)} seed(s); green/bold: the best mean and every cell within
 one standard deviation of it (a difference inside the seed spread is not a win). Bars: mean; whiskers: ± one
 standard deviation; circles: single seeds.</p>
-{''.join(table)}
+{"".join(table)}
 {_html_table("Paired comparisons", COMPARISON_HEADER, comparison_rows(cfg, lines))}
 {_html_table("Learning curves (val, model mode, thresholds 0.5)", CURVE_HEADER, curve_rows(lines))}
 {_curve_chart(lines)}
-{''.join(charts)}
+{"".join(charts)}
 </body></html>
 """
 

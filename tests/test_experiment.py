@@ -160,7 +160,7 @@ def test_summary_marks_and_fallback_keys(tmp_path):
 def _group(html: str, gid: str) -> str:
     """An SVG group of a chart, up to its first nested group's end (enough for its hover title and its fill)."""
     start = html.index(f'<g id="{gid}">')
-    return html[start:html.index("</g>", start)]
+    return html[start : html.index("</g>", start)]
 
 
 def test_html_bars_and_learning_curves(tmp_path):
@@ -169,21 +169,27 @@ def test_html_bars_and_learning_curves(tmp_path):
     def curve(j2, j4, f2, f4):
         return [{"step": 2, "joint_accuracy": j2, "speak_f1": f2}, {"step": 4, "joint_accuracy": j4, "speak_f1": f4}]
 
-    lines = [dict(_line("variant=dst", 0, 0.8), curve=curve(0.5, 0.6, 0.2, 0.3)),
-             dict(_line("variant=dst", 1, 0.9), curve=curve(0.7, 0.8, 0.4, 0.5)),
-             dict(_line("variant=none", 0, 0.3, "none"), curve=curve(None, None, 0.1, 0.2)),
-             dict(_line("variant=none", 1, 0.5, "none"), curve=curve(None, None, 0.3, 0.2))]
-    assert rep.curve_rows(lines) == [["variant=dst", "2", "0.600 ± 0.141", "0.300 ± 0.141"],
-                                     ["variant=dst", "4", "0.700 ± 0.141", "0.400 ± 0.141"],
-                                     ["variant=none", "2", "n/a", "0.200 ± 0.141"],
-                                     ["variant=none", "4", "n/a", "0.200 ± 0.000"]]
+    lines = [
+        dict(_line("variant=dst", 0, 0.8), curve=curve(0.5, 0.6, 0.2, 0.3)),
+        dict(_line("variant=dst", 1, 0.9), curve=curve(0.7, 0.8, 0.4, 0.5)),
+        dict(_line("variant=none", 0, 0.3, "none"), curve=curve(None, None, 0.1, 0.2)),
+        dict(_line("variant=none", 1, 0.5, "none"), curve=curve(None, None, 0.3, 0.2)),
+    ]
+    assert rep.curve_rows(lines) == [
+        ["variant=dst", "2", "0.600 ± 0.141", "0.300 ± 0.141"],
+        ["variant=dst", "4", "0.700 ± 0.141", "0.400 ± 0.141"],
+        ["variant=none", "2", "n/a", "0.200 ± 0.141"],
+        ["variant=none", "4", "n/a", "0.200 ± 0.000"],
+    ]
     assert "| variant=none | 4 | n/a | 0.200 ± 0.000 |" in rep.summary_markdown(cfg, lines)
     html = rep.report_html(cfg, lines)
     assert html == rep.report_html(cfg, lines)  # deterministic
     # METEOR and semantic score are in no line: no chart for them
     assert re.findall(r'<svg class="chart" id="([^"]+)" role="img"[^>]*><title>([^<]*)</title>', html) == [
         ("learning-curves", "learning curves: val DST joint accuracy, val speaking F1"),
-        ("bars-0", "speaking F1"), ("bars-1", "joint accuracy")]
+        ("bars-0", "speaking F1"),
+        ("bars-1", "joint accuracy"),
+    ]
     dst, none = _group(html, "bars-0-bar0"), _group(html, "bars-0-bar1")
     assert "<title>variant=dst: 0.8500 ± 0.0707 (2 values)</title>" in dst and "fill: #2f9e44" in dst  # the win
     assert "<title>variant=none: 0.4000 ± 0.1414 (2 values)</title>" in none and "fill: #868e96" in none
@@ -191,10 +197,12 @@ def test_html_bars_and_learning_curves(tmp_path):
     assert 'id="bars-1-bar1"' not in html  # none tracks no DST: no joint-accuracy bar
     # one line per cell and panel; none has no joint accuracy, so no line in that panel
     assert "<title>variant=dst · val DST joint accuracy: step 2 0.600, step 4 0.700</title>" in _group(
-        html, "learning-curves-p0-s0")
+        html, "learning-curves-p0-s0"
+    )
     assert 'id="learning-curves-p0-s1"' not in html
     assert "<title>variant=none · val speaking F1: step 2 0.200, step 4 0.200</title>" in _group(
-        html, "learning-curves-p1-s1")
+        html, "learning-curves-p1-s1"
+    )
     assert 'id="learning-curves"' not in rep.report_html(cfg, [_line("variant=dst", 0, 0.8)])
 
 

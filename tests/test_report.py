@@ -17,9 +17,20 @@ VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr", "area", "base"
 
 
 def frame(k: int, fps: float = 2.0, ref=None, pred=None, **kw) -> dict:
-    f = {"frame": k, "time": (k + 1) / fps, "user_text": "", "p_update": 0.1, "p_speak": 0.2,
-         "pred_dst_delta": {}, "ref_dst_delta": {}, "pred_state": pred, "ref_state": ref,
-         "pred_text": "", "ref_text": "", "pred_dst_text": ""}
+    f = {
+        "frame": k,
+        "time": (k + 1) / fps,
+        "user_text": "",
+        "p_update": 0.1,
+        "p_speak": 0.2,
+        "pred_dst_delta": {},
+        "ref_dst_delta": {},
+        "pred_state": pred,
+        "ref_state": ref,
+        "pred_text": "",
+        "ref_text": "",
+        "pred_dst_text": "",
+    }
     f.update(kw)
     return f
 
@@ -29,50 +40,118 @@ def dialogue(uid: str, dataset: str, n: int, k0: int = 10, events: dict | None =
     the prediction a frame late; `events` adds fields per absolute frame."""
     frames = []
     for k in range(k0, k0 + n):
-        ref = {"S1": "not_started" if k < k0 + 2 else "in_progress" if k < k0 + 6 else "completed",
-               "S2": "not_started"}
-        pred = {"S1": "not_started" if k < k0 + 3 else "in_progress" if k < k0 + 7 else "completed",
-                "S2": "not_started"}
+        ref = {"S1": "not_started" if k < k0 + 2 else "in_progress" if k < k0 + 6 else "completed", "S2": "not_started"}
+        pred = {
+            "S1": "not_started" if k < k0 + 3 else "in_progress" if k < k0 + 7 else "completed",
+            "S2": "not_started",
+        }
         f = frame(k, ref=ref, pred=pred)
         f.update((events or {}).get(k, {}))
         frames.append(f)
-    return {"dataset": dataset, "video_uid": uid, "conversation": 0, "user_type": "talk_some", "fps": 2.0,
-            "variant": "dst", "protocol": "full-video",
-            "frames": frames, **kw}
+    return {
+        "dataset": dataset,
+        "video_uid": uid,
+        "conversation": 0,
+        "user_type": "talk_some",
+        "fps": 2.0,
+        "variant": "dst",
+        "protocol": "full-video",
+        "frames": frames,
+        **kw,
+    }
 
 
 def block(f1: float, meteor=0.2) -> dict:
-    return {"speak": {"precision": 0.5, "recall": 0.25, "f1": f1, "num_pred": 4, "num_ref": 8, "num_matched": 2,
-                      "num_mismatched": 1, "num_missed": 5, "num_redundant": 1, "jaccard": 0.2, "time_diff_s": 0.7},
-            "text": {"Bleu_1": 0.4, "Bleu_2": 0.3, "Bleu_3": 0.2, "Bleu_4": 0.1234, "CIDEr": 1.4321,
-                     "METEOR": meteor, "semantic_score": 0.61},
-            "dst": {"update_precision": 0.6, "update_recall": 0.5, "update_f1": 0.5454,
-                    "node_accuracy": 0.9, "joint_accuracy": 0.8, "transition_precision": 0.5,
-                    "transition_recall": 0.5, "transition_f1": 0.5, "validity": 1.0}}
+    return {
+        "speak": {
+            "precision": 0.5,
+            "recall": 0.25,
+            "f1": f1,
+            "num_pred": 4,
+            "num_ref": 8,
+            "num_matched": 2,
+            "num_mismatched": 1,
+            "num_missed": 5,
+            "num_redundant": 1,
+            "jaccard": 0.2,
+            "time_diff_s": 0.7,
+        },
+        "text": {
+            "Bleu_1": 0.4,
+            "Bleu_2": 0.3,
+            "Bleu_3": 0.2,
+            "Bleu_4": 0.1234,
+            "CIDEr": 1.4321,
+            "METEOR": meteor,
+            "semantic_score": 0.61,
+        },
+        "dst": {
+            "update_precision": 0.6,
+            "update_recall": 0.5,
+            "update_f1": 0.5454,
+            "node_accuracy": 0.9,
+            "joint_accuracy": 0.8,
+            "transition_precision": 0.5,
+            "transition_recall": 0.5,
+            "transition_f1": 0.5,
+            "validity": 1.0,
+        },
+    }
 
 
 @pytest.fixture
 def sample():
-    d0 = dialogue("vid-<a>", "wtag", 20, events={
-        11: {"user_text": EVIL},
-        12: {"ref_text": "open the lid", "pred_text": "open the lid now", "ref_dst_delta": {"S1": "in_progress"}},
-        13: {"pred_dst_delta": {"S1": "in_progress"}, "pred_dst_text": "S1=in_progress"},
-        15: {"ref_text": "turn the screw & hold", "pred_text": "wash the pan"},
-        18: {"ref_text": "well done"}, 21: {"pred_text": EVIL}})
+    d0 = dialogue(
+        "vid-<a>",
+        "wtag",
+        20,
+        events={
+            11: {"user_text": EVIL},
+            12: {"ref_text": "open the lid", "pred_text": "open the lid now", "ref_dst_delta": {"S1": "in_progress"}},
+            13: {"pred_dst_delta": {"S1": "in_progress"}, "pred_dst_text": "S1=in_progress"},
+            15: {"ref_text": "turn the screw & hold", "pred_text": "wash the pan"},
+            18: {"ref_text": "well done"},
+            21: {"pred_text": EVIL},
+        },
+    )
     d1 = dialogue("vid-b", "ego4d", 12, k0=0, events={3: {"ref_text": "hi"}, 4: {"pred_text": "hello"}})
     d2 = dialogue("vid-c", "ego4d", 8, k0=0)
-    matches = [[{"pred_frame": 12, "ref_frame": 12, "kind": "matched", "cos": 0.91},
-                {"pred_frame": 15, "ref_frame": 15, "kind": "mismatched", "cos": 0.2},
-                {"pred_frame": 21, "ref_frame": 22, "kind": "redundant", "cos": None},
-                {"ref_frame": 18, "kind": "missed"}],
-               [{"pred_frame": 4, "ref_frame": 3, "kind": "matched", "cos": 0.7}], []]
-    metrics = {"sts_model": "all-MiniLM-L6-v2", "meteor": "pycocoevalcap METEOR 1.5",
-               "datasets": {"wtag": block(0.3642), "ego4d": block(0.2718, meteor=None)}, "mean": block(0.318)}
-    sweep = {"datasets": {name: {d: {"thresholds": [0.1 * i for i in range(1, 10)],
-                                     "f1": [0.1, 0.2, 0.3, 0.35, 0.4, 0.38, 0.3, None, 0.1], "best": 0.5}
-                                 for d in ("speak", "update")} for name in ("wtag", "ego4d")}}
-    run_info = {"checkpoint": "runs/x/ckpt-100", "mode": "model", "thresholds": {"speak": 0.4, "update": 0.5},
-                "context": "dst-summary", "date": "2026-01-01"}
+    matches = [
+        [
+            {"pred_frame": 12, "ref_frame": 12, "kind": "matched", "cos": 0.91},
+            {"pred_frame": 15, "ref_frame": 15, "kind": "mismatched", "cos": 0.2},
+            {"pred_frame": 21, "ref_frame": 22, "kind": "redundant", "cos": None},
+            {"ref_frame": 18, "kind": "missed"},
+        ],
+        [{"pred_frame": 4, "ref_frame": 3, "kind": "matched", "cos": 0.7}],
+        [],
+    ]
+    metrics = {
+        "sts_model": "all-MiniLM-L6-v2",
+        "meteor": "pycocoevalcap METEOR 1.5",
+        "datasets": {"wtag": block(0.3642), "ego4d": block(0.2718, meteor=None)},
+        "mean": block(0.318),
+    }
+    sweep = {
+        "datasets": {
+            name: {
+                d: {
+                    "thresholds": [0.1 * i for i in range(1, 10)],
+                    "f1": [0.1, 0.2, 0.3, 0.35, 0.4, 0.38, 0.3, None, 0.1],
+                    "best": 0.5,
+                }
+                for d in ("speak", "update")
+            }
+            for name in ("wtag", "ego4d")
+        }
+    }
+    run_info = {
+        "checkpoint": "runs/x/ckpt-100",
+        "mode": "model",
+        "thresholds": {"speak": 0.4, "update": 0.5},
+        "context": "dst-summary",
+        "date": "2026-01-01",
+    }
     return [d0, d1, d2], metrics, run_info, matches, sweep
 
 
@@ -137,8 +216,18 @@ def test_escapes_dialogue_text(sample):
 
 def test_summary_cards(sample):
     page = render_report(*sample)
-    for text in ("0.364", "0.272", "0.318", "0.545", "0.123", "1.432", "runs/x/ckpt-100", "dst-summary",
-                 "pycocoevalcap METEOR 1.5", "all-MiniLM-L6-v2"):
+    for text in (
+        "0.364",
+        "0.272",
+        "0.318",
+        "0.545",
+        "0.123",
+        "1.432",
+        "runs/x/ckpt-100",
+        "dst-summary",
+        "pycocoevalcap METEOR 1.5",
+        "all-MiniLM-L6-v2",
+    ):
         assert text in page, text
     assert len(re.findall(r'class="card( mean)?"', page)) == 3
     assert "not available" in page  # ego4d METEOR is null
@@ -147,7 +236,7 @@ def test_summary_cards(sample):
 def test_one_timeline_per_dialogue_and_match_marks(sample):
     page = render_report(*sample)
     assert page.count('<svg class="timeline"') == page.count('<details class="dlg"') == 3
-    assert page.count("<details class=\"dlg\" open>") == 3
+    assert page.count('<details class="dlg" open>') == 3
     first = timelines(page)[0]
     for kind, count in (("matched", 2), ("mismatched", 2), ("redundant", 1), ("missed", 1)):
         assert first.count(f'class="mk k-{kind}"') == count, kind  # a pair marks both lanes
@@ -166,7 +255,7 @@ def test_cap_and_omitted_note(sample):
     dialogues, metrics, run_info, matches, sweep = sample
     page = render_report(dialogues, metrics, run_info, matches, sweep, max_dialogues=2, open_first=1)
     assert page.count('<svg class="timeline"') == 2
-    assert page.count("<details class=\"dlg\" open>") == 1
+    assert page.count('<details class="dlg" open>') == 1
     assert "1 of 3 dialogues omitted" in page
     check_well_formed(page)
 
@@ -179,7 +268,7 @@ def charts(page: str) -> list[tuple[str, str]]:
 def group(page: str, gid: str) -> str:
     """The text of the SVG group with this id, up to its first nested group's end (enough for its title)."""
     start = page.index(f'<g id="{gid}">')
-    return page[start:page.index("</g>", start)]
+    return page[start : page.index("</g>", start)]
 
 
 def test_threshold_curves(sample):
@@ -196,8 +285,14 @@ def test_threshold_curves(sample):
 
 def test_threshold_curve_without_f1_or_best(sample):
     dialogues, metrics, run_info, matches, _ = sample
-    sweep = {"datasets": {"wtag": {"speak": {"thresholds": [0.1, 0.2], "f1": [], "best": None},
-                                   "update": {"thresholds": [0.5], "f1": [0.3], "best": 0.5}}}}
+    sweep = {
+        "datasets": {
+            "wtag": {
+                "speak": {"thresholds": [0.1, 0.2], "f1": [], "best": None},
+                "update": {"thresholds": [0.5], "f1": [0.3], "best": 0.5},
+            }
+        }
+    }
     page = render_report(dialogues[:1], metrics, run_info, matches[:1], sweep)
     assert charts(page) == [("sweep-0", "wtag · speak"), ("sweep-1", "wtag · update: best 0.5, F1 0.300")]
     assert 'id="sweep-0-best"' not in page and 'id="sweep-1-best"' in page
@@ -217,11 +312,18 @@ def test_charts_are_inline_deterministic_and_their_ids_unique(sample):
 def test_matplotlib_is_imported_only_where_a_chart_is_drawn():
     """Its import takes about a second: a command that draws no chart must not pay for it."""
     root = Path(__file__).resolve().parents[1]
-    files = [root / "cli.py"] + [p for pkg in ("core", "pipeline", "synthetic", "train", "eval", "experiments")
-                                 for p in (root / pkg).glob("*.py")]
-    top = [(p.name, a.name if isinstance(n, ast.Import) else n.module) for p in files
-           for n in ast.parse(p.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))
-           for a in n.names]
+    files = [root / "cli.py"] + [
+        p
+        for pkg in ("core", "pipeline", "synthetic", "train", "eval", "experiments")
+        for p in (root / pkg).glob("*.py")
+    ]
+    top = [
+        (p.name, a.name if isinstance(n, ast.Import) else n.module)
+        for p in files
+        for n in ast.parse(p.read_text()).body
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    ]
     assert ("charts.py", "__future__") in top and not [t for t in top if t[1] and t[1].startswith("matplotlib")]
 
 
@@ -273,9 +375,16 @@ def test_write_report(tmp_path, sample):
     assert not list(path.parent.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("thresholds, lines", [({"speak": 0.4, "update": 0.5}, 6), ({"all": [0.5, 0.4]}, 6),
-                                               ({"wtag": [0.5, 0.4]}, 2), ({"ego4d": {"speak": 0.3}}, 2),
-                                               (None, 0)])
+@pytest.mark.parametrize(
+    "thresholds, lines",
+    [
+        ({"speak": 0.4, "update": 0.5}, 6),
+        ({"all": [0.5, 0.4]}, 6),
+        ({"wtag": [0.5, 0.4]}, 2),
+        ({"ego4d": {"speak": 0.3}}, 2),
+        (None, 0),
+    ],
+)
 def test_threshold_lines_on_probability_strips(sample, thresholds, lines):
     dialogues, metrics, _, matches, _ = sample
     page = render_report(dialogues, metrics, {"thresholds": thresholds}, matches)
@@ -287,14 +396,21 @@ def test_threshold_lines_on_probability_strips(sample, thresholds, lines):
 
 def full_block(f1: float, pro_f1: float, never_joint: float, responsive=None) -> dict:
     b = block(f1)
-    intents = {"instruction": {"recall": 0.75, "num_ref": 4, "num_matched": 3},
-               "feedback": {"recall": 0.5, "num_ref": 2, "num_matched": 1},
-               "responsive": {"recall": responsive, "num_ref": 0 if responsive is None else 3, "num_matched": 0},
-               "other": {"recall": 0.0, "num_ref": 1, "num_matched": 0}}
+    intents = {
+        "instruction": {"recall": 0.75, "num_ref": 4, "num_matched": 3},
+        "feedback": {"recall": 0.5, "num_ref": 2, "num_matched": 1},
+        "responsive": {"recall": responsive, "num_ref": 0 if responsive is None else 3, "num_matched": 0},
+        "other": {"recall": 0.0, "num_ref": 1, "num_matched": 0},
+    }
     b["speak"]["intent_recall"] = intents
-    b["speak_proassist"] = {**b["speak"], "f1": pro_f1, "exact_copies": 7, "zero_cost_dropped": 5,
-                            "no_full_matching": 0, "intent_recall": {**intents, "instruction": {
-                                "recall": 0.25, "num_ref": 4, "num_matched": 1}}}
+    b["speak_proassist"] = {
+        **b["speak"],
+        "f1": pro_f1,
+        "exact_copies": 7,
+        "zero_cost_dropped": 5,
+        "no_full_matching": 0,
+        "intent_recall": {**intents, "instruction": {"recall": 0.25, "num_ref": 4, "num_matched": 1}},
+    }
     b["dst_never"] = {**{k: 0.0 for k in b["dst"]}, "joint_accuracy": never_joint, "validity": 1.0}
     b["summary_similarity"], b["reseeds"] = 0.4321, 3
     return b
@@ -302,25 +418,41 @@ def full_block(f1: float, pro_f1: float, never_joint: float, responsive=None) ->
 
 def test_round_two_metrics_protocol_variant_never_intents_and_reseeds(sample):
     dialogues, _, run_info, matches, sweep = sample
-    metrics = {"protocol": "proassist", "variant": "summary", "dst_window_s": 2.0, "dialogues_without_reference": 1,
-               "reseeds": {"total": 3, "datasets": {"wtag": 3}}, "meteor_failures": ["wtag: no answer within 120 s"],
-               "sts_model": "m", "meteor": "pycocoevalcap METEOR 1.5",
-               "datasets": {"wtag": full_block(0.3642, 0.2913, 0.0417)},
-               "mean": full_block(0.3642, 0.2913, 0.0417, responsive=0.6667)}
-    dialogues[0]["reseeds"] = [{"frame": 14, "row": 4, "strategy": "summary", "summary": EVIL,
-                                "ref_progress": "The user opened the lid."},
-                               {"frame": 99, "row": 89, "strategy": "summary", "summary": "beyond the frames"}]
+    metrics = {
+        "protocol": "proassist",
+        "variant": "summary",
+        "dst_window_s": 2.0,
+        "dialogues_without_reference": 1,
+        "reseeds": {"total": 3, "datasets": {"wtag": 3}},
+        "meteor_failures": ["wtag: no answer within 120 s"],
+        "sts_model": "m",
+        "meteor": "pycocoevalcap METEOR 1.5",
+        "datasets": {"wtag": full_block(0.3642, 0.2913, 0.0417)},
+        "mean": full_block(0.3642, 0.2913, 0.0417, responsive=0.6667),
+    }
+    dialogues[0]["reseeds"] = [
+        {"frame": 14, "row": 4, "strategy": "summary", "summary": EVIL, "ref_progress": "The user opened the lid."},
+        {"frame": 99, "row": 89, "strategy": "summary", "summary": "beyond the frames"},
+    ]
     page = render_report(dialogues, metrics, run_info, matches, sweep)
     check_well_formed(page)
-    header = page[:page.index('<section id="summary">')]
-    for text in ("protocol", "proassist", "variant", "summary", "DST window", "re-seeds", "METEOR failures",
-                 "wtag: no answer within 120 s"):
+    header = page[: page.index('<section id="summary">')]
+    for text in (
+        "protocol",
+        "proassist",
+        "variant",
+        "summary",
+        "DST window",
+        "re-seeds",
+        "METEOR failures",
+        "wtag: no answer within 120 s",
+    ):
         assert text in header, text
     assert "0.364" in page and "0.291" in page  # speak and speak_proassist F1 side by side
     assert "0.042" in page and "never" in page  # the never-update joint accuracy beside the model's
     assert "exact copies 7" in page and "zero-cost pairs dropped 5" in page and "summary similarity 0.432" in page
-    intents = page[page.index('<section id="intents">'):]
-    intents = intents[:intents.index("</section>")]
+    intents = page[page.index('<section id="intents">') :]
+    intents = intents[: intents.index("</section>")]
     assert intents.count("<tr>") == 1 + 4  # header + (mean, wtag) x (exact, ProAssist)
     assert "0.750" in intents and "0.250" in intents and "of 4" in intents and "0.667" in intents
     first = timelines(page)[0]
