@@ -16,6 +16,7 @@ import torch
 
 from pipeline.shard_index import ShardIndex
 from train.batch import Batch
+from train.losses import negative_keep_mask
 from train.sequence import SequenceFormat, build_window
 from train.windows import Window, cut_windows, epoch_windows, pack_batches, rank_batches
 
@@ -35,12 +36,11 @@ def _index(pairs: list[tuple[int, int]]) -> torch.Tensor:
 
 
 def _weights(labels: list[int], rho: float, generator: torch.Generator) -> list[float]:
-    """1 for positives; a negative is kept (1) with probability rho, else dropped (0). The draw is made for every
-    label, positive or not, so a window's draws do not depend on its labels."""
+    """The loss weights of one window's decisions: train/losses.py's `negative_keep_mask` (the one rho rule); at
+    rho 1 nothing is drawn, so the generator's later draws do not depend on it."""
     if rho >= 1.0:
         return [1.0] * len(labels)
-    keep = torch.rand(len(labels), generator=generator) < rho
-    return [1.0 if y or k else 0.0 for y, k in zip(labels, keep.tolist())]
+    return negative_keep_mask(torch.tensor(labels, dtype=torch.float32), rho, generator).tolist()
 
 
 def collate(index: ShardIndex, fmt: SequenceFormat, windows: list[Window], epoch_seed: int, rho: float = 1.0) -> Batch:
