@@ -170,6 +170,13 @@ class EmbeddingCache:
         return abs(float(self.vectors[a].astype(np.float64) @ self.vectors[b].astype(np.float64)))
 
 
+def same_words(a: str, b: str) -> bool:
+    """Whether two texts are the same words, ignoring case and spacing. Synthetic answers are templates, so a right
+    memory answer ("You have finished: X and Y.") is the reference word for word, and a near miss (one step wrong)
+    is not, although its embedding is close: what the content of a memory turn needs and |cos| cannot tell."""
+    return a.casefold().split() == b.casefold().split()
+
+
 @dataclass
 class SplitCounts:
     """The outcome for the reference turns of one memory tag: what reached them. A redundant prediction (matched to
@@ -178,8 +185,13 @@ class SplitCounts:
     num_ref: int = 0
     num_matched: int = 0
     num_mismatched: int = 0
+    num_exact: int = 0  # TPs whose generated text is the reference's, word for word (`same_words`)
     matched_scores: list[float] = field(default_factory=list)
     tp_pairs: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def exact_rate(self) -> float | None:
+        """The share of these reference turns answered word for word; None without reference turns."""
+        return self.num_exact / self.num_ref if self.num_ref else None
 
     def metrics(self) -> dict:
         p, r, f1 = prf(self.num_matched, self.num_matched + self.num_mismatched, self.num_ref)
@@ -226,6 +238,8 @@ class SpeakCounts:
                 c.tp_pairs.append((gen, ref, score))
             else:
                 c.num_mismatched += 1
+        if tp and split is not None and same_words(gen, ref):
+            split.num_exact += 1
         if tp:
             self.time_diffs_s.append(time_diff_s)
         return tp

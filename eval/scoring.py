@@ -134,21 +134,27 @@ def memory_split(counts: SpeakCounts, pro: SpeakCounts, meteor: MeteorScorer, na
         out[tag] = {
             "speak": split.metrics(),
             "speak_proassist": pro_split.metrics(),
-            "text": {"semantic_score": text["semantic_score"], "METEOR": text["METEOR"]},
+            "text": {
+                "semantic_score": text["semantic_score"],
+                "METEOR": text["METEOR"],
+                "exact_answers": split.exact_rate(),
+            },
         }
     return out
 
 
-def dialogue_scores(d: dict, pro: SpeakCounts) -> dict:
-    """One dialogue's ProAssist-matched speaking F1, on all its turns and on its memory turns (None when it has
-    none): the numbers experiments pair across cells (experiments/compare.py)."""
-    memory = pro.splits.get("memory")
+def dialogue_scores(d: dict, pro: SpeakCounts, counts: SpeakCounts) -> dict:
+    """One dialogue's ProAssist-matched speaking F1, on all its turns and on its memory turns, and the share of its
+    memory turns answered word for word (`counts`: its own matching; None when it has no memory turn): the numbers
+    experiments pair across cells (experiments/compare.py)."""
+    memory, own = pro.splits.get("memory"), counts.splits.get("memory")
     return {
         "dataset": d["dataset"],
         "video_uid": d.get("video_uid"),
         "conversation": d.get("conversation"),
         "speak_proassist_f1": proassist_metrics(pro)["f1"],
         "memory_speak_proassist_f1": memory.metrics()["f1"] if memory and memory.num_ref else None,
+        "memory_exact": own.exact_rate() if own else None,
     }
 
 
@@ -180,11 +186,12 @@ def score(
     cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(embed)
     datasets, tokenizers, per_dialogue = {}, [], []
     for name, group in by_dataset(scored).items():
-        counts, pro = speak_counts(group, cache), ProAssistCounts()
-        for d in group:  # one dialogue at a time (as ProAssist's matcher works anyway), kept for paired tests
-            one = proassist_counts([d], cache.raw)
+        counts, pro = SpeakCounts(), ProAssistCounts()
+        for d in group:  # one dialogue at a time (as both matchers work anyway), kept for paired tests
+            one, own = proassist_counts([d], cache.raw), speak_counts([d], cache)
             pro.merge(one)
-            per_dialogue.append(dialogue_scores(d, one))
+            counts.merge(own)
+            per_dialogue.append(dialogue_scores(d, one, own))
         text, tokenizer = text_metrics(counts.tp_pairs, counts.matched_scores, meteor, name)
         tokenizers.append(tokenizer)
         datasets[name] = {

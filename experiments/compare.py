@@ -2,10 +2,11 @@
 
 Both cells streamed the same test dialogues with the same seeds, so the comparison pairs them: for every dialogue
 and seed, the difference of the two cells' per-dialogue ProAssist-matched speaking F1 (metrics.json
-`per_dialogue`, written by eval/scoring.py), on all turns and on memory turns (dialogues without memory turns drop
-out of that one). The estimate is the mean difference pooled over dialogues and seeds; its 95% interval is a
-percentile bootstrap that resamples dialogues (each drawn dialogue brings its differences under every seed, since
-the seeds of one dialogue are not independent draws), with a seeded generator, so the interval is reproducible.
+`per_dialogue`, written by eval/scoring.py), on all turns and on memory turns, and of the share of memory turns
+answered word for word (dialogues without memory turns drop out of those two). The estimate is the mean
+difference pooled over dialogues and seeds; its 95% interval is a percentile bootstrap that resamples dialogues
+(each drawn dialogue brings its differences under every seed, since the seeds of one dialogue are not independent
+draws), with a seeded generator, so the interval is reproducible.
 An interval that contains 0 is not a win.
 """
 
@@ -17,7 +18,11 @@ import numpy as np
 
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-MEASURES = {"all turns": "speak_proassist_f1", "memory turns": "memory_speak_proassist_f1"}
+MEASURES = {
+    "all turns": "speak_proassist_f1",
+    "memory turns": "memory_speak_proassist_f1",
+    "memory turns, exact answers": "memory_exact",  # the content a memory turn needs (eval/metrics_speak.same_words)
+}
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def paired_differences(a: list[dict], b: list[dict], key: str) -> dict[tuple, li
             for d in line["metrics"].get("test.per_dialogue") or []:
                 by_seed.setdefault((d["dataset"], d["video_uid"], d["conversation"], line["seed"]), [None, None])[
                     side
-                ] = d[key]
+                ] = d.get(key)
     diffs: dict[tuple, list[float]] = {}
     for (*dialogue, _seed), (x, y) in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
         if x is not None and y is not None:

@@ -25,6 +25,7 @@ from eval.metrics_speak import (
     SPEAK_WINDOWS_S,
     EmbeddingCache,
     match,
+    same_words,
     speak_counts,
     speak_metrics,
     window_frames,
@@ -567,6 +568,25 @@ def test_memory_split_counts_by_hand(meteor):
     assert metrics["datasets"]["assembly101"]["speak"]["num_ref"] == 4  # every turn in the all-turn block
     (one,) = metrics["per_dialogue"]
     assert one["memory_speak_proassist_f1"] == split["memory"]["speak_proassist"]["f1"]
+    # word for word: the memory match is "c" for "a" (0 of 2), the local match at 35 is "a" itself (1 of 2)
+    assert (split["memory"]["text"]["exact_answers"], split["local"]["text"]["exact_answers"]) == (0.0, 0.5)
+    assert one["memory_exact"] == 0.0
+
+
+def test_exact_answers_count_only_word_for_word_matches(meteor):
+    """Three memory turns: one answered word for word (case and spacing aside), one by a close paraphrase that the
+    matcher counts as a TP (|cos| 0.9) but is not the answer, one missed: exact answers 1 of 3, speaking recall 2 of
+    3. Per dialogue the same share; a dialogue without memory turns has None."""
+    embed = StubEmbed(
+        {"You have finished: A.": (1, 0), "you have  finished: a.": (1, 0), "Finished: B.": unit(0.9), "x": (0, 1)}
+    )
+    refs = {5: ("You have finished: A.", "memory"), 15: ("You have finished: A.", "memory"), 25: ("x", "memory")}
+    preds = {5: "you have  finished: a.", 15: "Finished: B."}
+    metrics = score([tagged_speech(40, preds, refs)], embed, "stub", meteor=meteor, protocol="full-video")
+    memory = metrics["datasets"]["assembly101"]["memory_split"]["memory"]
+    assert memory["speak"]["num_matched"] == 2 and memory["text"]["exact_answers"] == pytest.approx(1 / 3)
+    assert metrics["per_dialogue"][0]["memory_exact"] == pytest.approx(1 / 3)
+    assert same_words("You  have X.", "you have x.") and not same_words("You have X.", "You have X")
 
 
 def test_memory_split_is_absent_without_tags(meteor):
@@ -574,3 +594,4 @@ def test_memory_split_is_absent_without_tags(meteor):
     metrics = score([speech(20, {5: "a"}, {5: "a"})], embed, "stub", meteor=meteor, protocol="full-video")
     assert metrics["datasets"]["assembly101"]["memory_split"] is None and metrics["mean"]["memory_split"] is None
     assert metrics["per_dialogue"][0]["memory_speak_proassist_f1"] is None
+    assert metrics["per_dialogue"][0]["memory_exact"] is None
