@@ -106,6 +106,13 @@ def test_the_study_configs():
         "decision_loss=bce rho=1.0",
         "decision_loss=bce rho=0.1",
     ]
+    tracking = load(CONFIGS / "tracking.toml")
+    assert [c.name for c in tracking.cells] == ["decision_loss=focal", "decision_loss=bce"]
+    assert tracking.curves and tracking.cells[1].train["max_steps"] == 3000
+    tracked = load(CONFIGS / "memory_tracked.toml")  # Study 3b: Study 3 with Study 3a's learner, in every cell
+    assert len(tracked.seeds) >= 3 and tracked.data["videos"][2] >= 20
+    assert all(c.train["decision_loss"] == "bce" and c.train["max_steps"] == 2000 for c in tracked.cells)
+    assert {c.eval.get("context_strategy") for c in tracked.cells} >= {"reseed-oracle", "drop-all"}
     fast = load(CONFIGS / "memory.toml", fast=True)
     assert fast.seeds == (0, 1) and fast.data["videos"] == [2, 1, 1]
     assert fast.cells[0].train["max_steps"] == 3 and fast.cells[0].eval["max_new_tokens"] == 4
