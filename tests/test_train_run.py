@@ -199,4 +199,4 @@ def test_precision_and_device_errors(tiny_shards, tmp_path):
 
 def test_shipped_train_config_resolves():
     cfg = resolve({}, Path(__file__).parent.parent / "configs" / "train.toml")
-    assert cfg.batch_size == "auto" and cfg.lora and cfg.decision_loss == "focal" and cfg.shards.name == "train"
+    assert cfg.batch_size == "auto" and cfg.lora and cfg.decision_loss == "balanced_bce" and cfg.shards.name == "train"
