@@ -296,11 +296,16 @@ def speak_dialogue(frames: list[dict], l: int, r: int, fps: float, cache: Embedd
         counts.add_reference(frames[k].get("ref_labels"), k in tp_refs)
 
 
+def dialogue_texts(dialogues: list[dict]):
+    """Every generated and reference text of the dialogues (what the matcher embeds)."""
+    return (t for d in dialogues for f in d["frames"] for t in (f["pred_text"], f["ref_text"]))
+
+
 def speak_counts(dialogues: list[dict], embed: Embed | EmbeddingCache) -> SpeakCounts:
     """Pooled speaking counts of the dialogues of one dataset (each uses its own dataset window and fps). Pass an
     `EmbeddingCache` to reuse embeddings across calls (e.g. while sweeping a threshold)."""
     cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(embed)
-    cache.add(t for d in dialogues for f in d["frames"] for t in (f["pred_text"], f["ref_text"]))
+    cache.add(dialogue_texts(dialogues))
     counts = SpeakCounts()
     for d in dialogues:
         l, r = window_frames(d["dataset"], d["fps"])

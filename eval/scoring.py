@@ -45,7 +45,15 @@ from eval.metrics_dst import (
     update_counts,
 )
 from eval.metrics_proassist import ProAssistCounts, proassist_counts, proassist_metrics
-from eval.metrics_speak import Embed, EmbeddingCache, SpeakCounts, SplitCounts, speak_counts, speak_metrics
+from eval.metrics_speak import (
+    Embed,
+    EmbeddingCache,
+    SpeakCounts,
+    SplitCounts,
+    dialogue_texts,
+    speak_counts,
+    speak_metrics,
+)
 from eval.metrics_text import MeteorScorer, text_metrics
 from eval.protocol import (
     cut_to_protocol,
@@ -187,6 +195,7 @@ def score(
     datasets, tokenizers, per_dialogue = {}, [], []
     for name, group in by_dataset(scored).items():
         counts, pro = SpeakCounts(), ProAssistCounts()
+        cache.add(dialogue_texts(group))  # one embedding batch per dataset, not one per dialogue
         for d in group:  # one dialogue at a time (as both matchers work anyway), kept for paired tests
             one, own = proassist_counts([d], cache.raw), speak_counts([d], cache)
             pro.merge(one)
